@@ -1,0 +1,76 @@
+"""Model configuration schema (plain dataclasses; Hydra validates YAML against them).
+
+Kept in ``models/`` so a model can be built without the trainer; ``trainer/config.py``
+nests these into the full run schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class MoEConfig:
+    """Routed-expert layer. ``num_experts == 0`` means every layer is a dense MLP."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    # FFN width of one routed expert (fine-grained MoE uses a small value).
+    expert_ffn_hidden_size: int = 0
+    # Which layers are MoE, as in Megatron's moe_layer_freq: an int N means every N-th
+    # layer (layer i is MoE when i % N == 0), a list gives 1/0 per layer.
+    layer_freq: Any = 1
+    # The first ``first_k_dense`` layers stay dense whatever layer_freq says (DeepSeek).
+    first_k_dense: int = 0
+
+    # Router: fp32 logits -> score -> (group-limited) top-k.
+    score_func: str = "softmax"  # softmax | sigmoid
+    # Renormalise the selected k probabilities to sum to 1 (Mixtral: true, DeepSeek-V2: false).
+    norm_topk_prob: bool = True
+    topk_scaling_factor: float = 1.0
+    # Group-limited routing (DeepSeek-V3): experts in num_groups groups, tokens pick
+    # experts only from the best group_topk groups. 0 disables.
+    num_groups: int = 0
+    group_topk: int = 0
+
+    # Load balancing.
+    aux_loss_coeff: float = 0.0  # switch-style, over the micro-batch
+    seq_aux_loss_coeff: float = 0.0  # per-sequence (DeepSeek-V2/V3)
+    z_loss_coeff: float = 0.0  # mean(logsumexp(logits)^2)
+    # Aux-loss-free balancing: a per-expert bias added to scores for selection only,
+    # updated after each optimizer step by ``rate * sign(mean_count - count)``.
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+
+    # Capacity. None = dropless (default). Otherwise capacity per expert =
+    # ceil(tokens * top_k / num_experts * capacity_factor), at least min_capacity.
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"  # probs | position
+    pad_to_capacity: bool = False
+    min_capacity: int = 0
+
+    # Shared experts (always active, DeepSeek / Qwen-MoE).
+    num_shared_experts: int = 0
+    shared_expert_ffn_hidden_size: int = 0  # per shared expert; 0 -> expert_ffn_hidden_size
+    shared_expert_gate: bool = False  # sigmoid gate on the shared output (Qwen2-MoE)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "moe_tiny"
+    # Architecture family; later issues add mot / mamba / mom.
+    arch: str = "llm"
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0 -> hidden_size // num_heads
+    ffn_hidden_size: int = 128  # dense MLP width (dense layers and dense models)
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)

@@ -1,0 +1,319 @@
+"""The one run schema: dataclasses registered with Hydra's ConfigStore.
+
+YAML files under ``configs/`` are merged onto these typed nodes, so an unknown key or a
+wrong type fails at compose time. ``validate`` then checks the cross-field constraints
+(divisibility, ranges, choices) and raises ``ConfigError`` with one line naming the key,
+the value and what would be valid. All of this runs before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from models.config import ModelConfig, MoEConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: printed as one line, exit code 2."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "pydoc"
+    # builtin: the embedded corpus (Python's own pydoc topics), tokenised on first use
+    # into cache_dir. indexed: Megatron indexed datasets listed in ``blend``.
+    source: str = "builtin"
+    # Megatron-style blend: ["prefix"] or [w1, "prefix1", w2, "prefix2", ...]; a prefix
+    # names <prefix>.bin / <prefix>.idx written by scripts/preprocess_data.py.
+    blend: list = field(default_factory=list)
+    # sentencepiece model; empty with source=builtin -> trained on the corpus (cached).
+    tokenizer_model: str = ""
+    # vocabulary of the tokenizer trained for the builtin corpus
+    builtin_vocab_size: int = 2048
+    split: str = "98,2,0"  # train,valid,test weights
+    cache_dir: str = "${oc.env:MOEFOLD_CACHE,${oc.env:HOME}/.cache/moefold}"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = False
+    dp_engine: str = "fsdp"  # fsdp | ddp | deepspeed | none
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
+    dispatcher: str = "alltoall"  # alltoall | allgather
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # No weight decay on norms, biases and embeddings.
+    no_decay_norm_bias_embed: bool = True
+    warmup_steps: int = 20
+    decay_style: str = "cosine"  # cosine | linear | wsd | constant
+    # wsd: the last fraction of the steps decays linearly to min_lr.
+    wsd_decay_fraction: float = 0.2
+    decay_steps: int = 0  # 0 -> trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_len: int = 64
+    grad_clip: float = 1.0  # 0 disables
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    eval_every: int = 50  # 0 disables validation
+    eval_iters: int = 2  # global batches per validation
+    # Peak FLOP/s per device for MFU; 0 -> known GPU table, or measured on CPU.
+    peak_tflops: float = 0.0
+    # Stop after this many steps of *this* process (testing kill/resume); 0 = off.
+    stop_after_steps: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${run_dir}/checkpoints"
+    every: int = 0  # steps; 0 disables periodic checkpoints
+    resume: str = "auto"  # auto | none | <path to a step_* checkpoint directory>
+    keep_last: int = 2  # 0 keeps all
+    save_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "moefold"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    console: str = "rich"  # rich | plain | none
+    tensorboard: bool = True
+    # expert-load heatmap image every N steps (0 disables)
+    expert_load_every: int = 50
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str = "runs/${model.name}"
+    # free-form tag of the experiment preset that set the rest
+    experiment: Optional[str] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    # Group YAMLs merge onto the typed nodes of this schema, so a typo in any of them
+    # (or on the command line) is an error naming the key.
+    cs.store(name="moefold_schema", node=Config)
+
+
+def _choice(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, valid))}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value} must be > 0")
+
+
+def moe_layer_pattern(model: ModelConfig) -> list[bool]:
+    """Which layers are MoE (True) — the single place that reads layer_freq."""
+    moe = model.moe
+    n = model.num_layers
+    if moe.num_experts == 0:
+        return [False] * n
+    freq = moe.layer_freq
+    if isinstance(freq, int):
+        if freq < 1:
+            raise ConfigError(f"model.moe.layer_freq={freq} must be >= 1 or a list of 0/1")
+        pattern = [i % freq == 0 for i in range(n)]
+    else:
+        freq = list(freq)
+        if len(freq) != n or any(f not in (0, 1) for f in freq):
+            raise ConfigError(
+                f"model.moe.layer_freq={freq} must have model.num_layers={n} entries of 0/1"
+            )
+        pattern = [bool(f) for f in freq]
+    return [p and i >= moe.first_k_dense for i, p in enumerate(pattern)]
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+        _positive(f"model.{key}", getattr(m, key))
+    _choice("model.arch", m.arch, ("llm",))
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads} "
+            f"(valid: {_divisors(m.num_heads)})"
+        )
+    if m.head_dim == 0 and m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size} "
+            f"(set model.head_dim or use num_heads in: {_divisors(m.hidden_size)})"
+        )
+    if (m.head_dim or m.hidden_size // m.num_heads) % 2:
+        raise ConfigError("model.head_dim must be even for RoPE")
+    moe = m.moe
+    if moe.num_experts < 0:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} must be >= 0")
+    pattern = moe_layer_pattern(m)
+    if not all(pattern):
+        _positive("model.ffn_hidden_size", m.ffn_hidden_size)
+    if moe.num_experts == 0:
+        return
+    _positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(
+            f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={moe.num_experts}"
+        )
+    _choice("model.moe.score_func", moe.score_func, ("softmax", "sigmoid"))
+    _choice("model.moe.drop_policy", moe.drop_policy, ("probs", "position"))
+    if moe.num_groups:
+        if moe.num_experts % moe.num_groups:
+            raise ConfigError(
+                f"model.moe.num_groups={moe.num_groups} does not divide "
+                f"model.moe.num_experts={moe.num_experts} (valid: {_divisors(moe.num_experts)})"
+            )
+        if not 1 <= moe.group_topk <= moe.num_groups:
+            raise ConfigError(
+                f"model.moe.group_topk={moe.group_topk} must be in 1..model.moe.num_groups="
+                f"{moe.num_groups}"
+            )
+        per_group = moe.num_experts // moe.num_groups
+        if moe.top_k > moe.group_topk * per_group:
+            raise ConfigError(
+                f"model.moe.top_k={moe.top_k} exceeds the {moe.group_topk * per_group} experts "
+                f"reachable in group_topk={moe.group_topk} groups of {per_group}"
+            )
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 or null")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ConfigError("model.moe.pad_to_capacity=true needs model.moe.capacity_factor set")
+    for key in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
+        if getattr(moe, key) < 0:
+            raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be >= 0")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check the whole config; raises ConfigError (one line) on the first problem."""
+    validate_model(cfg.model)
+    t, o, p, d = cfg.trainer, cfg.optim, cfg.parallel, cfg.data
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_len", "log_every"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    if t.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("optim.name", o.name, ("adamw",))
+    _choice("optim.decay_style", o.decay_style, ("cosine", "linear", "wsd", "constant"))
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if not 0 < o.wsd_decay_fraction <= 1:
+        raise ConfigError(f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
+    _choice("data.source", d.source, ("builtin", "indexed"))
+    if d.source == "indexed" and not d.blend:
+        raise ConfigError("data.source=indexed needs data.blend=[<prefix>] or [w1,p1,w2,p2,...]")
+    _choice("logger.console", cfg.logger.console, ("rich", "plain", "none"))
+    _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("disabled", "offline", "online"))
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
+    validate_parallel(cfg, world_size)
+
+
+def validate_parallel(cfg: Config, world_size: int) -> None:
+    p = cfg.parallel
+    for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "deepspeed", "none"))
+    _choice("parallel.pp_schedule", p.pp_schedule,
+            ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"))
+    _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "allgather"))
+    dense = p.tp * p.cp * p.pp
+    if world_size % dense:
+        raise ConfigError(
+            f"parallel.tp*cp*pp={p.tp}*{p.cp}*{p.pp}={dense} does not divide the world size "
+            f"{world_size}"
+        )
+    expert = p.etp * p.ep * p.pp
+    if world_size % expert:
+        raise ConfigError(
+            f"parallel.etp*ep*pp={p.etp}*{p.ep}*{p.pp}={expert} does not divide the world size "
+            f"{world_size}"
+        )
+    dp = world_size // dense
+    t = cfg.trainer
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dp}"
+        )
+    n_exp = cfg.model.moe.num_experts
+    if p.ep > 1 and (n_exp == 0 or n_exp % p.ep):
+        raise ConfigError(
+            f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
+            + (f" (valid: {_divisors(n_exp)})" if n_exp else "")
+        )
+    if world_size == 1 and max(p.tp, p.cp, p.pp, p.ep, p.etp) > 1:
+        raise ConfigError(
+            "parallel sizes > 1 need several processes: launch with torchrun "
+            "--nproc_per_node=N -m trainer.train ..."
+        )
+    if world_size > 1 and max(p.tp, p.cp, p.pp, p.ep, p.etp) > 1:
+        # Multi-process layouts other than pure data parallel arrive with later issues.
+        raise ConfigError(
+            "this build supports data parallelism only across processes; "
+            "parallel.tp/cp/pp/ep/etp must be 1"
+        )
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "ParallelConfig",
+    "moe_layer_pattern",
+    "register_configs",
+    "validate",
+]
