@@ -1,0 +1,79 @@
+"""Config composition and validation: every preset composes; bad values fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from tests.helpers import REPO, compose_config
+from trainer.config import ConfigError, validate
+
+PRESETS = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_model_preset_composes_and_validates(preset):
+    cfg = compose_config([f"model={preset}"])
+    validate(cfg, world_size=1)
+    assert cfg.model.name == preset
+
+
+def test_demo_experiment_composes():
+    cfg = compose_config(["experiment=demo"])
+    validate(cfg, world_size=1)
+    assert cfg.trainer.max_steps == 300 and cfg.experiment == "demo"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_kv_heads=3"], "model.num_kv_heads=3 does not divide model.num_heads=4"),
+        (["model.moe.top_k=9"], "model.moe.top_k=9 must be in 1..model.moe.num_experts=8"),
+        (["model.moe.score_func=relu"], "model.moe.score_func='relu' is not one of"),
+        (
+            ["model.moe.num_groups=3", "model.moe.group_topk=1"],
+            "model.moe.num_groups=3 does not divide",
+        ),
+        (
+            ["trainer.global_batch_size=6", "trainer.micro_batch_size=4"],
+            "trainer.global_batch_size=6",
+        ),
+        (["optim.min_lr=1.0"], "optim.min_lr=1.0 must be in [0, optim.lr"),
+        (["trainer.seq_len=4096"], "exceeds model.max_seq_len"),
+        (["parallel.tp=2"], "parallel.tp*cp*pp=2*1*1=2 does not divide the world size 1"),
+        (["data=indexed"], "data.source=indexed needs data.blend"),
+        (
+            ["model.moe.layer_freq=[1,0]"],
+            "model.moe.layer_freq=[1, 0] must have model.num_layers=4",
+        ),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(overrides, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=1)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_and_wrong_type_fail_at_compose():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["model.hidden_sise=32"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["trainer.max_steps=lots"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["model=no_such_preset"])
+
+
+def test_layer_freq_pattern():
+    from trainer.config import moe_layer_pattern
+
+    cfg = compose_config(["model.moe.layer_freq=2", "model.num_layers=4"])
+    assert moe_layer_pattern(cfg.model) == [True, False, True, False]
+    cfg = compose_config(["model=deepseek_moe_16b"])
+    pattern = moe_layer_pattern(cfg.model)
+    assert pattern[0] is False and all(pattern[1:])
+    assert Path(REPO / "configs" / "config.yaml").is_file()

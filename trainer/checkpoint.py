@@ -1,0 +1,238 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP), written atomically.
+
+Layout under ``checkpoint.dir``::
+
+    step_0000100/        one complete checkpoint (DCP shards + .metadata + meta.json)
+    latest               text file naming the newest complete checkpoint
+    .tmp-step_0000200/   a checkpoint being written (ignored by resume, replaced on retry)
+
+A checkpoint directory only ever appears under its final name once every rank has
+written its shards and rank 0 has written ``meta.json`` (the completeness marker), by a
+single ``os.rename``. Existing checkpoints are never overwritten; ``keep_last`` prunes the
+oldest complete ones in this directory after a newer one is complete.
+
+Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` so they
+are keyed by parameter FQN: a checkpoint written under one parallel layout loads under
+another (DCP reshards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
+
+from trainer.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+META = "meta.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    consumed_samples: int = 0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file() and (path / ".metadata").is_file()
+
+
+def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``ckpt_dir`` as (step, path), oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_RE.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from: None (fresh start) or a complete checkpoint path."""
+    if resume == "none":
+        existing = list_checkpoints(ckpt_dir)
+        if existing:
+            raise CheckpointError(
+                f"checkpoint.dir={ckpt_dir} already holds {existing[-1][1].name}; pass "
+                "checkpoint.resume=auto to continue it, or choose another checkpoint.dir / "
+                "run_dir (existing checkpoints are never overwritten)"
+            )
+        return None
+    if resume == "auto":
+        existing = list_checkpoints(ckpt_dir)
+        return existing[-1][1] if existing else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"checkpoint.resume={resume} is not a complete checkpoint "
+            f"(expected {META} and .metadata inside it)"
+        )
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _app_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_state: TrainState,
+) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=False)
+    )
+    return {
+        "model": model_sd,
+        "optim": optim_sd,
+        "scheduler": scheduler.state_dict(),
+        "train": {"step": train_state.step, "consumed_samples": train_state.consumed_samples},
+    }
+
+
+def save(
+    ckpt_dir: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_state: TrainState,
+    meta: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write ``step_<N>`` atomically; returns its path. Collective over all ranks."""
+    root = Path(ckpt_dir)
+    final = root / step_dir_name(train_state.step)
+    if final.exists():
+        raise CheckpointError(f"refusing to overwrite existing checkpoint {final}")
+    tmp = root / f".tmp-{final.name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        # A leftover temp dir is an interrupted write of ours, never a user checkpoint.
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    dcp.save(_app_state(model, optimizer, scheduler, train_state), checkpoint_id=str(tmp))
+    torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        meta = dict(meta, format_version=FORMAT_VERSION, step=train_state.step,
+                    consumed_samples=train_state.consumed_samples)
+        with open(tmp / META, "w") as f:
+            json.dump(meta, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        _write_latest(root, final.name)
+        if keep_last:
+            for _, old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / ".latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(Path(path) / META) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{Path(path) / META} is missing or corrupt: {e}") from None
+
+
+def load(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    expected_model: dict[str, Any],
+) -> TrainState:
+    """Load a complete checkpoint into the live objects (resharding if the layout changed)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version={meta.get('format_version')}, "
+            f"this moefold reads {FORMAT_VERSION}"
+        )
+    saved_model = meta.get("model", {})
+    diffs = [
+        f"model.{k}: checkpoint {saved_model.get(k)!r} vs run {v!r}"
+        for k, v in expected_model.items()
+        if k != "name" and saved_model.get(k) != v
+    ]
+    if diffs:
+        raise CheckpointError(f"{path} was written for a different model ({'; '.join(diffs)})")
+    train_state = TrainState()
+    state = _app_state(model, optimizer, scheduler, train_state)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # DCP raises a variety of types for missing/corrupt shards
+        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(step=int(state["train"]["step"]),
+                      consumed_samples=int(state["train"]["consumed_samples"]))

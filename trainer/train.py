@@ -1,0 +1,302 @@
+"""Entry point: ``python -m trainer.train [hydra overrides]`` (also ``moefold-train``).
+
+Order of work, so that mistakes are cheap: compose + validate the config (before any
+process group), then set up processes, data, model, optimizer, resume, and loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from trainer import checkpoint as ckpt
+from trainer.config import moe_layer_pattern, register_configs, validate
+from trainer.errors import UserError
+
+register_configs()
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("trainer.device=cuda but torch.cuda.is_available() is False")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of per-token cross entropy over unmasked tokens, computed in fp32."""
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    )
+    return (ce * loss_mask.reshape(-1)).sum()
+
+
+class Trainer:
+    """Holds everything for one run; ``fit()`` runs the loop."""
+
+    def __init__(self, cfg: DictConfig):
+        # Imports that pull in heavy packages stay here so `--help`/validation is fast.
+        from models import build_model
+        from models.flops import training_flops_per_token
+        from models.moe import set_aux_loss_scale
+        from trainer.data import build_data
+        from trainer.optim import build_optimizer, build_scheduler
+        from trainer.perf import Throughput, peak_flops_per_device
+        from trainer.run_logger import RunLogger
+
+        self.cfg = cfg
+        t = cfg.trainer
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.device = _device(cfg)
+        self.amp_dtype = _autocast_dtype(cfg, self.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.dp_size, self.dp_rank = self.world_size, self.rank
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+
+        # Resume target first: a bad checkpoint path must fail before data/model work.
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+
+        valid_batches = 0
+        if t.eval_every:
+            valid_batches = (t.max_steps // t.eval_every + 1) * t.eval_iters
+        self.data = build_data(
+            cfg.data,
+            seq_len=t.seq_len,
+            seed=t.seed,
+            global_batch_size=t.global_batch_size,
+            train_samples=t.max_steps * t.global_batch_size,
+            valid_samples=valid_batches * t.global_batch_size,
+            model_vocab_size=cfg.model.vocab_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+        model_cfg = OmegaConf.to_object(cfg.model)
+        torch.manual_seed(t.seed)
+        with torch.device("meta"):
+            model = build_model(model_cfg, device="meta")
+        model.to_empty(device=self.device)
+        torch.manual_seed(t.seed)
+        model.init_weights()
+        self.model = model
+        self.moe_layers = model.moe_layers()
+        self.moe_layer_ids = [i for i, moe in enumerate(moe_layer_pattern(cfg.model)) if moe]
+        set_aux_loss_scale(model, 1.0 / (self.num_micro * self.dp_size))
+
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.state = ckpt.TrainState()
+        if self.resume_from is not None:
+            self.state = ckpt.load(
+                self.resume_from,
+                model=model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                expected_model=OmegaConf.to_container(cfg.model, resolve=True),
+            )
+
+        self.flops_per_token = training_flops_per_token(model_cfg, t.seq_len)
+        peak, peak_src = peak_flops_per_device(
+            self.device, self.amp_dtype or torch.float32, t.peak_tflops
+        )
+        self.throughput = Throughput(
+            flops_per_token=self.flops_per_token, peak_flops=peak, world_size=self.world_size
+        )
+        self.logger = RunLogger(
+            cfg.logger,
+            self.run_dir,
+            is_main=self.rank == 0,
+            total_steps=t.max_steps,
+            start_step=self.state.step,
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        n_params = sum(p.numel() for p in model.parameters())
+        self.logger.info(
+            f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, "
+            f"{len(self.moe_layers)} MoE layers; {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {self.device}"
+        )
+        if self.resume_from is not None:
+            self.logger.info(
+                f"resumed from {self.resume_from} at step {self.state.step} "
+                f"({self.state.consumed_samples} samples consumed)"
+            )
+
+    # -- one step -------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _forward_loss_sum(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(mb["tokens"], mb["position_ids"])
+        return lm_loss_sum(logits, mb["labels"], mb["loss_mask"])
+
+    def _to_device(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        self.model.train()
+        mbs = self._to_device(
+            self.data.train_microbatches(
+                self.state.consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size
+            )
+        )
+        # Normalise by the token count of the whole global batch, so the objective (and
+        # its gradient) does not depend on how the batch is split into micro-batches/ranks.
+        num_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum()
+        lm_sum = torch.zeros((), device=self.device)
+        for mb in mbs:
+            loss_sum = self._forward_loss_sum(mb)
+            (loss_sum / num_tokens).backward()
+            lm_sum += loss_sum.detach()
+        lr = self.scheduler.get_last_lr()[0]
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        moe = self._pop_moe_stats()
+        for layer, counts in zip(self.moe_layers, moe.pop("counts_LE", [])):
+            layer.update_expert_bias(counts)
+        self.state.step += 1
+        self.state.consumed_samples += t.global_batch_size
+        metrics = {
+            "lm_loss": lm_sum / num_tokens,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": num_tokens,
+            **moe,
+        }
+        return metrics
+
+    def _pop_moe_stats(self) -> dict[str, Any]:
+        if not self.moe_layers:
+            return {"aux_loss": 0.0}
+        stats = [layer.pop_stats() for layer in self.moe_layers]
+        counts = torch.stack([s["counts"] for s in stats])
+        per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        dropped = torch.stack([s["dropped"] for s in stats]).sum()
+        assignments = torch.stack([s["assignments"] for s in stats]).sum()
+        out = {
+            "aux_loss": sum(s["aux_loss"] + s["seq_aux_loss"] + s["z_loss"] for s in stats),
+            "load_balance_loss": sum(s["aux_loss"] for s in stats),
+            "seq_aux_loss": sum(s["seq_aux_loss"] for s in stats),
+            "z_loss": sum(s["z_loss"] for s in stats),
+            "expert_load_max": per_layer_max_over_mean.max(),
+            "expert_load_mean_max": per_layer_max_over_mean.mean(),
+            "dropped_frac": dropped / assignments.clamp_min(1),
+            "counts_LE": counts,
+        }
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.trainer
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for it in range(t.eval_iters):
+            for mb in self._to_device(
+                self.data.valid_microbatches(it, t.micro_batch_size, self.dp_rank, self.dp_size)
+            ):
+                total += self._forward_loss_sum(mb)
+                tokens += mb["loss_mask"].sum()
+        self._pop_moe_stats()  # validation routing is not training load
+        return (total / tokens.clamp_min(1)).item()
+
+    # -- loop -----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        path = ckpt.save(
+            self.cfg.checkpoint.dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            train_state=self.state,
+            meta={
+                "model": OmegaConf.to_container(self.cfg.model, resolve=True),
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "world_size": self.world_size,
+            },
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+        self.logger.info(f"saved checkpoint {path}")
+
+    def fit(self) -> None:
+        from trainer.perf import peak_memory
+
+        t, c = self.cfg.trainer, self.cfg.checkpoint
+        steps_this_run = 0
+        with self.logger:
+            if self.state.step >= t.max_steps:
+                self.logger.info(f"already at step {self.state.step} >= trainer.max_steps")
+            while self.state.step < t.max_steps:
+                self.throughput.start_step()
+                m = self.train_step()
+                step = self.state.step
+                m["tokens"] = m["tokens"].item()  # one host sync per step
+                perf = self.throughput.end_step(int(m["tokens"]))
+                counts = m.pop("counts_LE", None)
+                last = step == t.max_steps
+                if step % t.log_every == 0 or last:
+                    record = {k: float(v) for k, v in m.items()}
+                    record["loss"] = record["lm_loss"] + record["aux_loss"]
+                    record.update(perf)
+                    record.update(peak_memory())
+                    if t.eval_every and (step % t.eval_every == 0 or last):
+                        record["val_loss"] = self.evaluate()
+                    self.logger.log_step(step, record)
+                every = self.cfg.logger.expert_load_every
+                if counts is not None and every and (step % every == 0 or last):
+                    self.logger.log_expert_load(step, counts.float().cpu(), self.moe_layer_ids)
+                if (c.every and step % c.every == 0) or (last and c.save_final):
+                    self.save_checkpoint()
+                steps_this_run += 1
+                if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
+                    self.logger.info(f"stopping after {steps_this_run} steps (stop_after_steps)")
+                    break
+
+
+def run(cfg: DictConfig) -> None:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    validate(cfg, world_size)  # before any process group or heavy work
+    Trainer(cfg).fit()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
+
