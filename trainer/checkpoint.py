@@ -165,7 +165,11 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    dcp.save(_app_state(model, optimizer, scheduler, train_state), checkpoint_id=str(tmp))
+    dcp.save(
+        _app_state(model, optimizer, scheduler, train_state),
+        checkpoint_id=str(tmp),
+        no_dist=not dist.is_initialized(),
+    )
     torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -225,7 +229,7 @@ def load(
     train_state = TrainState()
     state = _app_state(model, optimizer, scheduler, train_state)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # DCP raises a variety of types for missing/corrupt shards
         raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],

@@ -6,6 +6,7 @@ process group), then set up processes, data, model, optimizer, resume, and loop.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import nullcontext
@@ -178,7 +179,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         moe = self._pop_moe_stats()
-        for layer, counts in zip(self.moe_layers, moe.pop("counts_LE", [])):
+        for layer, counts in zip(self.moe_layers, moe.get("counts_LE", [])):
             layer.update_expert_bias(counts)
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
@@ -279,6 +280,8 @@ class Trainer:
 
 
 def run(cfg: DictConfig) -> None:
+    # megatron's dataset builder is chatty at INFO; its warnings still show.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(cfg, world_size)  # before any process group or heavy work
     Trainer(cfg).fit()
