@@ -74,3 +74,28 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+def moe_layer_pattern(model: ModelConfig) -> list[bool]:
+    """Which layers are MoE (True) — the single place that reads ``moe.layer_freq``.
+
+    Raises ``ValueError`` for a malformed ``layer_freq``; the trainer's validation turns
+    that into a one-line ``ConfigError``.
+    """
+    moe = model.moe
+    n = model.num_layers
+    if moe.num_experts == 0:
+        return [False] * n
+    freq = moe.layer_freq
+    if isinstance(freq, int):
+        if freq < 1:
+            raise ValueError(f"model.moe.layer_freq={freq} must be >= 1 or a list of 0/1")
+        pattern = [i % freq == 0 for i in range(n)]
+    else:
+        freq = list(freq)
+        if len(freq) != n or any(f not in (0, 1) for f in freq):
+            raise ValueError(
+                f"model.moe.layer_freq={freq} must have model.num_layers={n} entries of 0/1"
+            )
+        pattern = [bool(f) for f in freq]
+    return [p and i >= moe.first_k_dense for i, p in enumerate(pattern)]

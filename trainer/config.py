@@ -14,6 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from models.config import ModelConfig, MoEConfig
+from models.config import moe_layer_pattern as _moe_layer_pattern
 from trainer.errors import ConfigError
 
 
@@ -149,24 +150,11 @@ def _positive(key: str, value: int | float) -> None:
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
-    """Which layers are MoE (True) — the single place that reads layer_freq."""
-    moe = model.moe
-    n = model.num_layers
-    if moe.num_experts == 0:
-        return [False] * n
-    freq = moe.layer_freq
-    if isinstance(freq, int):
-        if freq < 1:
-            raise ConfigError(f"model.moe.layer_freq={freq} must be >= 1 or a list of 0/1")
-        pattern = [i % freq == 0 for i in range(n)]
-    else:
-        freq = list(freq)
-        if len(freq) != n or any(f not in (0, 1) for f in freq):
-            raise ConfigError(
-                f"model.moe.layer_freq={freq} must have model.num_layers={n} entries of 0/1"
-            )
-        pattern = [bool(f) for f in freq]
-    return [p and i >= moe.first_k_dense for i, p in enumerate(pattern)]
+    """Which layers are MoE (True); see ``models.config.moe_layer_pattern``."""
+    try:
+        return _moe_layer_pattern(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_model(m: ModelConfig) -> None:

@@ -1,0 +1,58 @@
+"""Analytic parameter counts and training FLOPs per token (for MFU).
+
+Convention (Megatron / PaLM MFU): training FLOPs per token =
+``6 * N_matmul + 12 * num_layers * num_heads * head_dim * seq_len``, where N_matmul is the
+number of *active* matmul parameters per token — attention and MLP projections, the
+top_k routed experts plus the shared experts and their gate, the router, and the output
+head (the tied embedding matrix when embeddings are tied), but not the embedding lookup
+nor the norm weights. The attention term counts QK^T and AV for every (query, key) pair,
+without halving for the causal mask.
+"""
+
+from __future__ import annotations
+
+from models.config import ModelConfig, moe_layer_pattern
+
+
+def _head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+def _layer_matmul_params(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
+    """(total, active) matmul parameters of one block."""
+    d, hd = cfg.hidden_size, _head_dim(cfg)
+    attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
+    if not is_moe:
+        mlp = 3 * d * cfg.ffn_hidden_size
+        return attn + mlp, attn + mlp
+    m = cfg.moe
+    expert = 3 * d * m.expert_ffn_hidden_size
+    shared = 0
+    if m.num_shared_experts:
+        width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
+        shared = 3 * d * m.num_shared_experts * width + (d if m.shared_expert_gate else 0)
+    router = d * m.num_experts
+    common = attn + shared + router
+    return common + m.num_experts * expert, common + m.top_k * expert
+
+
+def param_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters, embeddings and norms included; a tied
+    output head is counted once."""
+    d = cfg.hidden_size
+    embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    norms = d * (2 * cfg.num_layers + 1)
+    total = active = embed + norms
+    for is_moe in moe_layer_pattern(cfg):
+        t, a = _layer_matmul_params(cfg, is_moe)
+        total, active = total + t, active + a
+    return total, active
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per token (see the module docstring for the convention)."""
+    matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)
+    for is_moe in moe_layer_pattern(cfg):
+        matmul += _layer_matmul_params(cfg, is_moe)[1]
+    attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
+    return float(6 * matmul + attention)

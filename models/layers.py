@@ -1,0 +1,187 @@
+"""Dense building blocks: RMSNorm, SwiGLU MLP, rotary embedding, GQA attention, and the
+seeded initialiser every module of the model shares.
+
+Initialisation is *per tensor*: ``Transformer.init_weights`` draws one base seed from the
+current torch RNG and every parameter gets its own generator seeded from (base seed, its
+fully qualified name). A pipeline stage that deleted the other layers, or a rank that holds
+only some experts, therefore initialises its tensors exactly as the whole single-device
+model would — the layout-independence the trainer promises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+
+
+class Initializer:
+    """Seeded normal/constant fills keyed by tensor name (see module docstring)."""
+
+    def __init__(self, base_seed: int, std: float, out_std: float):
+        self.base_seed = base_seed
+        self.std = std  # linears, embeddings, router
+        self.out_std = out_std  # output projections of each block (wo, w2)
+
+    def seed(self, name: str) -> int:
+        digest = hashlib.blake2b(f"{self.base_seed}:{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    @torch.no_grad()
+    def normal_(self, t: torch.Tensor, name: str, std: float) -> None:
+        if t.is_meta:
+            return
+        gen = torch.Generator(device=t.device).manual_seed(self.seed(name))
+        t.normal_(0.0, std, generator=gen)
+
+
+def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool) -> nn.Module:
+    """``Module._apply`` that moves the buffers ``names`` with the module but never changes
+    their dtype (``model.to(torch.bfloat16)`` must not round an fp32 expert bias or RoPE
+    table; the bias would then drift in bf16 steps — the Megatron bug class of #1482)."""
+    saved = {n: module._buffers[n] for n in names if module._buffers.get(n) is not None}
+    for n in saved:
+        module._buffers[n] = None
+    nn.Module._apply(module, fn, recurse)
+    for n, buf in saved.items():
+        new = fn(buf)
+        if new.dtype != buf.dtype:
+            new = buf.to(device=new.device)  # from the original: no precision lost
+        module._buffers[n] = new
+    return module
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def init_params(self, init: Initializer, prefix: str) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_params(self, init: Initializer, prefix: str) -> None:
+        init.normal_(self.w1.weight, f"{prefix}.w1.weight", init.std)
+        init.normal_(self.w3.weight, f"{prefix}.w3.weight", init.std)
+        init.normal_(self.w2.weight, f"{prefix}.w2.weight", init.out_std)
+
+
+class RotaryEmbedding(nn.Module):
+    """Non-interleaved ("rotate half") RoPE with fp32 cos/sin tables up to max_seq_len."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim), persistent=False)
+        self.init_params(None, "")
+
+    def init_params(self, init: Optional[Initializer], prefix: str) -> None:
+        if self.cos.is_meta:
+            return
+        dev = self.cos.device
+        inv_freq = 1.0 / self.theta ** (
+            torch.arange(0, self.head_dim, 2, device=dev, dtype=torch.float64) / self.head_dim
+        )
+        angles = torch.outer(
+            torch.arange(self.max_seq_len, device=dev, dtype=torch.float64), inv_freq
+        )
+        angles = torch.cat([angles, angles], dim=-1)
+        with torch.no_grad():
+            self.cos.copy_(angles.cos())
+            self.sin.copy_(angles.sin())
+
+    def _apply(self, fn, recurse=True):
+        return keep_fp32_apply(self, ("cos", "sin"), fn, recurse)
+
+    def forward(
+        self, x_BTHD: torch.Tensor, position_ids_BT: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        T = x_BTHD.shape[1]
+        if position_ids_BT is None:
+            cos, sin = self.cos[:T], self.sin[:T]  # [T, Dh], broadcast over B
+        else:
+            cos, sin = self.cos[position_ids_BT], self.sin[position_ids_BT]  # [B, T, Dh]
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        xf = x_BTHD.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return (xf * cos + rotated * sin).to(x_BTHD.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Default attention core. q [B, H, T, Dh]; k, v [B, Hkv, T, Dh] (GQA: H % Hkv == 0)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE. ``attn_fn`` is the replaceable core (context
+    parallelism swaps it): ``attn_fn(q [B,H,T,Dh], k [B,Hkv,T,Dh], v [B,Hkv,T,Dh]) ->
+    [B,H,T,Dh]``, causal over the T positions it is given. ``rope`` may be shared by all
+    layers (one table per model instead of one per layer)."""
+
+    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        d, hd = cfg.hidden_size, self.head_dim
+        self.wq = nn.Linear(d, self.num_heads * hd, bias=False)
+        self.wk = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, self.num_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.rope = rope or RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
+        self.attn_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        self.attn_fn = causal_attention
+
+    def forward(
+        self, x_BTD: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        # Head counts come from the weights, so a TP plan that shards wq/wk/wv by heads works.
+        q = self.wq(x_BTD).view(B, T, -1, self.head_dim)
+        k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
+        v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
+        q, k = self.rope(q, position_ids_BT), self.rope(k, position_ids_BT)
+        out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def init_params(self, init: Initializer, prefix: str) -> None:
+        for name in ("wq", "wk", "wv"):
+            init.normal_(getattr(self, name).weight, f"{prefix}.{name}.weight", init.std)
+        init.normal_(self.wo.weight, f"{prefix}.wo.weight", init.out_std)
+
+
+def output_std(cfg: ModelConfig) -> float:
+    """Std of each block's output projections: init_std / sqrt(2 * num_layers)."""
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers)

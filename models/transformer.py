@@ -1,0 +1,119 @@
+"""Decoder-only transformer (pre-norm, GQA + RoPE, SwiGLU MLP or MoE per layer).
+
+torchtitan-style layout so parallel/ can split or wrap it: ``tok_embeddings``, ``layers``
+(ModuleDict "0".."L-1"), ``norm``, ``output``; a pipeline stage deletes what it does not
+own (sets it to None / removes layers) and ``forward`` passes the activations through.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig, moe_layer_pattern
+from models.layers import (
+    Attention,
+    FeedForward,
+    Initializer,
+    RMSNorm,
+    RotaryEmbedding,
+    output_std,
+)
+from models.moe import MoELayer
+
+# Prefixes added by wrappers (activation checkpointing, torch.compile, FSDP1); stripped so
+# a wrapped module initialises exactly like the plain one.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    for p in _WRAPPER_PREFIXES:
+        name = name.replace(p, "")
+    return name
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, is_moe: bool, rope: Optional[RotaryEmbedding] = None):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = Attention(cfg, rope)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn: nn.Module = (
+            MoELayer(cfg) if is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
+        )
+
+    def forward(
+        self, x_BTD: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tie_embeddings = cfg.tie_embeddings
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        pattern = moe_layer_pattern(cfg)
+        # One fp32 RoPE table shared by every layer's attention.
+        rope = RotaryEmbedding(
+            cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
+        )
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, is_moe, rope) for i, is_moe in enumerate(pattern)}
+        )
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.output: Optional[nn.Linear] = None
+        if not cfg.tie_embeddings:
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] in the activation dtype. A stage without
+        ``tok_embeddings`` takes hidden states [B, T, D] instead; one without ``norm`` /
+        ``output`` returns hidden states."""
+        h = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
+        for layer in self.layers.values():
+            h = layer(h, position_ids_BT)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            return self.output(h)
+        if self.tie_embeddings and self.tok_embeddings is not None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return h
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.layers.modules() if isinstance(m, MoELayer)]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Re-initialise every parameter and buffer from the current torch RNG (one draw:
+        the base seed; each tensor then gets its own generator, see models/layers.py)."""
+        base_seed = int(torch.randint(0, 2**62, (1,)).item())
+        init = Initializer(base_seed, self.cfg.init_std, output_std(self.cfg))
+        if self.tok_embeddings is not None:
+            init.normal_(self.tok_embeddings.weight, "tok_embeddings.weight", init.std)
+        if self.output is not None:
+            init.normal_(self.output.weight, "output.weight", init.std)
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "init_params"):
+                module.init_params(init, canonical_name(name))
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
+    """Build on ``device``; on "meta" nothing is allocated (call ``to_empty`` and
+    ``init_weights`` later). Otherwise the weights are initialised from the current torch
+    RNG, so the result equals meta build + to_empty + init_weights under the same seed."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    device = torch.device(device)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model

@@ -1,0 +1,245 @@
+"""MoELayer against a naive reference (a loop over experts with masks), grouped_mm
+implementations against each other, aux-loss gradient plumbing, expert bias and stats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.config import ModelConfig, MoEConfig
+from models.grouped_gemm import grouped_mm
+from models.moe import LocalDispatcher, MoELayer, set_aux_loss_scale
+from models.router import expert_capacity
+
+B, S, D, FFN = 2, 16, 16, 8
+
+
+def make_layer(seed: int = 0, **moe) -> MoELayer:
+    moe.setdefault("num_experts", 8)
+    moe.setdefault("top_k", 2)
+    moe.setdefault("expert_ffn_hidden_size", FFN)
+    layer = MoELayer(ModelConfig(hidden_size=D, moe=MoEConfig(**moe)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def make_x(seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(B, S, D, requires_grad=True)
+
+
+def swiglu(x, w1, w3, w2):
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def reference(layer: MoELayer, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, masked by the routing weight (softmax router)."""
+    m, r, ex = layer.moe, layer.router, layer.experts
+    x = x_BTD.reshape(-1, D)
+    T, E, k = x.shape[0], m.num_experts, m.top_k
+    logits = x @ r.weight.t()
+    probs = logits.softmax(-1)
+    sel = logits + (r.expert_bias if r.expert_bias is not None else 0)
+    idx = sel.topk(k, dim=-1).indices
+    top = probs.gather(1, idx)
+    w = top / top.sum(-1, keepdim=True) if m.norm_topk_prob else top
+    kept = torch.ones_like(idx, dtype=torch.bool)
+    if m.capacity_factor is not None:
+        cap = expert_capacity(T, E, k, m.capacity_factor, m.min_capacity)
+        for e in range(E):
+            hit = idx == e
+            tokens = hit.any(1).nonzero().flatten()
+            if m.drop_policy == "probs":
+                score = (top.detach() * hit).sum(1)[tokens]
+                tokens = tokens[torch.argsort(-score, stable=True)]
+            kept[tokens[cap:]] &= ~hit[tokens[cap:]]
+    y = torch.zeros_like(x)
+    for e in range(E):
+        w_e = (w * ((idx == e) & kept)).sum(1, keepdim=True)
+        y = y + w_e * swiglu(x, ex.w1[e], ex.w3[e], ex.w2[e])
+    if layer.shared_experts is not None:
+        se = layer.shared_experts
+        s = swiglu(x, se.w1.weight.t(), se.w3.weight.t(), se.w2.weight.t())
+        if layer.shared_gate is not None:
+            s = s * torch.sigmoid(x @ layer.shared_gate.weight.t())
+        y = y + s
+    return y.view_as(x_BTD)
+
+
+def grads(out: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, inputs, g, allow_unused=True))
+
+
+MODES = {
+    "dropless": {},
+    "probs": dict(capacity_factor=1.0, drop_policy="probs"),
+    "position": dict(capacity_factor=1.0, drop_policy="position"),
+    "padded": dict(capacity_factor=1.0, drop_policy="probs", pad_to_capacity=True),
+    "shared_gate": dict(
+        num_shared_experts=2,
+        shared_expert_ffn_hidden_size=4,
+        shared_expert_gate=True,
+        norm_topk_prob=False,
+    ),
+    "padded_position_shared": dict(
+        capacity_factor=0.75, drop_policy="position", pad_to_capacity=True, num_shared_experts=1
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_layer_matches_reference(mode, impl):
+    layer = make_layer(**MODES[mode])
+    layer.experts.grouped_mm_impl = impl
+    with torch.no_grad():  # skew the load so that capacity really drops assignments
+        layer.router.weight[0] += layer.router.weight[1]
+    x = make_x()
+    out = layer(x)
+    ref = reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, *layer.parameters()]
+    g = torch.randn_like(out)
+    for got, want in zip(grads(out, params, g), grads(ref, params, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    stats = layer.pop_stats()
+    if MODES[mode].get("capacity_factor"):
+        assert stats["dropped"] > 0, "capacity should drop something in this setup"
+
+
+def test_padded_dispatch_shapes_are_static():
+    layer = make_layer(capacity_factor=1.0, pad_to_capacity=True)
+    x_TD = make_x().detach().reshape(-1, D)
+    routing = layer.router(x_TD).routing
+    x_ND, tpe, _ = layer.dispatcher.dispatch(x_TD, routing)
+    C = routing.capacity
+    assert x_ND.shape == (8 * C, D) and torch.equal(tpe, torch.full((8,), C))
+    assert layer.dispatcher.bytes_sent == layer.dispatcher.bytes_received == 0
+
+
+def test_experts_with_zero_tokens():
+    layer = make_layer(expert_bias=True)
+    layer.router.expert_bias[[0, 5]] = -1e3  # never selected
+    x = make_x()
+    x_TD = x.detach().reshape(-1, D)
+    _, tpe, _ = LocalDispatcher().dispatch(x_TD, layer.router(x_TD).routing)
+    assert tpe[0] == 0 and tpe[5] == 0 and tpe.sum() == B * S * 2
+    out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
+        assert torch.all(w.grad[[0, 5]] == 0) and torch.any(w.grad[1] != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_fused_equals_loop(dtype):
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 0, 4])  # two empty experts, 3 trailing rows
+    x0 = torch.randn(15, 16).to(dtype)
+    w0 = torch.randn(5, 16, 8).to(dtype)
+    x0[12:] = float("nan")  # trailing rows belong to no expert: must not leak
+    results = []
+    for impl in ("fused", "loop"):
+        x = x0.clone().requires_grad_(True)
+        w = w0.clone().requires_grad_(True)
+        y = grouped_mm(x, w, counts, impl=impl)
+        y.backward(torch.arange(y.numel(), dtype=dtype).view_as(y).t().contiguous().t() / 100)
+        results.append((y, x.grad, w.grad))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    y, xg, wg = results[0]
+    assert torch.all(y[12:] == 0) and torch.all(xg[12:] == 0)
+    assert torch.all(wg[1] == 0) and torch.all(wg[3] == 0)
+    torch.testing.assert_close(y[3:8].float(), (x0[3:8] @ w0[2]).float(), **tol)
+
+
+def test_aux_loss_adds_gradient_without_changing_output():
+    coeffs = dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.05, z_loss_coeff=0.01)
+    layer = make_layer(**coeffs)
+    plain = make_layer()
+    plain.load_state_dict(layer.state_dict())
+    set_aux_loss_scale(torch.nn.Sequential(layer), 0.25)
+    assert layer.aux_loss_scale == 0.25
+    x = make_x()
+    out = layer(x)
+    out_plain = plain(x)
+    assert torch.equal(out, out_plain)  # forward untouched
+    params = list(layer.parameters())
+    got = grads(out.sum(), params, None)
+    # Explicit objective: sum(out) + scale * (coeff * loss), losses from the router.
+    r = layer.router(x.reshape(-1, D), num_seqs=B)
+    aux = 0.1 * r.aux_loss + 0.05 * r.seq_aux_loss + 0.01 * r.z_loss
+    want = grads(reference(layer, x).sum() + 0.25 * aux, params, None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    no_aux = grads(reference(layer, x).sum(), params, None)
+    assert not torch.allclose(got[0], no_aux[0])  # router.weight felt the aux losses
+    stats = layer.pop_stats()
+    torch.testing.assert_close(stats["aux_loss"], 0.25 * 0.1 * r.aux_loss.detach())
+    torch.testing.assert_close(stats["seq_aux_loss"], 0.25 * 0.05 * r.seq_aux_loss.detach())
+    torch.testing.assert_close(stats["z_loss"], 0.25 * 0.01 * r.z_loss.detach())
+
+
+def test_expert_bias_selection_not_weights_and_update():
+    layer = make_layer(score_func="sigmoid", expert_bias=True, expert_bias_update_rate=1e-4)
+    x_TD = make_x().detach().reshape(-1, D)
+    layer.router.expert_bias[3] = 10.0
+    r = layer.router(x_TD).routing
+    assert torch.all((r.expert_idx_TK == 3).any(1)), "bias must force expert 3 in"
+    scores = torch.sigmoid(x_TD @ layer.router.weight.detach().t()).gather(1, r.expert_idx_TK)
+    torch.testing.assert_close(r.weights_TK, scores / scores.sum(-1, keepdim=True))
+
+    layer.router.expert_bias.copy_(torch.linspace(-1, 1, 8) + 1.0)
+    layer.to(torch.bfloat16)
+    assert layer.router.expert_bias.dtype == torch.float32
+    assert layer.stat_z_loss.dtype == torch.float32
+    assert layer.experts.w1.dtype == torch.bfloat16
+    before = layer.router.expert_bias.clone()
+    torch.testing.assert_close(before, torch.linspace(-1, 1, 8) + 1.0, rtol=0, atol=0)
+    counts = torch.tensor([10.0, 0, 5, 5, 5, 5, 5, 5])  # mean 5
+    layer.update_expert_bias(counts)
+    step = layer.router.expert_bias - before
+    torch.testing.assert_close(step, torch.tensor([-1e-4, 1e-4, 0, 0, 0, 0, 0, 0]))
+    out = layer(make_x().detach().to(torch.bfloat16))  # bf16 module, fp32 routing
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_pop_stats_counts_and_reset():
+    layer = make_layer(capacity_factor=0.5, aux_loss_coeff=0.1)
+    xs = [make_x(seed) for seed in (1, 2)]
+    expected = torch.zeros(8)
+    dropped = 0
+    for x in xs:
+        r = layer.router(x.detach().reshape(-1, D))
+        expected += torch.bincount(r.routing.expert_idx_TK.flatten(), minlength=8)
+        dropped += int((~r.routing.kept_TK).sum())
+        layer(x)
+    stats = layer.pop_stats()
+    assert torch.equal(stats["counts"], expected)
+    assert stats["assignments"] == 2 * B * S * 2 and stats["dropped"] == dropped > 0
+    cap = expert_capacity(B * S, 8, 2, 0.5)
+    assert cap == math.ceil(B * S * 2 / 8 * 0.5)
+    assert stats["aux_loss"] > 0
+    again = layer.pop_stats()
+    assert all(float(v.sum()) == 0 for v in again.values())
+
+
+def test_checkpoint_recompute_does_not_double_count_stats():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = make_layer(aux_loss_coeff=0.1)
+    x = make_x()
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    stats = layer.pop_stats()
+    assert stats["assignments"] == B * S * 2 and stats["counts"].sum() == B * S * 2
+    g_ckpt = layer.router.weight.grad.clone()
+    layer.router.weight.grad = None
+    layer(x).sum().backward()  # aux gradient also survives the recompute
+    torch.testing.assert_close(layer.router.weight.grad, g_ckpt)
