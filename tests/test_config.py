@@ -42,7 +42,7 @@ def test_demo_experiment_composes():
         ),
         (["optim.min_lr=1.0"], "optim.min_lr=1.0 must be in [0, optim.lr"),
         (["trainer.seq_len=4096"], "exceeds model.max_seq_len"),
-        (["parallel.tp=2"], "parallel.tp*cp*pp=2*1*1=2 does not divide the world size 1"),
+        (["parallel.tp=2"], "parallel.tp=2 does not fit world size 1"),
         (["data=indexed"], "data.source=indexed needs data.blend"),
         (
             ["model.moe.layer_freq=[1,0]"],
@@ -57,6 +57,54 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
     text = str(err.value)
     assert message in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (
+            ["parallel.ep=3"],
+            8,
+            "parallel.ep=3 does not fit world size 8 with parallel.pp=1, parallel.etp=1 (valid ep: 1, 2, 4, 8)",
+        ),
+        (
+            ["parallel.ep=2", "model=dense_tiny"],
+            2,
+            "parallel.ep=2 does not divide model.moe.num_experts=0",
+        ),
+        (
+            ["parallel.ep=4", "model.moe.num_experts=6", "trainer.global_batch_size=16"],
+            4,
+            "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
+        ),
+        (
+            ["parallel.tp=2"],
+            2,
+            "parallel.tp=2: tensor/sequence/context/pipeline parallelism is not available",
+        ),
+        (["parallel.dp_engine=none"], 2, "parallel.dp_engine=none with 2 ranks"),
+        (
+            ["trainer.global_batch_size=4", "trainer.micro_batch_size=4"],
+            2,
+            "trainer.global_batch_size=4 is not a multiple of trainer.micro_batch_size*dp=4*2",
+        ),
+    ],
+)
+def test_impossible_layouts_fail_before_launch(overrides, world, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    assert message in str(err.value)
+
+
+def test_folded_layout_is_valid():
+    # EP4 over 4 ranks with dense DP4: experts borrow the data-parallel ranks (folding)
+    validate(
+        compose_config(
+            ["parallel.ep=4", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"]
+        ),
+        world_size=4,
+    )
 
 
 def test_unknown_key_and_wrong_type_fail_at_compose():

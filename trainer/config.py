@@ -44,7 +44,7 @@ class ParallelConfig:
     etp: int = 1
     vpp: int = 1
     sequence_parallel: bool = False
-    dp_engine: str = "fsdp"  # fsdp | ddp | deepspeed | none
+    dp_engine: str = "fsdp"  # fsdp | ddp | none
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
@@ -246,31 +246,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
+    from parallel.dims import ParallelDims  # the one source of truth for layouts
+
     p = cfg.parallel
-    for key in ("tp", "cp", "pp", "ep", "etp", "vpp"):
-        _positive(f"parallel.{key}", getattr(p, key))
-    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "deepspeed", "none"))
+    _positive("parallel.vpp", p.vpp)
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
     _choice("parallel.pp_schedule", p.pp_schedule,
             ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"))
     _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "allgather"))
-    dense = p.tp * p.cp * p.pp
-    if world_size % dense:
-        raise ConfigError(
-            f"parallel.tp*cp*pp={p.tp}*{p.cp}*{p.pp}={dense} does not divide the world size "
-            f"{world_size}"
-        )
-    expert = p.etp * p.ep * p.pp
-    if world_size % expert:
-        raise ConfigError(
-            f"parallel.etp*ep*pp={p.etp}*{p.ep}*{p.pp}={expert} does not divide the world size "
-            f"{world_size}"
-        )
-    dp = world_size // dense
+    dims = ParallelDims.from_config(p, world_size)
     t = cfg.trainer
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise ConfigError(
             f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dp}"
+            f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dims.dp}"
         )
     n_exp = cfg.model.moe.num_experts
     if p.ep > 1 and (n_exp == 0 or n_exp % p.ep):
@@ -278,12 +267,17 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
             + (f" (valid: {_divisors(n_exp)})" if n_exp else "")
         )
-    if world_size > 1:
-        # The process-group side (parallel/: meshes, dispatchers, DP engines) is not wired
-        # into this build yet; refuse rather than silently train unreduced replicas.
+    unsupported = {k: getattr(p, k) for k in ("tp", "cp", "pp", "etp") if getattr(p, k) > 1}
+    if unsupported or p.sequence_parallel:
+        key, value = next(iter(unsupported.items())) if unsupported else ("sequence_parallel", True)
         raise ConfigError(
-            f"world size {world_size}: this build trains on one process only; "
-            "launch without torchrun"
+            f"parallel.{key}={value}: tensor/sequence/context/pipeline parallelism is not "
+            "available in this build yet (supported: data parallel and parallel.ep)"
+        )
+    if p.dp_engine == "none" and (dims.dp * dims.cp > 1 or dims.edp > 1):
+        raise ConfigError(
+            f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "
+            "replicas (valid: fsdp, ddp)"
         )
 
 __all__ = [

@@ -15,9 +15,12 @@ from typing import Any
 
 import hydra
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from parallel.data_parallel import DataParallel
+from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
 from trainer.errors import UserError
@@ -69,7 +72,11 @@ class Trainer:
         self.device = _device(cfg)
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.run_dir = Path(cfg.run_dir)
-        self.dp_size, self.dp_rank = self.world_size, self.rank
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, rank=self.rank)
+        if self.world_size > 1:
+            init_distributed(self.device)
+            self.dims.build_meshes(self.device.type)
+        self.dp_size, self.dp_rank = self.dims.dp_size, self.dims.dp_rank
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
 
         # Resume target first: a bad checkpoint path must fail before data/model work.
@@ -91,12 +98,17 @@ class Trainer:
         )
 
         model_cfg = OmegaConf.to_object(cfg.model)
-        torch.manual_seed(t.seed)
-        with torch.device("meta"):
-            model = build_model(model_cfg, device="meta")
+        # Meta build -> expert sharding -> materialise -> seeded init (name-keyed, so every
+        # layout initialises every parameter exactly as the single-process model) -> DP.
+        model = build_model(model_cfg, device="meta")
+        if self.dims.ep > 1:
+            from parallel.expert_parallel import apply_expert_parallel
+
+            apply_expert_parallel(model, self.dims, cfg.parallel.dispatcher)
         model.to_empty(device=self.device)
         torch.manual_seed(t.seed)
         model.init_weights()
+        self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine)
         self.model = model
         self.moe_layers = model.moe_layers()
         self.moe_layer_ids = [i for i, moe in enumerate(moe_layer_pattern(cfg.model)) if moe]
@@ -165,15 +177,17 @@ class Trainer:
         )
         # Normalise by the token count of the whole global batch, so the objective (and
         # its gradient) does not depend on how the batch is split into micro-batches/ranks.
-        num_tokens = torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum()
+        num_tokens = self._sum_over_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum())
         lm_sum = torch.zeros((), device=self.device)
         for mb in mbs:
             loss_sum = self._forward_loss_sum(mb)
             (loss_sum / num_tokens).backward()
             lm_sum += loss_sum.detach()
+        lm_sum = self._sum_over_dp(lm_sum)
         lr = self.scheduler.get_last_lr()[0]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.dp.reduce_gradients()
+        grad_norm = self.dp.clip_grad_norm_(max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -195,7 +209,7 @@ class Trainer:
     def _pop_moe_stats(self) -> dict[str, Any]:
         if not self.moe_layers:
             return {"aux_loss": 0.0}
-        stats = [layer.pop_stats() for layer in self.moe_layers]
+        stats = [self._sum_stats_over_dp(layer.pop_stats()) for layer in self.moe_layers]
         counts = torch.stack([s["counts"] for s in stats])
         per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
         dropped = torch.stack([s["dropped"] for s in stats]).sum()
@@ -212,6 +226,26 @@ class Trainer:
         }
         return out
 
+    def _sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks holding different tokens (dense dp x cp group)."""
+        if self.dims.dp * self.dims.cp > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.dims.group("dp_cp"))
+        return x
+
+    def _sum_stats_over_dp(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # One collective for all of a layer's statistics.
+        if self.dims.dp * self.dims.cp == 1:
+            return stats
+        keys = list(stats)
+        flat = self._sum_over_dp(torch.cat([stats[k].float().reshape(-1) for k in keys]))
+        out, i = {}, 0
+        for k in keys:
+            n = stats[k].numel()
+            out[k] = flat[i : i + n].reshape(stats[k].shape)
+            i += n
+        return out
+
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.trainer
@@ -225,6 +259,7 @@ class Trainer:
                 total += self._forward_loss_sum(mb)
                 tokens += mb["loss_mask"].sum()
         self._pop_moe_stats()  # validation routing is not training load
+        total, tokens = self._sum_over_dp(total), self._sum_over_dp(tokens)
         return (total / tokens.clamp_min(1)).item()
 
     # -- loop -----------------------------------------------------------------------
@@ -279,12 +314,27 @@ class Trainer:
                     break
 
 
+def init_distributed(device: torch.device) -> None:
+    """NCCL on CUDA, gloo on CPU: the same code path either way."""
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+
+
 def run(cfg: DictConfig) -> None:
     # megatron's dataset builder is chatty at INFO; its warnings still show.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(cfg, world_size)  # before any process group or heavy work
-    Trainer(cfg).fit()
+    try:
+        Trainer(cfg).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")

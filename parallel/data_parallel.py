@@ -1,0 +1,149 @@
+"""Data-parallel engines and the global gradient norm.
+
+Gradient semantics (the whole framework relies on this): every rank's backward loss is
+``sum of its token losses / token count of the whole global batch``, so the true gradient
+is the SUM of the per-rank gradients — never a mean. Dense parameters are summed over the
+dense ``dp_cp`` group; routed-expert parameters over ``edp`` only (an expert's gradient
+already holds every EP rank's tokens, delivered by the dispatcher's backward).
+
+Engines:
+
+- ``fsdp`` (default): FSDP2 ``fully_shard``. Each MoE layer's ``experts`` module is sharded
+  over ``edp`` (or left out of FSDP when ``edp == 1``), every transformer block and the
+  root over ``dp_cp``; reductions are sums (divide factor 1).
+- ``ddp``: parameters replicated; after backward the gradients are flattened into buckets
+  per reduction group and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``,
+  because DDP reduces every parameter over one group and experts need a different one.
+- ``none``: no reduction (only valid when dp_cp == edp == 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from parallel.dims import ParallelDims
+
+# flat buffers of at most this many elements per all-reduce (25M fp32 = 100 MB)
+_BUCKET_NUMEL = 25_000_000
+
+
+def is_expert_param(name: str) -> bool:
+    """Routed-expert weights (``...ffn.experts.w1``); shared experts are dense."""
+    return ".experts." in name
+
+
+class DataParallel:
+    """Applies a DP engine to a model and owns gradient reduction and clipping."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, engine: str):
+        self.model, self.dims, self.engine = model, dims, engine
+        self.dense_size = dims.dp * dims.cp
+        self.expert_size = dims.edp
+        named = list(model.named_parameters())
+        self.expert_params = [p for n, p in named if is_expert_param(n)]
+        self.dense_params = [p for n, p in named if not is_expert_param(n)]
+        if engine == "fsdp" and max(self.dense_size, self.expert_size) > 1:
+            self._apply_fsdp()
+        elif engine == "none" and max(self.dense_size, self.expert_size) > 1:
+            raise ValueError("parallel.dp_engine=none needs dp*cp == edp == 1")
+        # Each parameter's replication factor: how many ranks hold an identical copy of
+        # its (local) gradient after reduction. The global norm counts each copy once.
+        self._replicas = {}
+        for p in self.dense_params:
+            self._replicas[p] = 1 if isinstance(p, DTensor) else self._dense_replicas()
+        for p in self.expert_params:
+            self._replicas[p] = 1 if isinstance(p, DTensor) else self.expert_size
+
+    def _dense_replicas(self) -> int:
+        # Dense parameters are identical on dp*cp ranks (and on tp ranks once TP arrives).
+        return self.dense_size
+
+    # ------------------------------------------------------------------ FSDP2
+    def _apply_fsdp(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        from models.moe import MoELayer
+
+        model, dims = self.model, self.dims
+        expert_params = set(self.expert_params)
+        managed = []
+        ignored: set[nn.Parameter] = set()
+        for layer in model.modules():
+            if isinstance(layer, MoELayer):
+                if self.expert_size > 1:
+                    managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp")))
+                else:
+                    ignored.update(layer.experts.parameters())
+        if self.dense_size > 1:
+            for block in model.layers.values():
+                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
+                                           ignored_params=ignored or None))
+            managed.append(fully_shard(model, mesh=dims.mesh("dp_cp"),
+                                       ignored_params=ignored or None))
+        else:
+            # dense side replicated on one rank: nothing to shard, experts handled above
+            pass
+        for m in managed:
+            m.set_gradient_divide_factor(1.0)  # sum, see module docstring
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        # parameters were replaced by DTensors: refresh the lists
+        named = list(model.named_parameters())
+        self.expert_params = [p for n, p in named if is_expert_param(n)]
+        self.dense_params = [p for n, p in named if not is_expert_param(n)]
+        assert not (set(self.expert_params) & expert_params and self.expert_size > 1), (
+            "expert parameters were not sharded by FSDP"
+        )
+
+    # -------------------------------------------------------------- reduction
+    def reduce_gradients(self) -> None:
+        """Sum gradients over their groups (``ddp``; FSDP has done it in backward).
+        Experts left out of FSDP (edp == 1) need nothing."""
+        if self.engine == "fsdp":
+            return
+        if self.dense_size > 1:
+            _allreduce_sum([p for p in self.dense_params if p.grad is not None],
+                           self.dims.group("dp_cp"))
+        if self.expert_size > 1:
+            _allreduce_sum([p for p in self.expert_params if p.grad is not None],
+                           self.dims.group("edp"))
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm over every parameter, each shard counted exactly once across all
+        ranks (the DeepSpeed #8475 / Megatron #5916 bug class), then clip in place."""
+        params = [p for p in self._replicas if p.grad is not None]
+        device = params[0].grad.device if params else torch.device("cpu")
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for replicas in sorted(set(self._replicas.values())):
+            grads = [_local(p.grad) for p in params if self._replicas[p] == replicas]
+            if grads:
+                norms = torch._foreach_norm(grads, 2.0)
+                total += torch.stack([n.float() for n in norms]).pow(2).sum() / replicas
+        if dist.is_initialized() and self.dims.world_size > 1:
+            dist.all_reduce(total)
+        norm = total.sqrt()
+        if max_norm > 0 and max_norm != float("inf"):
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([_local(p.grad) for p in params], coef)
+        return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _allreduce_sum(params: list[nn.Parameter], group) -> None:
+    bucket: list[torch.Tensor] = []
+    numel = 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p.grad)
+            numel += p.grad.numel()
+        if bucket and (p is None or numel >= _BUCKET_NUMEL):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            for g, r in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                g.copy_(r)
+            bucket, numel = [], 0
