@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from parallel.dims import ParallelDims
 
@@ -74,7 +74,10 @@ class DataParallel:
         for layer in model.modules():
             if isinstance(layer, MoELayer):
                 if self.expert_size > 1:
-                    managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp")))
+                    # dim 0 is already split over ep: FSDP splits dim 1, so the pair is a
+                    # plain 2-D sharding that DCP can reshard (parallel/state_dict.py)
+                    managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp"),
+                                               shard_placement_fn=lambda p: Shard(1)))
                 else:
                     ignored.update(layer.experts.parameters())
         if self.dense_size > 1:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from parallel.dims import ParallelDims
+from parallel.state_dict import expert_tensors_to_global, expert_tensors_to_local
 from trainer.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -130,10 +133,14 @@ def _app_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_state: TrainState,
+    dims: Optional[ParallelDims],
 ) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=False)
     )
+    if dims is not None:  # expert-parallel slices -> global tensors, so DCP can reshard
+        model_sd = expert_tensors_to_global(model_sd, dims)
+        optim_sd = expert_tensors_to_global(optim_sd, dims)
     return {
         "model": model_sd,
         "optim": optim_sd,
@@ -151,6 +158,7 @@ def save(
     train_state: TrainState,
     meta: dict[str, Any],
     keep_last: int = 0,
+    dims: Optional[ParallelDims] = None,
 ) -> Path:
     """Write ``step_<N>`` atomically; returns its path. Collective over all ranks."""
     root = Path(ckpt_dir)
@@ -166,7 +174,7 @@ def save(
         tmp.mkdir()
     _barrier()
     dcp.save(
-        _app_state(model, optimizer, scheduler, train_state),
+        _app_state(model, optimizer, scheduler, train_state, dims),
         checkpoint_id=str(tmp),
         no_dist=not dist.is_initialized(),
     )
@@ -209,6 +217,7 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     expected_model: dict[str, Any],
+    dims: Optional[ParallelDims] = None,
 ) -> TrainState:
     """Load a complete checkpoint into the live objects (resharding if the layout changed)."""
     path = Path(path)
@@ -227,11 +236,24 @@ def load(
     if diffs:
         raise CheckpointError(f"{path} was written for a different model ({'; '.join(diffs)})")
     train_state = TrainState()
-    state = _app_state(model, optimizer, scheduler, train_state)
+    state = _app_state(model, optimizer, scheduler, train_state, dims)
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as e:  # DCP raises a variety of types for missing/corrupt shards
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except CheckpointException as e:  # derives from BaseException; str() holds tracebacks
+        inner = next(iter(e.failures.values()), None)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        raise CheckpointError(
+            f"could not read checkpoint {path}: a shard is missing or corrupt "
+            f"({type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''})"
+        ) from None
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"could not read checkpoint {path}: {type(e).__name__}: {first}"
+        ) from None
+    if dims is not None:
+        state["model"] = expert_tensors_to_local(state["model"], dims)
+        state["optim"] = expert_tensors_to_local(state["optim"], dims)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     scheduler.load_state_dict(state["scheduler"])

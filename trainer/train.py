@@ -124,6 +124,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 expected_model=OmegaConf.to_container(cfg.model, resolve=True),
+                dims=self.dims,
             )
 
         self.flops_per_token = training_flops_per_token(model_cfg, t.seq_len)
@@ -276,6 +277,7 @@ class Trainer:
                 "world_size": self.world_size,
             },
             keep_last=self.cfg.checkpoint.keep_last,
+            dims=self.dims,
         )
         self.logger.info(f"saved checkpoint {path}")
 
