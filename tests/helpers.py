@@ -38,21 +38,13 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 def run_cli(
     overrides: list[str], *, cache_dir: Path, nproc: int = 1, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run `python -m trainer.train` (or torchrun with nproc>1); returns the finished process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOEFOLD_CACHE=str(cache_dir), WANDB_SILENT="true")
+    """Run `python -m trainer.train` (launch/torchrun.sh for nproc>1); returns the process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEFOLD_CACHE=str(cache_dir),
+               WANDB_SILENT="true", PYTHON=sys.executable)
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer.train", *overrides]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "trainer.train",
-            *overrides,
-        ]
+    else:  # through the user-facing wrapper, so it is exercised too
+        cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(nproc), *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

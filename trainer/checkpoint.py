@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +43,9 @@ from torch.distributed.checkpoint.state_dict import (
 from parallel.dims import ParallelDims
 from parallel.state_dict import expert_tensors_to_global, expert_tensors_to_local
 from trainer.errors import CheckpointError
+
+# DCP warns on every single-process save/load; no_dist=True is what we mean there.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")

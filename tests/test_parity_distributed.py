@@ -1,0 +1,88 @@
+"""The central promise: same seed and global batch => same losses and parameters,
+whatever the layout. N gloo processes (torchrun) against one process, through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.helpers import FAST, read_metrics, run_cli
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 5
+COMMON = [
+    *FAST,
+    "trainer.micro_batch_size=1",
+    "trainer.global_batch_size=8",
+    f"trainer.max_steps={STEPS}",
+    "optim.lr=3e-3",
+    "model.moe.aux_loss_coeff=0.01",
+    "model.moe.seq_aux_loss_coeff=0.001",
+    "model.moe.z_loss_coeff=0.001",
+    "checkpoint.keep_last=1",
+]
+MODES = {
+    "dropless": ["model.moe.expert_bias=true"],
+    "capacity": ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=probs"],
+}
+# (name, processes, mode, extra overrides)
+LAYOUTS = [
+    ("dp2_fsdp", 2, "dropless", ["parallel.dp_engine=fsdp"]),
+    ("dp2_ddp", 2, "dropless", ["parallel.dp_engine=ddp"]),
+    ("ep2", 2, "dropless", ["parallel.ep=2"]),
+    ("ep2_allgather", 2, "dropless", ["parallel.ep=2", "parallel.dispatcher=allgather"]),
+    ("dp2xep2_folded", 4, "dropless", ["parallel.ep=2"]),
+    ("ep4", 4, "dropless", ["parallel.ep=4"]),
+    ("ep2_capacity", 2, "capacity", ["parallel.ep=2"]),
+    ("dp2xep2_capacity_ddp", 4, "capacity", ["parallel.ep=2", "parallel.dp_engine=ddp"]),
+]
+LOSS_RTOL = 1e-5
+PARAM_ATOL, PARAM_RTOL = 5e-6, 1e-4
+
+
+def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
+    src = run_dir / "checkpoints" / f"step_{STEPS:07d}"
+    out = run_dir / "final.pt"
+    dcp_to_torch_save(src, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+def _train(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> None:
+    proc = run_cli([*COMMON, f"run_dir={run_dir}", *overrides], cache_dir=cache, nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, moefold_cache):
+    refs = {}
+    for mode, extra in MODES.items():
+        run_dir = tmp_path_factory.mktemp(f"ref_{mode}")
+        _train(run_dir, 1, extra, moefold_cache)
+        refs[mode] = (read_metrics(run_dir), _final_model(run_dir))
+    return refs
+
+
+@pytest.mark.parametrize("name, nproc, mode, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_layout_matches_single_process(name, nproc, mode, extra, references, tmp_path,
+                                       moefold_cache):
+    _train(tmp_path, nproc, [*MODES[mode], *extra], moefold_cache)
+    ref_metrics, ref_model = references[mode]
+    got = read_metrics(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
+                name, step, key)
+    if mode == "capacity":
+        assert got[STEPS]["dropped_frac"] == pytest.approx(ref_metrics[STEPS]["dropped_frac"])
+        assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
+    model = _final_model(tmp_path)
+    assert set(model) == set(ref_model)
+    for key, ref in ref_model.items():
+        assert model[key].shape == ref.shape, key
+        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
+                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
