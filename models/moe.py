@@ -99,7 +99,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, c: LocalDispatchContext):
         ctx.c = c
         ctx.save_for_backward(y_ND, w_TK)
-        y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, -1)
+        y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, y_ND.shape[-1])
         return torch.einsum("tkd,tk->td", y_TKD, w_TK).to(c.dtype)
 
     @staticmethod
@@ -115,7 +115,7 @@ class _Combine(torch.autograd.Function):
                 g_y = g_y.masked_fill(~c.valid_N.unsqueeze(1), 0)
             g_y = g_y.to(y_ND.dtype)
         if ctx.needs_input_grad[1]:
-            y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, -1)
+            y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, y_ND.shape[-1])
             g_w = torch.einsum("tkd,td->tk", y_TKD, g)
         return g_y, g_w, None
 

@@ -9,8 +9,8 @@ already holds every EP rank's tokens, delivered by the dispatcher's backward).
 Engines:
 
 - ``fsdp`` (default): FSDP2 ``fully_shard``. Each MoE layer's ``experts`` module is sharded
-  over ``edp`` (or left out of FSDP when ``edp == 1``), every transformer block and the
-  root over ``dp_cp``; reductions are sums (divide factor 1).
+  over ``edp`` (along dim 1; dim 0 is the EP split), every transformer block and the root
+  over ``dp_cp``; reductions are sums (divide factor 1).
 - ``ddp``: parameters replicated; after backward the gradients are flattened into buckets
   per reduction group and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``,
   because DDP reduces every parameter over one group and experts need a different one.
@@ -70,25 +70,18 @@ class DataParallel:
         model, dims = self.model, self.dims
         expert_params = set(self.expert_params)
         managed = []
-        ignored: set[nn.Parameter] = set()
         for layer in model.modules():
             if isinstance(layer, MoELayer):
-                if self.expert_size > 1:
-                    # dim 0 is already split over ep: FSDP splits dim 1, so the pair is a
-                    # plain 2-D sharding that DCP can reshard (parallel/state_dict.py)
-                    managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp"),
-                                               shard_placement_fn=lambda p: Shard(1)))
-                else:
-                    ignored.update(layer.experts.parameters())
+                # dim 0 is already split over ep: FSDP splits dim 1, so the pair is a
+                # plain 2-D sharding that DCP can reshard (parallel/state_dict.py). Also
+                # with edp == 1, so that every parameter is a DTensor (one optimizer
+                # kernel path, one checkpoint path).
+                managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp"),
+                                           shard_placement_fn=lambda p: Shard(1)))
         if self.dense_size > 1:
             for block in model.layers.values():
-                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
-                                           ignored_params=ignored or None))
-            managed.append(fully_shard(model, mesh=dims.mesh("dp_cp"),
-                                       ignored_params=ignored or None))
-        else:
-            # dense side replicated on one rank: nothing to shard, experts handled above
-            pass
+                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp")))
+            managed.append(fully_shard(model, mesh=dims.mesh("dp_cp")))
         for m in managed:
             m.set_gradient_divide_factor(1.0)  # sum, see module docstring
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
@@ -96,14 +89,11 @@ class DataParallel:
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
-        assert not (set(self.expert_params) & expert_params and self.expert_size > 1), (
-            "expert parameters were not sharded by FSDP"
-        )
+        assert not set(self.expert_params) & expert_params, "experts were not sharded by FSDP"
 
     # -------------------------------------------------------------- reduction
     def reduce_gradients(self) -> None:
-        """Sum gradients over their groups (``ddp``; FSDP has done it in backward).
-        Experts left out of FSDP (edp == 1) need nothing."""
+        """Sum gradients over their groups (``ddp``; FSDP has done it in backward)."""
         if self.engine == "fsdp":
             return
         if self.dense_size > 1:

@@ -3,6 +3,8 @@ whatever the layout. N gloo processes (torchrun) against one process, through th
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,9 @@ LAYOUTS = [
     ("dp2xep2_capacity_ddp", 4, "capacity", ["parallel.ep=2", "parallel.dp_engine=ddp"]),
 ]
 LOSS_RTOL = 1e-5
-PARAM_ATOL, PARAM_RTOL = 5e-6, 1e-4
+# Adam turns float-rounding noise on near-zero gradients into update noise of up to ~lr
+# in a handful of elements; losses and grad norms above are held to 1e-5.
+PARAM_ATOL, PARAM_RTOL = 1e-4, 1e-4
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -54,6 +58,19 @@ def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
 def _train(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> None:
     proc = run_cli([*COMMON, f"run_dir={run_dir}", *overrides], cache_dir=cache, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _report(name, nproc, mode, ref_metrics, got, ref_model, model) -> None:
+    """Append the measured differences to $MOEFOLD_PARITY_REPORT (docs/parallelism.md)."""
+    path = os.environ.get("MOEFOLD_PARITY_REPORT")
+    if not path:
+        return
+    loss = max(abs(got[s]["loss"] - ref_metrics[s]["loss"]) / abs(ref_metrics[s]["loss"])
+               for s in got)
+    param = max((model[k] - ref_model[k]).abs().max().item() for k in ref_model)
+    with open(path, "a") as f:
+        f.write(json.dumps({"layout": name, "nproc": nproc, "mode": mode,
+                            "max_rel_loss_diff": loss, "max_abs_param_diff": param}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +99,7 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, tmp
         assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
     model = _final_model(tmp_path)
     assert set(model) == set(ref_model)
+    _report(name, nproc, mode, ref_metrics, got, ref_model, model)
     for key, ref in ref_model.items():
         assert model[key].shape == ref.shape, key
         torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,

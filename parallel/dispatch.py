@@ -1,0 +1,422 @@
+"""Expert-parallel token dispatchers: ``AllToAllDispatcher`` and ``AllGatherDispatcher``.
+
+Both fill the ``Dispatcher`` seam of models/moe.py for a layer whose experts are sharded
+over an EP group of P ranks (rank p owns global experts ``p*E_l .. p*E_l + E_l - 1``).
+
+All-to-all, one *unit* = one token row sent to one rank:
+
+1. Source: a stable argsort of the units by destination rank (ties: token, then slot).
+   ``dedup=True``: a token whose kept top-k experts include several on one rank sends one
+   unit there, carrying the local expert ids and the fp32 routing weights of all those
+   assignments (metadata, ``min(k, E_l)`` slots). ``dedup=False``: one unit per kept
+   assignment (metadata: its local expert id), as Megatron's alltoall dispatcher.
+   Dropped assignments are never sent.
+2. Counts: one ``all_to_all_single`` of a [P, 1 + E_l] int tensor (units and assignments
+   per local expert, for each destination). Then the only host sync of the layer: one
+   ``.tolist()`` of the splits, placed after every size-independent device op (argsorts,
+   index maps) so the GPU has work queued while the host waits. ``combine`` reuses the
+   splits and is sync-free. With ``pad_to_capacity`` there is no count exchange and no sync.
+3. Token rows and metadata: ``all_to_all_single`` with uneven splits, inside an autograd
+   Function whose backward is the reverse all-to-all.
+4. Destination: the received (unit, slot) assignments are stably sorted by (local expert,
+   source rank), i.e. the chunks [source, expert] become [expert, source], and fanned out
+   into rows grouped by local expert.
+5. ``combine`` is the exact reverse. dedup: each destination sums ``w * y`` over a unit's
+   slots in fp32 and returns one row per unit (in y's dtype); the source sums its units.
+   plain: destinations return the expert rows unweighted and the source computes
+   ``sum_k w * y`` in fp32 exactly as ``LocalDispatcher`` (same einsum, same order).
+
+Padding (``pad_to_capacity``; capacity C comes from the router on the *local* tokens, so
+every EP rank must hold the same number of tokens T): shapes are static. Expert rows are
+[E_l, P, C]: each local expert gets exactly ``P * C`` rows, a block of C per source rank
+(Megatron's drop-and-pad layout); the wire carries exactly U units per rank pair, U =
+``E_l * C`` (plain) or ``min(T, E_l * C)`` (dedup); unused rows are zeros.
+
+Gathers and sums go through ``SlotMap``: every gather has a hand-written backward that sums
+a source's slots in a fixed order in fp32 (no atomics, no index_add), so gradients are
+deterministic on every device, like ``LocalDispatcher``.
+
+``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks in
+the last dispatch + combine; rows a rank sends to itself are not counted, padding rows are.
+``meta_bytes_sent``: the metadata of the same units (not the [P, 1 + E_l] counts). The
+backward pass moves the same amounts again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from models.moe import Dispatcher
+from models.router import Routing
+
+__all__ = [
+    "AllGatherContext",
+    "AllGatherDispatcher",
+    "AllToAllContext",
+    "AllToAllDispatcher",
+    "SlotMap",
+    "make_dispatcher",
+]
+
+
+# ---------------------------------------------------------------- collectives with autograd
+def _all_to_all(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    n = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((n, *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.args = (in_splits, out_splits, group)
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g, *ctx.args), None, None, None
+
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn).
+_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    _GATHER(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+    _SCATTER(out, x.contiguous(), group=group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.group), None
+
+
+# ---------------------------------------------------------------- deterministic gathers
+@dataclass
+class SlotMap:
+    """M sources with S slots each <-> R rows. Slot (m, s) feeds row ``row_MS[m, s]`` (-1:
+    none); a row is fed by at most one slot; rows fed by none are padding (zeros)."""
+
+    row_MS: torch.Tensor
+    slot_R: torch.Tensor  # flat slot m*S + s feeding each row (0 for padding)
+    valid_R: Optional[torch.Tensor]  # None = every row is fed
+
+    @classmethod
+    def build(cls, row_MS: torch.Tensor, num_rows: int, dense: bool) -> SlotMap:
+        flat = row_MS.flatten()
+        dev = flat.device
+        tgt = torch.where(flat >= 0, flat, num_rows)  # unused slots write a trash row
+        slot = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
+        slot.index_put_((tgt,), torch.arange(flat.numel(), device=dev))
+        valid = None
+        if not dense:
+            valid = torch.zeros(num_rows + 1, dtype=torch.bool, device=dev)
+            valid = valid.index_put_((tgt,), torch.ones_like(tgt, dtype=torch.bool))[:num_rows]
+        return cls(row_MS, slot[:num_rows], valid)
+
+
+def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    x_R = x_M[m.slot_R // m.row_MS.shape[1]]
+    if m.valid_R is not None:
+        x_R = x_R.masked_fill(~m.valid_R.unsqueeze(1), 0)
+    return x_R
+
+
+def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    R = t_R.shape[0]
+    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
+    return pad[torch.where(m.row_MS >= 0, m.row_MS, R)]
+
+
+class _Gather(torch.autograd.Function):
+    """x_R = x_M[source of each row]; backward sums a source's slots in fp32, slot order."""
+
+    @staticmethod
+    def forward(ctx, x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
+        ctx.m = m
+        return _fan_out(x_M, m)
+
+    @staticmethod
+    def backward(ctx, g_R: torch.Tensor):
+        return _slots(g_R, ctx.m).float().sum(1).to(g_R.dtype), None
+
+
+class _Reduce(torch.autograd.Function):
+    """out_M = sum_s w_MS * y_R[row of slot (m, s)] in fp32 (w None: 1), cast to dtype."""
+
+    @staticmethod
+    def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
+        ctx.m = m
+        ctx.save_for_backward(y_R, w_MS)
+        y = _slots(y_R, m).float()
+        out = y.sum(1) if w_MS is None else torch.einsum("msd,ms->md", y, w_MS)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g_M):
+        y_R, w_MS = ctx.saved_tensors
+        m, g = ctx.m, g_M.float()
+        g_y = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_y = _fan_out(g, m)
+            if w_MS is not None:
+                g_y = g_y * w_MS.flatten()[m.slot_R].unsqueeze(1)
+            g_y = g_y.to(y_R.dtype)
+        if w_MS is not None and ctx.needs_input_grad[1]:
+            g_w = torch.einsum("msd,md->ms", _slots(y_R, m).float(), g)
+        return g_y, g_w, None, None
+
+
+def _expert_rows(
+    lid_US: torch.Tensor, src_U: torch.Tensor, ep: int, n_local: int, capacity, num_rows: int
+) -> SlotMap:
+    """Map received (unit, slot) assignments (local expert id, -1 = none) to expert-major
+    rows ordered [local expert, source rank, arrival]; with ``capacity`` C, rows are the
+    static [E_l, P, C] layout."""
+    valid = lid_US >= 0
+    key = torch.where(valid, lid_US * ep + src_U.unsqueeze(1), n_local * ep).flatten()
+    order = torch.argsort(key, stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    row = pos
+    if capacity is not None:
+        counts = torch.bincount(key, minlength=n_local * ep + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        row = key * capacity + (pos - starts[key]).clamp(max=capacity - 1)
+    row_US = torch.where(valid, row.view_as(lid_US), -1)
+    return SlotMap.build(row_US, num_rows, dense=capacity is None)
+
+
+def _check(routing: Routing, num_experts: int, ep: int) -> None:
+    if routing.num_experts != num_experts:
+        raise ValueError(f"routing has {routing.num_experts} experts, dispatcher {num_experts}")
+    if routing.pad_to_capacity and routing.capacity is None:
+        raise ValueError("pad_to_capacity needs routing.capacity")
+
+
+# ---------------------------------------------------------------- all-to-all
+@dataclass
+class AllToAllContext:
+    src_map: SlotMap  # [T, k] slots -> sent unit rows
+    dst_map: SlotMap  # received [units, S] slots -> expert rows
+    send_splits: Optional[list[int]]  # None = equal (padded) splits
+    recv_splits: Optional[list[int]]
+    weights: torch.Tensor  # dedup: received w_US; plain: the source's weights_TK
+    dtype: torch.dtype
+    off_send: int  # units sent to / received from other ranks
+    off_recv: int
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Uneven all-to-all over ``ep_group`` (see the module docstring)."""
+
+    def __init__(self, ep_group, num_experts: int, dedup: bool = True):
+        self.group, self.num_experts, self.dedup = ep_group, num_experts, dedup
+        self.ep = dist.get_world_size(ep_group)
+        self.rank = dist.get_rank(ep_group)
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by EP size {self.ep}")
+        self.n_local = num_experts // self.ep
+        self.meta_bytes_sent = 0
+
+    def _plan(self, routing: Routing):
+        """Per source slot: its destination, the unit row carrying it, its index in the unit."""
+        idx, P = routing.expert_idx_TK, self.ep
+        T, k = idx.shape
+        kept = routing.kept_TK
+        if kept is None:
+            kept = torch.ones_like(idx, dtype=torch.bool)
+        dest = idx // self.n_local
+        j = torch.arange(k, device=idx.device)
+        if self.dedup:  # same[t, j, j']: slot j' is kept and goes where slot j goes
+            same = (dest.unsqueeze(2) == dest.unsqueeze(1)) & kept.unsqueeze(1)
+            first = same.to(torch.int32).argmax(-1)  # the unit's slot (first kept, same rank)
+            is_unit = kept & (first == j)
+            member = (same & (j.view(1, 1, k) < j.view(1, k, 1))).sum(-1)
+        else:
+            first, is_unit, member = j.expand(T, k), kept, torch.zeros_like(idx)
+        key = torch.where(is_unit, dest, P).flatten()
+        order = torch.argsort(key, stable=True)  # units by (destination, token, slot)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(T * k, device=idx.device)
+        counts = torch.bincount(key, minlength=P + 1)[:P]
+        return kept, dest, first, is_unit, member, pos.view(T, k), counts
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        _check(routing, self.num_experts, self.ep)
+        P, El, E = self.ep, self.n_local, self.num_experts
+        idx = routing.expert_idx_TK
+        T, k = idx.shape
+        dev = idx.device
+        S = min(k, El) if self.dedup else 1
+        kept, dest, first, is_unit, member, pos, counts = self._plan(routing)
+        pad, C = routing.pad_to_capacity, routing.capacity
+        if pad:
+            U = El * C if not self.dedup else min(T, El * C)
+            starts = torch.cumsum(counts, 0) - counts
+            pos = dest * U + (pos - starts[dest]).clamp(max=U - 1)
+        row_TK = torch.where(is_unit, pos, -1)  # the sent row of every unit slot
+        unit_row_TK = row_TK.gather(1, first)  # the row carrying every kept slot
+        if pad:
+            send_splits = recv_splits = None
+            n_send, n_recv, n_rows = P * U, P * U, El * P * C
+            tokens_per_expert = torch.full((El,), P * C, dtype=torch.long, device=dev)
+            off_send = off_recv = (P - 1) * U
+        else:
+            per_expert = torch.bincount(torch.where(kept, idx, E).flatten(), minlength=E + 1)
+            send_c = torch.cat([counts.unsqueeze(1), per_expert[:E].view(P, El)], 1)
+            recv_c = _all_to_all(send_c, None, None, self.group)  # row p: from source p
+            tokens_per_expert = recv_c[:, 1:].sum(0)
+            # The one device->host sync: everything above is already queued.
+            host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1)])
+            host = host.tolist()
+            send_splits, recv_splits, n_rows = host[:P], host[P : 2 * P], host[-1]
+            n_send, n_recv = sum(send_splits), sum(recv_splits)
+            off_send = n_send - send_splits[self.rank]
+            off_recv = n_recv - recv_splits[self.rank]
+        src_map = SlotMap.build(row_TK, n_send, dense=not pad)
+
+        # Metadata cell (unit row, member) of every kept slot; others write a trash cell.
+        cell = torch.where(kept, unit_row_TK * S + member, n_send * S).flatten()
+        lid = (idx - dest * El).flatten().float()  # exact: ids < 2**24
+        meta = torch.full((n_send * S + 1,), -1.0, device=dev).index_put((cell,), lid)
+        meta = meta[:-1].view(n_send, S)
+        if self.dedup:
+            w = torch.zeros(n_send * S + 1, device=dev, dtype=torch.float32)
+            w = w.index_put((cell,), routing.weights_TK.flatten().float())[:-1]
+            meta = torch.cat([meta, w.view(n_send, S)], 1)
+
+        x_send = _Gather.apply(x_TD, src_map)
+        x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
+        meta_recv = _AllToAll.apply(meta, recv_splits, send_splits, self.group)
+
+        if pad:
+            src_U = torch.arange(n_recv, device=dev) // U
+        else:
+            src_U = torch.arange(P, device=dev).repeat_interleave(recv_c[:, 0], output_size=n_recv)
+        lid_US = meta_recv[:, :S].long()
+        dst_map = _expert_rows(lid_US, src_U, P, El, C if pad else None, n_rows)
+        x_ND = _Gather.apply(x_recv, dst_map)
+
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        self.bytes_sent, self.bytes_received = off_send * row_bytes, off_recv * row_bytes
+        self.meta_bytes_sent = off_send * meta.shape[1] * meta.element_size()
+        weights = meta_recv[:, S:] if self.dedup else routing.weights_TK
+        ctx = AllToAllContext(
+            src_map, dst_map, send_splits, recv_splits, weights, x_TD.dtype, off_send, off_recv
+        )
+        return x_ND, tokens_per_expert, ctx
+
+    def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
+        w_dst = ctx.weights if self.dedup else None
+        part = _Reduce.apply(y_ND, w_dst, ctx.dst_map, y_ND.dtype)
+        back = _AllToAll.apply(part, ctx.send_splits, ctx.recv_splits, self.group)
+        row_bytes = y_ND.shape[1] * y_ND.element_size()
+        self.bytes_sent += ctx.off_recv * row_bytes
+        self.bytes_received += ctx.off_send * row_bytes
+        w_src = None if self.dedup else ctx.weights
+        return _Reduce.apply(back, w_src, ctx.src_map, ctx.dtype)
+
+
+# ---------------------------------------------------------------- all-gather
+@dataclass
+class AllGatherContext:
+    dst_map: SlotMap
+    weights_UK: torch.Tensor  # all ranks' routing weights
+    dtype: torch.dtype
+
+
+class AllGatherDispatcher(Dispatcher):
+    """All-gather tokens and routing over ``ep_group``; each rank runs its local experts on
+    every gathered token and a reduce-scatter returns each rank's weighted sums. Every EP
+    rank must hold the same number of tokens. Bytes are the algorithm's logical traffic:
+    (P - 1) * T rows sent and received by each of the two collectives. Needs one host sync
+    (the number of local assignments) unless ``pad_to_capacity``."""
+
+    def __init__(self, ep_group, num_experts: int):
+        self.group, self.num_experts = ep_group, num_experts
+        self.ep = dist.get_world_size(ep_group)
+        self.rank = dist.get_rank(ep_group)
+        if num_experts % self.ep:
+            raise ValueError(f"num_experts={num_experts} is not divisible by EP size {self.ep}")
+        self.n_local = num_experts // self.ep
+        self.meta_bytes_sent = 0
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        _check(routing, self.num_experts, self.ep)
+        P, El = self.ep, self.n_local
+        idx = routing.expert_idx_TK
+        T, k = idx.shape
+        dev = idx.device
+        gid = idx if routing.kept_TK is None else torch.where(routing.kept_TK, idx, -1)
+        meta = torch.cat([gid.float(), routing.weights_TK.float()], 1)
+        x_all = _AllGather.apply(x_TD, self.group)
+        meta_all = _AllGather.apply(meta, self.group)
+        gid_all = meta_all[:, :k].long()
+        lid = gid_all - self.rank * El
+        lid = torch.where((gid_all >= 0) & (lid >= 0) & (lid < El), lid, -1)
+        src_U = torch.arange(P * T, device=dev) // T
+        if routing.pad_to_capacity:
+            C = routing.capacity
+            n_rows, tokens_per_expert = El * P * C, torch.full((El,), P * C, device=dev)
+        else:
+            C = None
+            tokens_per_expert = torch.bincount(
+                torch.where(lid >= 0, lid, El).flatten(), minlength=El + 1
+            )[:El]
+            n_rows = int(tokens_per_expert.sum())  # host sync
+        dst_map = _expert_rows(lid, src_U, P, El, C, n_rows)
+        x_ND = _Gather.apply(x_all, dst_map)
+        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        self.bytes_sent = self.bytes_received = (P - 1) * T * row_bytes
+        self.meta_bytes_sent = (P - 1) * meta.numel() * meta.element_size()
+        return x_ND, tokens_per_expert, AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype)
+
+    def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:
+        part = _Reduce.apply(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)
+        out = _ReduceScatter.apply(part, self.group)
+        T = out.shape[0]
+        row_bytes = y_ND.shape[1] * y_ND.element_size()
+        self.bytes_sent += (self.ep - 1) * T * row_bytes
+        self.bytes_received += (self.ep - 1) * T * row_bytes
+        return out.to(ctx.dtype)
+
+
+def make_dispatcher(kind: str, ep_group, num_experts: int, dedup: bool = True) -> Dispatcher:
+    """``kind``: alltoall | allgather."""
+    if kind == "alltoall":
+        return AllToAllDispatcher(ep_group, num_experts, dedup=dedup)
+    if kind == "allgather":
+        return AllGatherDispatcher(ep_group, num_experts)
+    raise ValueError(f"dispatcher={kind!r} is not one of 'alltoall', 'allgather'")
