@@ -180,10 +180,12 @@ class Trainer:
         # its gradient) does not depend on how the batch is split into micro-batches/ranks.
         num_tokens = self._sum_over_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum())
         lm_sum = torch.zeros((), device=self.device)
+        sent = 0  # activation bytes this rank's dispatchers sent (host ints, no sync)
         for mb in mbs:
             loss_sum = self._forward_loss_sum(mb)
             (loss_sum / num_tokens).backward()
             lm_sum += loss_sum.detach()
+            sent += sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
         lm_sum = self._sum_over_dp(lm_sum)
         lr = self.scheduler.get_last_lr()[0]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -203,6 +205,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": num_tokens,
+            "dispatch_mb_sent": sent / 2**20,
             **moe,
         }
         return metrics
