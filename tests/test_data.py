@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from scripts.preprocess_data import main as preprocess_main
+from trainer import corpus as C
 from trainer import data as D
 from trainer.config import DataConfig
 from trainer.errors import ConfigError, DataError
@@ -98,8 +99,8 @@ def test_builtin_corpus_is_cached(builtin, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("rebuilt although cached")
 
-    monkeypatch.setattr(D, "train_tokenizer", boom)
-    monkeypatch.setattr(D, "write_indexed_dataset", boom)
+    monkeypatch.setattr(C, "train_tokenizer", boom)
+    monkeypatch.setattr(C, "write_indexed_dataset", boom)
     assert D.prepare_builtin_corpus(builtin["cache"], 2048) == (builtin["prefix"], builtin["model"])
     assert {p: p.stat().st_mtime_ns for p in files} == before
     # No temp dirs left behind by the first build.
@@ -123,9 +124,9 @@ def test_stdlib_docstring_extraction():
         b'"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n'
         b'        """Method doc."""\n        return "not a doc"\nasync def g():\n    pass\n'
     )
-    assert D._module_docstrings(src) == "Module doc.\n\nClass doc.\n\nMethod doc."
-    assert D._module_docstrings(b"def broken(:") == ""
-    files = dict(D._stdlib_sources())
+    assert C._module_docstrings(src) == "Module doc.\n\nClass doc.\n\nMethod doc."
+    assert C._module_docstrings(b"def broken(:") == ""
+    files = dict(C._stdlib_sources())
     assert "os.py" in files and os.path.join("json", "decoder.py") in files
     assert not [r for r in files if "site-packages" in r or r.startswith("test")]
 
@@ -139,14 +140,14 @@ def test_publish_race_loser_discards_its_copy(tmp_path):
     tmp.mkdir()
     (tmp / "meta.json").write_text("{}")
     (tmp / "data").write_text("loser")
-    D._publish_dir(str(tmp), str(final), "meta.json")
+    C._publish_dir(str(tmp), str(final), "meta.json")
     assert (final / "data").read_text() == "winner" and not tmp.exists()
     # An incomplete destination is reported, not silently replaced.
     (final / "meta.json").unlink()
     tmp.mkdir()
     (tmp / "meta.json").write_text("{}")
     with pytest.raises(DataError, match="incomplete"):
-        D._publish_dir(str(tmp), str(final), "meta.json")
+        C._publish_dir(str(tmp), str(final), "meta.json")
 
 
 # -- preprocessing CLI ----------------------------------------------------------------------

@@ -58,7 +58,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         # Imports that pull in heavy packages stay here so `--help`/validation is fast.
         from models import build_model
-        from models.flops import training_flops_per_token
+        from models.flops import param_counts, training_flops_per_token
         from models.moe import set_aux_loss_scale
         from trainer.data import build_data
         from trainer.optim import build_optimizer, build_scheduler
@@ -142,12 +142,15 @@ class Trainer:
             start_step=self.state.step,
             run_config=OmegaConf.to_container(cfg, resolve=True),
         )
-        n_params = sum(p.numel() for p in model.parameters())
+        total, active = param_counts(model_cfg)  # analytic: shards would undercount
         self.logger.info(
-            f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters, "
-            f"{len(self.moe_layers)} MoE layers; {self.flops_per_token / 1e6:.1f} MFLOP/token; "
-            f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {self.device}"
+            f"model {cfg.model.name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
+            f"active), {len(self.moe_layers)} MoE layers; "
+            f"{self.flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s "
+            f"({peak_src}); device {self.device}"
         )
+        if self.world_size > 1:
+            self.logger.info(self.dims.describe())
         if self.resume_from is not None:
             self.logger.info(
                 f"resumed from {self.resume_from} at step {self.state.step} "
