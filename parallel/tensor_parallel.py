@@ -1,0 +1,285 @@
+"""Tensor (TP) and sequence (SP) parallelism for ``models.transformer.Transformer``.
+
+PyTorch-native: DTensor ``parallelize_module`` plans, applied to the plain single-device
+model (torchtitan's separation of model and plan; no parallel layers inside ``models/``).
+
+Layout over the 1-D ``tp`` mesh (Megatron's TP, expressed as DTensor placements):
+
+- ``tok_embeddings``: vocabulary-parallel (``RowwiseParallel`` on an ``nn.Embedding`` shards
+  the vocab, weight ``Shard(0)``); its partial output is all-reduced (TP) or
+  reduce-scattered onto the sequence dim (SP).
+- attention: ``wq``/``wk``/``wv`` column-parallel (whole heads per rank, GQA kv heads split
+  too, so ``num_heads`` and ``num_kv_heads`` must be multiples of tp), ``wo`` row-parallel.
+  The attention core and RoPE run on the local heads over the full sequence; positions are
+  never sharded (``Attention`` infers the local head count from the weight, see
+  models/layers.py).
+- dense ``FeedForward`` and MoE ``shared_experts``: ``w1``/``w3`` column-, ``w2`` row-parallel.
+- ``output``: column-parallel with the logits kept sharded on the vocab dim (a ``Shard(-1)``
+  DTensor), so :func:`tp_cross_entropy_sum` runs under ``loss_parallel`` and no rank ever
+  materialises the full ``[tokens, vocab]`` logits. Tied embeddings use the same
+  vocab-sharded weight for the head (see :func:`_make_tied_head_input_replicated`).
+- Each TP region gathers its input once: a ``PrepareModuleInput`` turns the block input
+  into a ``Replicate`` DTensor, so the backward of q/k/v (or w1/w3) sums their partial input
+  gradients first and reduces once (all-reduce, or reduce-scatter under SP).
+
+``sequence_parallel=True`` (Megatron SP): between TP regions the residual stream is sharded
+on the sequence dim (dim 1); ``attention_norm``, ``ffn_norm`` and the final ``norm`` run
+under ``SequenceParallel`` on the local tokens; the all-reduce of each row-parallel output
+becomes a reduce-scatter and the entry of each TP region an all-gather.
+
+MoE layers, first version (the correctness baseline): the ``MoELayer`` is *not* tensor
+parallel. Under SP its input is all-gathered to the full sequence, the router and routed
+experts run replicated on every TP rank over the full token set (their weights stay plain
+tensors, identical on every TP rank, with identical gradients), and the output is cut back
+to the local sequence chunk (no communication; its backward all-gathers the gradient).
+Only the shared experts are TP-sharded like a dense MLP. Folding expert parallelism
+(EP/ETP) under TP — each TP rank routing only its own tokens — comes next.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
+
+from models.layers import Attention, FeedForward
+from models.moe import MoELayer
+
+__all__ = ["apply_tensor_parallel", "check_tensor_parallel", "tp_cross_entropy_sum"]
+
+
+def check_tensor_parallel(model: nn.Module, tp: int) -> None:
+    """Raise ``ValueError`` naming the values when ``model`` cannot be split over ``tp``
+    ranks (heads are never split, so both head counts must be multiples of tp)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        h, hkv = module.num_heads, module.num_kv_heads
+        if h % tp or hkv % tp:
+            valid = ", ".join(str(d) for d in range(1, hkv + 1) if hkv % d == 0 and h % d == 0)
+            raise ValueError(
+                f"tensor parallel size tp={tp} must divide model.num_heads={h} and "
+                f"model.num_kv_heads={hkv} ({name}: GQA kv heads are split across tp ranks, "
+                f"never replicated; valid tp: {valid})"
+            )
+
+
+def apply_tensor_parallel(
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    *,
+    sequence_parallel: bool,
+    src_data_rank: Optional[int] = 0,
+) -> nn.Module:
+    """Shard ``model`` (a ``Transformer``, or a pipeline stage of one) over the 1-D
+    ``tp_mesh`` in place and return it.
+
+    Forward input: full ``tokens [B, T]`` (and full ``position_ids``) on every TP rank;
+    ``T`` must be a multiple of tp under SP. Output: logits as a ``Shard(-1)`` DTensor
+    (vocab-sharded) when the stage has the head; hidden states otherwise (sequence-sharded
+    local tensor ``[B, T/tp, D]`` under SP, full replicated tensor without).
+
+    ``src_data_rank``: as in ``parallelize_module`` — weights are taken from that rank and
+    scattered (0, the safe default), or ``None``: every rank cuts its shard from its own
+    full copy (no communication; the copies must be identical, e.g. same seed). Meta
+    tensors move nothing either way. Call before FSDP (FSDP2 then shards over dp_cp on top).
+    """
+    if tp_mesh.ndim != 1:
+        raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
+    tp = tp_mesh.size()
+    check_tensor_parallel(model, tp)
+    sp = sequence_parallel
+    # The residual stream between TP regions: sequence-sharded local tensors (SP) or full
+    # tensors, identical on every TP rank (plain TP).
+    stream = Shard(1) if sp else Replicate()
+
+    def region_input() -> PrepareModuleInput:
+        # One Replicate DTensor feeds every column-parallel linear of the region.
+        return PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
+
+    plan: dict[str, object] = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if getattr(model, "norm", None) is not None and sp:
+        plan["norm"] = SequenceParallel()
+    if getattr(model, "output", None) is not None:
+        plan["output"] = ColwiseParallel(
+            input_layouts=stream, output_layouts=Shard(-1), use_local_output=False
+        )
+    if plan:
+        parallelize_module(model, tp_mesh, plan, src_data_rank=src_data_rank)
+    if sp and getattr(model, "tok_embeddings", None) is not None:
+        model.register_forward_pre_hook(partial(_check_seq_len, tp))
+    if (
+        getattr(model, "output", None) is None
+        and getattr(model, "tie_embeddings", False)
+        and getattr(model, "tok_embeddings", None) is not None
+        and getattr(model, "norm", None) is not None
+    ):
+        _make_tied_head_input_replicated(model.norm, tp_mesh)
+
+    for block in model.layers.values():
+        bplan: dict[str, object] = {
+            "attention": PrepareModuleInput(
+                input_layouts=(stream, None), desired_input_layouts=(Replicate(), None)
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+        }
+        if sp:
+            bplan["attention_norm"] = SequenceParallel()
+            bplan["ffn_norm"] = SequenceParallel()
+        ffn = block.ffn
+        if isinstance(ffn, FeedForward):
+            bplan["ffn"] = region_input()
+            bplan.update(_mlp_plan("ffn", output_layout=stream))
+        elif isinstance(ffn, MoELayer):
+            if sp:
+                # Full sequence in as a plain tensor (the router and experts never see a
+                # DTensor); the replicated output is cut back to this rank's chunk.
+                bplan["ffn"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),),
+                    desired_input_layouts=(Replicate(),),
+                    use_local_input=True,
+                    output_layouts=(Replicate(),),
+                    desired_output_layouts=(Shard(1),),
+                    use_local_output=True,
+                )
+            if ffn.shared_experts is not None:
+                # Inside the MoE layer the tokens are full and plain ([B*T, D]).
+                bplan["ffn.shared_experts"] = PrepareModuleInput(
+                    input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)
+                )
+                bplan.update(_mlp_plan("ffn.shared_experts", output_layout=Replicate()))
+        else:
+            raise TypeError(f"apply_tensor_parallel: no TP plan for ffn {type(ffn).__name__}")
+        parallelize_module(block, tp_mesh, bplan, src_data_rank=src_data_rank)
+    _grads_like_params(model)
+    return model
+
+
+def _grads_like_params(model: nn.Module) -> None:
+    """Make every DTensor parameter's gradient arrive with the parameter's placements, so
+    that a rank's local gradient is exactly the true gradient of its local shard (what
+    the DP engines and the global grad norm read).
+
+    DTensor leaves two cases otherwise: SP norm weights (``Replicate``) get ``Partial``
+    gradients (each rank saw only its sequence chunk): redistributing all-reduces them
+    over TP, as Megatron does for SP layer norms (here once per backward, D floats each).
+    The vocab-parallel embedding's gradient comes back ``Replicate`` (the full [V, D]
+    gradient, transiently, on every rank): redistributing keeps the local rows, no
+    communication. FSDP2 replaces the parameters (and these hooks) and does the same
+    redistribution itself before reducing.
+    """
+    for p in model.parameters():
+        if isinstance(p, DTensor) and p.requires_grad:
+            placements = p.placements
+
+            def hook(grad: torch.Tensor, placements=placements) -> torch.Tensor:
+                if isinstance(grad, DTensor) and grad.placements != placements:
+                    return grad.redistribute(placements=placements)
+                return grad
+
+            p.register_hook(hook)
+
+
+def _check_seq_len(tp: int, module: nn.Module, args) -> None:
+    T = args[0].shape[1]
+    if T % tp:
+        raise ValueError(
+            f"sequence parallelism needs the sequence length to be a multiple of tp: "
+            f"got seq_len={T} with tp={tp}"
+        )
+
+
+def _mlp_plan(prefix: str, output_layout) -> dict[str, object]:
+    return {
+        f"{prefix}.w1": ColwiseParallel(),
+        f"{prefix}.w3": ColwiseParallel(),
+        f"{prefix}.w2": RowwiseParallel(output_layouts=output_layout),
+    }
+
+
+def _make_tied_head_input_replicated(norm: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Tied embeddings: ``Transformer.forward`` computes ``F.linear(h, tok_embeddings.weight)``
+    with the vocab-sharded (``Shard(0)``) weight. Handing it ``h`` as a full ``Replicate``
+    DTensor makes DTensor pick the column-parallel matmul: logits come out ``Shard(-1)``
+    and the weight's gradient stays ``Shard(0)``, summed with the embedding's own."""
+
+    def hook(module: nn.Module, args, out: torch.Tensor) -> DTensor:
+        if isinstance(out, DTensor):  # SP: sequence-sharded -> all-gather
+            return out.redistribute(placements=[Replicate()])
+        return DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)
+
+    norm.register_forward_hook(hook)
+
+
+class _VocabParallelCESum(torch.autograd.Function):
+    """Masked sum of per-token cross entropy over vocab-sharded logits.
+
+    Forward and backward both run under ``loss_parallel`` (its handlers replace log_softmax
+    and nll_loss for DTensors sharded on the class dim: max/sum-exp/target-logit
+    all-reduces over ``[tokens]`` vectors, never the full logits). Wrapping it in an
+    autograd Function lets the caller run ``backward()`` anywhere, outside the context —
+    ``loss_parallel`` alone requires the backward to happen inside it too.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: DTensor, labels: torch.Tensor, mask: torch.Tensor):
+        leaf = logits.detach().requires_grad_(logits.requires_grad)
+        with torch.enable_grad(), loss_parallel():
+            x = leaf.float().flatten(0, -2)  # [N, V] fp32, still Shard(1)
+            ce = F.cross_entropy(x, labels.reshape(-1), reduction="none")
+            # Replicate over TP: every rank holds every token's loss.
+            total = (ce.to_local() * mask.reshape(-1).to(torch.float32)).sum()
+        ctx.leaf, ctx.total = leaf, total
+        return total.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        leaf, total = ctx.leaf, ctx.total
+        del ctx.leaf, ctx.total
+        if not leaf.requires_grad:
+            return None, None, None
+        with loss_parallel():
+            (g,) = torch.autograd.grad(total, leaf, grad)
+        return g, None, None
+
+
+def tp_cross_entropy_sum(
+    logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """``sum_t loss_mask[t] * CE(logits[t], labels[t])`` in fp32; the TP version of
+    ``trainer.train.lm_loss_sum``.
+
+    ``logits``: ``[..., V]`` DTensor sharded on the vocab dim (``Shard(-1)`` on a 1-D tp
+    mesh, what :func:`apply_tensor_parallel` returns); ``labels`` / ``loss_mask``: full
+    plain tensors ``[...]`` on every TP rank (a label's value is only read through the
+    mask, so masked positions may hold any id in range). Returns a plain scalar, equal on
+    every TP rank; its ``backward()`` works inside or outside ``loss_parallel``. A plain
+    (non-DTensor) ``logits`` falls back to the single-device formula.
+    """
+    if not isinstance(logits, DTensor):
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+        )
+        return (ce * loss_mask.reshape(-1)).sum()
+    if isinstance(labels, DTensor) or isinstance(loss_mask, DTensor):
+        raise TypeError("tp_cross_entropy_sum: labels and loss_mask must be plain tensors")
+    return _VocabParallelCESum.apply(logits, labels, loss_mask)
