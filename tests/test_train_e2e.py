@@ -173,3 +173,15 @@ def test_bad_checkpoints_are_named_and_untouched(tmp_path, reference_run, moefol
     )
     _one_error_line(proc, "already holds", "checkpoint.resume=auto")
     assert _tree_digest(reference_run / "checkpoints") == before
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path, reference_run, moefold_cache):
+    """The mixed-precision path (bf16 autocast, fp32 master weights, fp32 router and loss)
+    stays within bf16 rounding of the fp32 run; on GPUs this is the default precision."""
+    _ok(run_cli([*FAST, f"run_dir={tmp_path}", "trainer.max_steps=12", "trainer.precision=bf16",
+                 "checkpoint.save_final=false"], cache_dir=moefold_cache))
+    ref, got = read_metrics(reference_run), read_metrics(tmp_path)
+    for step in range(1, 13):
+        assert got[step]["lm_loss"] == pytest.approx(ref[step]["lm_loss"], rel=2e-2), step
+        assert got[step]["lm_loss"] != ref[step]["lm_loss"]  # really ran in bf16
+    assert got[12]["mfu"] < 1.0
