@@ -41,7 +41,10 @@ class DataParallel:
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str):
         self.model, self.dims, self.engine = model, dims, engine
         self.dense_size = dims.dp * dims.cp
-        self.expert_size = dims.edp
+        # Under TP (first version) every TP rank runs the routed experts on the full token
+        # set, so expert gradients are already complete per TP rank: sum over dp*cp only.
+        self.expert_group = "edp" if dims.tp == 1 else "dp_cp"
+        self.expert_size = dims.edp if dims.tp == 1 else self.dense_size
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
@@ -51,15 +54,18 @@ class DataParallel:
             raise ValueError("parallel.dp_engine=none needs dp*cp == edp == 1")
         # Each parameter's replication factor: how many ranks hold an identical copy of
         # its (local) gradient after reduction. The global norm counts each copy once.
-        self._replicas = {}
-        for p in self.dense_params:
-            self._replicas[p] = 1 if isinstance(p, DTensor) else self._dense_replicas()
-        for p in self.expert_params:
-            self._replicas[p] = 1 if isinstance(p, DTensor) else self.expert_size
+        self._replicas = {p: self._replication(n, p) for n, p in model.named_parameters()}
 
-    def _dense_replicas(self) -> int:
-        # Dense parameters are identical on dp*cp ranks (and on tp ranks once TP arrives).
-        return self.dense_size
+    def _replication(self, name: str, p: nn.Parameter) -> int:
+        """Ranks per distinct shard of ``p``: world / (number of distinct shards), where a
+        DTensor has one distinct shard per mesh coordinate along its Shard dims and routed
+        experts are additionally split ep ways (outside any DTensor mesh)."""
+        distinct = self.dims.ep if is_expert_param(name) else 1
+        if isinstance(p, DTensor):
+            for size, placement in zip(p.device_mesh.shape, p.placements):
+                if placement.is_shard():
+                    distinct *= size
+        return self.dims.world_size // self.dims.pp // distinct
 
     # ------------------------------------------------------------------ FSDP2
     def _apply_fsdp(self) -> None:
@@ -76,7 +82,7 @@ class DataParallel:
                 # plain 2-D sharding that DCP can reshard (parallel/state_dict.py). Also
                 # with edp == 1, so that every parameter is a DTensor (one optimizer
                 # kernel path, one checkpoint path).
-                managed.append(fully_shard(layer.experts, mesh=dims.mesh("edp"),
+                managed.append(fully_shard(layer.experts, mesh=dims.mesh(self.expert_group),
                                            shard_placement_fn=lambda p: Shard(1)))
         if self.dense_size > 1:
             for block in model.layers.values():
@@ -101,7 +107,7 @@ class DataParallel:
                            self.dims.group("dp_cp"))
         if self.expert_size > 1:
             _allreduce_sum([p for p in self.expert_params if p.grad is not None],
-                           self.dims.group("edp"))
+                           self.dims.group(self.expert_group))
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every parameter, each shard counted exactly once across all
@@ -132,7 +138,7 @@ def _allreduce_sum(params: list[nn.Parameter], group) -> None:
     numel = 0
     for p in params + [None]:
         if p is not None:
-            bucket.append(p.grad)
+            bucket.append(_local(p.grad))  # TP shards reduce as their local pieces
             numel += p.grad.numel()
         if bucket and (p is None or numel >= _BUCKET_NUMEL):
             flat = torch._utils._flatten_dense_tensors(bucket)

@@ -77,10 +77,23 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             4,
             "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
         ),
+        (["parallel.cp=2"], 2, "parallel.cp=2: context/pipeline parallelism"),
+        (
+            ["parallel.tp=4", "model.num_kv_heads=2"],
+            4,
+            "parallel.tp=4 does not divide model.num_kv_heads=2 (valid tp: 1, 2)",
+        ),
+        (["parallel.tp=2", "parallel.ep=2"], 4, "folding experts under tensor parallelism"),
         (
             ["parallel.tp=2"],
+            4,
+            "parallel.dp_engine=fsdp with parallel.tp=2 and data parallel size 2",
+        ),
+        (["parallel.sequence_parallel=true"], 2, "needs parallel.tp > 1"),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.seq_len=33"],
             2,
-            "parallel.tp=2: tensor/sequence/context/pipeline parallelism is not available",
+            "trainer.seq_len=33 must be a multiple of parallel.tp=2",
         ),
         (["parallel.dp_engine=none"], 2, "parallel.dp_engine=none with 2 ranks"),
         (

@@ -44,6 +44,15 @@ LAYOUTS = [
     ("ep4", 4, "dropless", ["parallel.ep=4"]),
     ("ep2_capacity", 2, "capacity", ["parallel.ep=2"]),
     ("dp2xep2_capacity_ddp", 4, "capacity", ["parallel.ep=2", "parallel.dp_engine=ddp"]),
+    ("tp2", 2, "dropless", ["parallel.tp=2"]),
+    ("tp2_sp", 2, "dropless", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    (
+        "tp2xdp2_sp_ddp",
+        4,
+        "dropless",
+        ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=ddp"],
+    ),
+    ("tp2_capacity", 2, "capacity", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
 ]
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
@@ -66,12 +75,23 @@ def _report(name, nproc, mode, ref_metrics, got, ref_model, model) -> None:
     path = os.environ.get("MOEFOLD_PARITY_REPORT")
     if not path:
         return
-    loss = max(abs(got[s]["loss"] - ref_metrics[s]["loss"]) / abs(ref_metrics[s]["loss"])
-               for s in got)
+    loss = max(
+        abs(got[s]["loss"] - ref_metrics[s]["loss"]) / abs(ref_metrics[s]["loss"]) for s in got
+    )
     param = max((model[k] - ref_model[k]).abs().max().item() for k in ref_model)
     with open(path, "a") as f:
-        f.write(json.dumps({"layout": name, "nproc": nproc, "mode": mode,
-                            "max_rel_loss_diff": loss, "max_abs_param_diff": param}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "layout": name,
+                    "nproc": nproc,
+                    "mode": mode,
+                    "max_rel_loss_diff": loss,
+                    "max_abs_param_diff": param,
+                }
+            )
+            + "\n"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +105,9 @@ def references(tmp_path_factory, moefold_cache):
 
 
 @pytest.mark.parametrize("name, nproc, mode, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(name, nproc, mode, extra, references, tmp_path,
-                                       moefold_cache):
+def test_layout_matches_single_process(
+    name, nproc, mode, extra, references, tmp_path, moefold_cache
+):
     _train(tmp_path, nproc, [*MODES[mode], *extra], moefold_cache)
     ref_metrics, ref_model = references[mode]
     got = read_metrics(tmp_path)
@@ -94,7 +115,10 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, tmp
     for step in range(1, STEPS + 1):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
             assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
-                name, step, key)
+                name,
+                step,
+                key,
+            )
     if mode == "capacity":
         assert got[STEPS]["dropped_frac"] == pytest.approx(ref_metrics[STEPS]["dropped_frac"])
         assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
@@ -103,5 +127,10 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, tmp
     _report(name, nproc, mode, ref_metrics, got, ref_model, model)
     for key, ref in ref_model.items():
         assert model[key].shape == ref.shape, key
-        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
-                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
+        torch.testing.assert_close(
+            model[key],
+            ref,
+            atol=PARAM_ATOL,
+            rtol=PARAM_RTOL,
+            msg=lambda m, k=key: f"{name}: {k}: {m}",
+        )

@@ -48,6 +48,7 @@ from trainer.errors import CheckpointError
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
 FORMAT_VERSION = 1
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable", "maximize")
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 META = "meta.json"
 
@@ -258,8 +259,13 @@ def load(
     if dims is not None:
         state["model"] = expert_tensors_to_local(state["model"], dims)
         state["optim"] = expert_tensors_to_local(state["optim"], dims)
+    # Implementation switches describe this process's layout (e.g. foreach is off when
+    # DTensors and plain tensors mix), not the run: keep the live ones.
+    impl = [{k: g[k] for k in _IMPL_KEYS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
+    for group, keep in zip(optimizer.param_groups, impl):
+        group.update(keep)
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.is_file():

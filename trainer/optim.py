@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
 
@@ -32,10 +33,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    # foreach=True keeps the update to a few fused kernels on GPU and is bit-identical
-    # to the per-parameter loop on CPU.
+    # foreach keeps the update to a few fused kernels on GPU and is bit-identical to the
+    # per-parameter loop on CPU; it cannot mix DTensors (TP/FSDP shards) with plain tensors
+    # (e.g. TP with the ddp engine, where router and experts stay plain).
+    kinds = {isinstance(p, DTensor) for g in groups for p in g["params"]}
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=len(kinds) < 2
     )
 
 

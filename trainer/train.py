@@ -108,6 +108,14 @@ class Trainer:
         model.to_empty(device=self.device)
         torch.manual_seed(t.seed)
         model.init_weights()
+        if self.dims.tp > 1:
+            # TP shards the already-initialised full weights (identical on every rank, so no
+            # broadcast). Known limit: each rank briefly holds the whole dense model.
+            from parallel.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.dims.mesh("tp"),
+                                  sequence_parallel=cfg.parallel.sequence_parallel,
+                                  src_data_rank=None)
         self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine)
         self.model = model
         self.moe_layers = model.moe_layers()
@@ -166,6 +174,10 @@ class Trainer:
     def _forward_loss_sum(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
             logits = self.model(mb["tokens"], mb["position_ids"])
+        if self.dims.tp > 1:  # vocab-sharded logits: CE without gathering them
+            from parallel.tensor_parallel import tp_cross_entropy_sum
+
+            return tp_cross_entropy_sum(logits, mb["labels"], mb["loss_mask"])
         return lm_loss_sum(logits, mb["labels"], mb["loss_mask"])
 
     def _to_device(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
