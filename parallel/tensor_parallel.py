@@ -57,6 +57,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.layers import Attention, FeedForward
+from models.loss import lm_loss_sum
 from models.moe import MoELayer
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "tp_cross_entropy_sum"]
@@ -266,7 +267,7 @@ def tp_cross_entropy_sum(
     logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
 ) -> torch.Tensor:
     """``sum_t loss_mask[t] * CE(logits[t], labels[t])`` in fp32; the TP version of
-    ``trainer.train.lm_loss_sum``.
+    ``models.loss.lm_loss_sum``.
 
     ``logits``: ``[..., V]`` DTensor sharded on the vocab dim (``Shard(-1)`` on a 1-D tp
     mesh, what :func:`apply_tensor_parallel` returns); ``labels`` / ``loss_mask``: full
@@ -276,10 +277,7 @@ def tp_cross_entropy_sum(
     (non-DTensor) ``logits`` falls back to the single-device formula.
     """
     if not isinstance(logits, DTensor):
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-        )
-        return (ce * loss_mask.reshape(-1)).sum()
+        return lm_loss_sum(logits, labels, loss_mask)
     if isinstance(labels, DTensor) or isinstance(loss_mask, DTensor):
         raise TypeError("tp_cross_entropy_sum: labels and loss_mask must be plain tensors")
     return _VocabParallelCESum.apply(logits, labels, loss_mask)

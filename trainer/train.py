@@ -16,9 +16,9 @@ from typing import Any
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from models.loss import lm_loss_sum
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
@@ -42,14 +42,6 @@ def _autocast_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype | None
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of per-token cross entropy over unmasked tokens, computed in fp32."""
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-    )
-    return (ce * loss_mask.reshape(-1)).sum()
 
 
 class Trainer:
