@@ -44,6 +44,7 @@ LAYOUTS = [
     ("ep4", 4, "dropless", ["parallel.ep=4"]),
     ("ep2_capacity", 2, "capacity", ["parallel.ep=2"]),
     ("dp2xep2_capacity_ddp", 4, "capacity", ["parallel.ep=2", "parallel.dp_engine=ddp"]),
+    ("ep2_act_ckpt", 2, "dropless", ["parallel.ep=2", "parallel.activation_checkpointing=true"]),
     ("tp2", 2, "dropless", ["parallel.tp=2"]),
     ("tp2_sp", 2, "dropless", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     (

@@ -108,6 +108,10 @@ class Trainer:
             apply_tensor_parallel(model, self.dims.mesh("tp"),
                                   sequence_parallel=cfg.parallel.sequence_parallel,
                                   src_data_rank=None)
+        if cfg.parallel.activation_checkpointing:
+            from parallel.activation_checkpoint import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine)
         self.model = model
         self.moe_layers = model.moe_layers()
