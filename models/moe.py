@@ -19,7 +19,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.grouped_gemm import grouped_mm
 from models.layers import FeedForward, Initializer, keep_fp32_apply
-from models.router import Router, RouterOutput, Routing
+from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
 
 __all__ = [
     "Dispatcher",
@@ -161,7 +161,9 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts as three [E, ...] tensors; computes only the rows it is given.
 
     Expert parallelism shards dim 0 and sets ``expert_offset`` (the global id of local
-    expert 0) so that each expert still initialises exactly as in the unsharded model.
+    expert 0); expert tensor parallelism shards the FFN dim (``w1``/``w3`` columns, ``w2``
+    rows: the output is then a partial sum) and sets ``ffn_offset`` / ``ffn_full``. Either
+    way each local slice initialises exactly as in the unsharded model.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -170,6 +172,7 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
         self.expert_offset = 0
+        self.ffn_offset, self.ffn_full = 0, hidden
         self.grouped_mm_impl = "auto"  # auto | fused | loop
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -179,11 +182,21 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h, self.w2, tokens_per_expert_E, impl=impl)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
+        F_l, f0 = self.w1.shape[2], self.ffn_offset
         for e in range(self.w1.shape[0]):
             g = self.expert_offset + e
-            init.normal_(self.w1[e], f"{prefix}.w1[{g}]", init.std)
-            init.normal_(self.w3[e], f"{prefix}.w3[{g}]", init.std)
-            init.normal_(self.w2[e], f"{prefix}.w2[{g}]", init.out_std)
+            for name, ffn_dim, std in (("w1", 1, init.std), ("w3", 1, init.std),
+                                       ("w2", 0, init.out_std)):
+                local = getattr(self, name)[e]
+                if F_l == self.ffn_full or local.is_meta:
+                    init.normal_(local, f"{prefix}.{name}[{g}]", std)
+                    continue
+                shape = list(local.shape)
+                shape[ffn_dim] = self.ffn_full
+                full = torch.empty(shape, dtype=local.dtype, device=local.device)
+                init.normal_(full, f"{prefix}.{name}[{g}]", std)
+                with torch.no_grad():
+                    local.copy_(full.narrow(ffn_dim, f0, F_l))
 
 
 class _AuxLossGrad(torch.autograd.Function):
@@ -223,6 +236,8 @@ class MoELayer(nn.Module):
             if m.shared_expert_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # The ranks sharing this rank's micro-batch (TP token split, CP): parallel/ sets it.
+        self.token_group: TokenGroup = SINGLE
         self.aux_loss_scale = 1.0
         # Statistics since the last pop_stats(); never synced to the host in forward.
         self.register_buffer("stat_counts", torch.zeros(m.num_experts, dtype=torch.long), False)
@@ -244,13 +259,15 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        r = self.router(x_TD, num_seqs=B)
+        g = self.token_group
+        r = self.router(x_TD, num_seqs=B, group=g)
         x_ND, tokens_per_expert, ctx = self.dispatcher.dispatch(x_TD, r.routing)
         y_TD = self.dispatcher.combine(self.experts(x_ND, tokens_per_expert), ctx)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_TD)
             if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(x_TD))
+                gate_w = g.shared_param(self.shared_gate.weight)
+                shared = shared * torch.sigmoid(F.linear(x_TD, gate_w))
             y_TD = y_TD + shared
         weighted = self._weighted_losses(r)
         if weighted and torch.is_grad_enabled():
@@ -273,7 +290,7 @@ class MoELayer(nn.Module):
             return
         self.stat_counts += r.counts_E
         self.stat_dropped += r.num_dropped
-        self.stat_assignments += r.routing.expert_idx_TK.numel()
+        self.stat_assignments += r.num_assignments
         for name, value in weighted.items():
             getattr(self, f"stat_{name}").add_(value.detach() * self.aux_loss_scale)
 

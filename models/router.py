@@ -24,6 +24,14 @@ Deliberate differences (also exercised in tests/test_router_oracle.py):
   (as Megatron; DeepSpeed renormalises over the surviving assignments).
 - Load-balancing losses count each expert's load with a plain top-k of the scores, without
   bias or group limits (as Megatron and the DeepSeek-V3 paper), before capacity drops.
+
+Token groups (the seam tensor/context parallelism fill in, see ``TokenGroup``): when one
+micro-batch's tokens are split over several ranks (TP with its MoE token split, CP), each
+rank routes only its own tokens, but every statistic is the micro-batch's: expert counts,
+the switch / per-sequence / z losses are summed over the group in one all-reduce, and
+capacity drops are decided on the group's gathered expert ids, so the loss and the drops
+are exactly those of one process holding the whole micro-batch (Megatron computes the
+capacity per rank, which makes the drops depend on TP and CP).
 """
 
 from __future__ import annotations
@@ -37,6 +45,39 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Initializer, keep_fp32_apply
+
+
+class TokenGroup:
+    """The ranks that together hold one micro-batch's tokens; this base is one process
+    holding them all (every method is the identity). ``parallel/`` subclasses it.
+
+    Local tokens are ``[B, S_local]`` (sequence-major); the group's sequences are
+    ``[B, S = size * S_local]`` in the single-process order.
+    """
+
+    size: int = 1
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the group. Backward is the identity: what consumes the sum (an aux
+        loss) is computed identically on every rank of the group, so each rank's local
+        gradient is already the true one."""
+        return x
+
+    def gather_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """``[B, S_local, ...]`` -> ``[B, S, ...]`` in sequence order (no autograd)."""
+        return x_BS
+
+    def local_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
+        """``[B, S, ...]`` -> this rank's ``[B, S_local, ...]``."""
+        return x_BS
+
+    def shared_param(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight replicated over the group but applied to different tokens on each rank:
+        identity forward, gradient summed over the group in backward."""
+        return w
+
+
+SINGLE = TokenGroup()
 
 
 @dataclass
@@ -57,6 +98,7 @@ class RouterOutput:
     logits_TE: torch.Tensor  # fp32
     counts_E: torch.Tensor  # int64 assignments per expert, before capacity drops
     num_dropped: torch.Tensor  # int64 scalar
+    num_assignments: int  # T * k (counts_E, num_dropped, the losses: over the token group)
     aux_loss: Optional[torch.Tensor] = None  # unweighted switch loss (coeff > 0 only)
     seq_aux_loss: Optional[torch.Tensor] = None  # unweighted per-sequence loss
     z_loss: Optional[torch.Tensor] = None  # unweighted z-loss
@@ -83,12 +125,6 @@ def rank_within_expert(expert_A: torch.Tensor, num_experts: int, key_A=None) -> 
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(A, device=order.device) - starts[expert_A[order]]
     return ranks
-
-
-def switch_aux_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
-    """E/(k T) * sum_e counts_e * mean_t(scores_te) (Switch/GShard, Megatron, DeepSpeed)."""
-    T, E = scores_TE.shape
-    return (scores_TE.sum(0) * counts_E).sum() * (E / (top_k * T * T))
 
 
 class Router(nn.Module):
@@ -124,16 +160,21 @@ class Router(nn.Module):
             sel_TE = sel_TE.masked_fill(~expert_mask, float("-inf"))
         return sel_TE.topk(k, dim=-1)[1]
 
-    def forward(self, x_TD: torch.Tensor, num_seqs: int = 1) -> RouterOutput:
-        """x_TD: the micro-batch's tokens, sequence-major (``num_seqs`` sequences of equal
-        length, needed only by the per-sequence aux loss)."""
+    def forward(
+        self, x_TD: torch.Tensor, num_seqs: int = 1, group: TokenGroup = SINGLE
+    ) -> RouterOutput:
+        """x_TD: this rank's tokens, sequence-major (``num_seqs`` sequences of equal
+        length, needed by the per-sequence aux loss and by token groups); ``group``: the
+        ranks sharing the micro-batch (see the module docstring)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD, num_seqs)
+            return self._route(x_TD, num_seqs, group)
 
-    def _route(self, x_TD: torch.Tensor, num_seqs: int) -> RouterOutput:
+    def _route(self, x_TD: torch.Tensor, num_seqs: int, group: TokenGroup) -> RouterOutput:
         m, E, k = self.moe, self.num_experts, self.top_k
-        T = x_TD.shape[0]
-        logits = F.linear(x_TD.float(), self.weight.float())
+        B = num_seqs
+        T = x_TD.shape[0] * group.size  # the micro-batch's tokens
+        S = T // B
+        logits = F.linear(x_TD.float(), group.shared_param(self.weight).float())
         scores = logits.softmax(-1) if m.score_func == "softmax" else logits.sigmoid()
         sel = logits if (m.score_func == "softmax" and m.norm_topk_prob) else scores
         if self.expert_bias is not None:
@@ -148,18 +189,15 @@ class Router(nn.Module):
         if m.topk_scaling_factor != 1.0:
             weights = weights * m.topk_scaling_factor
 
-        counts = torch.bincount(idx.flatten(), minlength=E)
         kept, capacity = None, None
         num_dropped = torch.zeros((), dtype=torch.long, device=idx.device)
         if m.capacity_factor is not None:
             capacity = expert_capacity(T, E, k, m.capacity_factor, m.min_capacity)
-            key = top_scores.detach().flatten() if m.drop_policy == "probs" else None
-            kept = (rank_within_expert(idx.flatten(), E, key) < capacity).view(T, k)
+            kept, num_dropped = self._capacity_mask(idx, top_scores.detach(), B, capacity, group)
             weights = weights * kept
-            num_dropped = (~kept).sum()
-        routing = Routing(idx, weights, E, kept, capacity, m.pad_to_capacity)
-        out = RouterOutput(routing, logits, counts, num_dropped)
 
+        # Statistics of the micro-batch: local sums, then one all-reduce over the group.
+        stats: dict[str, torch.Tensor] = {"counts": torch.bincount(idx.flatten(), minlength=E)}
         if m.aux_loss_coeff > 0 or m.seq_aux_loss_coeff > 0:
             aux_scores = scores
             if m.score_func == "sigmoid":
@@ -168,16 +206,64 @@ class Router(nn.Module):
             if self.expert_bias is not None or m.num_groups > 0:
                 plain = aux_scores.detach().topk(k, dim=-1)[1]
             if m.aux_loss_coeff > 0:
-                plain_counts = (
-                    counts if plain is idx else torch.bincount(plain.flatten(), minlength=E)
-                )
-                out.aux_loss = switch_aux_loss(aux_scores, plain_counts, k)
+                stats["scores_sum"] = aux_scores.sum(0)
+                if plain is not idx:
+                    stats["plain_counts"] = torch.bincount(plain.flatten(), minlength=E)
             if m.seq_aux_loss_coeff > 0:
-                B, S = num_seqs, T // num_seqs
-                seq_of = torch.arange(B, device=idx.device).repeat_interleave(S * k) * E
-                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * E).view(B, E)
-                per_seq = (aux_scores.view(B, S, E).sum(1) * seq_counts).sum(-1)
-                out.seq_aux_loss = per_seq.mean() * (E / (k * S * S))
+                S_l = plain.shape[0] // B
+                seq_of = torch.arange(B, device=idx.device).repeat_interleave(S_l * k) * E
+                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * E)
+                stats["seq_counts"] = seq_counts.view(B, E)
+                stats["seq_scores"] = aux_scores.view(B, S_l, E).sum(1)
         if m.z_loss_coeff > 0:
-            out.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+            stats["z_sum"] = torch.logsumexp(logits, dim=-1).square().sum()
+        stats = _group_sum(stats, group)
+
+        counts = stats["counts"]
+        routing = Routing(idx, weights, E, kept, capacity, m.pad_to_capacity)
+        out = RouterOutput(routing, logits, counts, num_dropped, T * k)
+        if m.aux_loss_coeff > 0:
+            plain_counts = stats.get("plain_counts", counts)
+            out.aux_loss = (stats["scores_sum"] * plain_counts).sum() * (E / (k * T * T))
+        if m.seq_aux_loss_coeff > 0:
+            per_seq = (stats["seq_scores"] * stats["seq_counts"]).sum(-1)
+            out.seq_aux_loss = per_seq.mean() * (E / (k * S * S))
+        if m.z_loss_coeff > 0:
+            out.z_loss = stats["z_sum"] / T
         return out
+
+    def _capacity_mask(
+        self, idx_TK, key_TK, num_seqs: int, capacity: int, group: TokenGroup
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept [T_local, k], dropped count of the micro-batch): ranks within each expert
+        are taken over the whole micro-batch in single-process token order."""
+        m, E = self.moe, self.num_experts
+        T_l, k = idx_TK.shape
+        by_probs = m.drop_policy == "probs"
+        idx_g = idx_TK
+        key_g = key_TK if by_probs else None
+        if group.size > 1:  # ids are exact in fp32 (< 2**24): one gather for both
+            packed = torch.cat([idx_TK.float(), key_TK], 1).view(num_seqs, T_l // num_seqs, 2 * k)
+            packed = group.gather_seq(packed).reshape(-1, 2 * k)
+            idx_g, key_g = packed[:, :k].long(), packed[:, k:] if by_probs else None
+        key_A = key_g.flatten() if key_g is not None else None
+        kept_g = (rank_within_expert(idx_g.flatten(), E, key_A) < capacity).view(-1, k)
+        num_dropped = (~kept_g).sum()
+        if group.size > 1:
+            kept_g = group.local_seq(kept_g.view(num_seqs, -1, k)).reshape(T_l, k)
+        return kept_g, num_dropped
+
+
+def _group_sum(stats: dict[str, torch.Tensor], group: TokenGroup) -> dict[str, torch.Tensor]:
+    """Sum every statistic over the token group in one collective (counts travel as fp32,
+    exact below 2**24 per micro-batch and expert)."""
+    if group.size == 1:
+        return stats
+    keys = list(stats)
+    flat = group.all_sum(torch.cat([stats[n].float().reshape(-1) for n in keys]))
+    out, i = {}, 0
+    for n in keys:
+        v = flat[i : i + stats[n].numel()].view(stats[n].shape)
+        out[n] = v.round().long() if not stats[n].is_floating_point() else v
+        i += stats[n].numel()
+    return out

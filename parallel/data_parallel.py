@@ -41,10 +41,9 @@ class DataParallel:
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str):
         self.model, self.dims, self.engine = model, dims, engine
         self.dense_size = dims.dp * dims.cp
-        # Under TP (first version) every TP rank runs the routed experts on the full token
-        # set, so expert gradients are already complete per TP rank: sum over dp*cp only.
-        self.expert_group = "edp" if dims.tp == 1 else "dp_cp"
-        self.expert_size = dims.edp if dims.tp == 1 else self.dense_size
+        # Routed experts see the tokens of their whole edp group (TP ranks split a
+        # micro-batch's tokens at MoE entry, so they are edp peers too).
+        self.expert_group, self.expert_size = "edp", dims.edp
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
@@ -59,8 +58,8 @@ class DataParallel:
     def _replication(self, name: str, p: nn.Parameter) -> int:
         """Ranks per distinct shard of ``p``: world / (number of distinct shards), where a
         DTensor has one distinct shard per mesh coordinate along its Shard dims and routed
-        experts are additionally split ep ways (outside any DTensor mesh)."""
-        distinct = self.dims.ep if is_expert_param(name) else 1
+        experts are additionally split ep * etp ways (outside any DTensor mesh)."""
+        distinct = self.dims.ep * self.dims.etp if is_expert_param(name) else 1
         if isinstance(p, DTensor):
             for size, placement in zip(p.device_mesh.shape, p.placements):
                 if placement.is_shard():
@@ -78,12 +77,15 @@ class DataParallel:
         managed = []
         for layer in model.modules():
             if isinstance(layer, MoELayer):
-                # dim 0 is already split over ep: FSDP splits dim 1, so the pair is a
-                # plain 2-D sharding that DCP can reshard (parallel/state_dict.py). Also
-                # with edp == 1, so that every parameter is a DTensor (one optimizer
-                # kernel path, one checkpoint path).
-                managed.append(fully_shard(layer.experts, mesh=dims.mesh(self.expert_group),
-                                           shard_placement_fn=lambda p: Shard(1)))
+                # dim 0 is split over ep and the FFN dim over etp: FSDP splits the hidden
+                # dim (w1/w3 dim 1, w2 dim 2), so the three splits are a plain 3-D
+                # sharding DCP can reshard (parallel/state_dict.py). Also with edp == 1,
+                # so that every parameter is a DTensor (one optimizer kernel path, one
+                # checkpoint path).
+                w2 = layer.experts.w2
+                managed.append(fully_shard(
+                    layer.experts, mesh=dims.mesh(self.expert_group),
+                    shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
         if self.dense_size > 1:
             for block in model.layers.values():
                 managed.append(fully_shard(block, mesh=dims.mesh("dp_cp")))

@@ -42,7 +42,8 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _divisors(n: int) -> str:
+def divisors(n: int) -> str:
+    """"1, 2, 4, 8" for 8: the valid sizes named in error messages."""
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
@@ -86,7 +87,7 @@ class ParallelDims:
                 with_ = f" with {given}" if given else ""
                 raise ConfigError(
                     f"parallel.{key}={sizes[key]} does not fit world size {world_size}{with_} "
-                    f"(valid {key}: {_divisors(room)})"
+                    f"(valid {key}: {divisors(room)})"
                 )
 
         pp, cp, tp, ep, etp = (sizes[k] for k in ("pp", "cp", "tp", "ep", "etp"))

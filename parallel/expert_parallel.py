@@ -1,10 +1,13 @@
-"""Expert parallelism: shard every MoE layer's routed experts over the EP group.
+"""Expert parallelism: shard every MoE layer's routed experts over the EP and ETP groups.
 
 Rank ``r`` of the EP group keeps the contiguous global experts ``r*E_l .. r*E_l + E_l - 1``
 (``E_l = E / ep``) — the same placement the dispatchers assume — and sets
 ``GroupedExperts.expert_offset`` so that ``init_weights()`` seeds each local expert by its
 global name: a meta-device model sharded here and initialised later equals the slice of
-the unsharded model. The router, shared experts and everything dense stay replicated.
+the unsharded model. With ``etp > 1`` rank q of the ETP group also keeps only the FFN
+slice ``q*F/etp .. (q+1)*F/etp`` (``w1``/``w3`` columns, ``w2`` rows; ``ffn_offset``) and
+the dispatcher is wrapped in ``ETPDispatcher``. The router, shared experts and everything
+dense stay replicated.
 
 Call it before building the optimizer (the expert tensors are replaced) and before
 FSDP/DDP wrapping. Expert gradients then hold the contributions of every EP rank's tokens;
@@ -17,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.moe import MoELayer
+from models.moe import LocalDispatcher, MoELayer
 from parallel.dims import ParallelDims
 from parallel.dispatch import make_dispatcher
+from parallel.etp_dispatch import ETPDispatcher
 from trainer.errors import ConfigError
 
 __all__ = ["apply_expert_parallel", "gather_expert_weights", "local_expert_range", "moe_layers"]
@@ -35,25 +39,20 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 def apply_expert_parallel(
     model: nn.Module, dims: ParallelDims, dispatcher: str = "alltoall", *, dedup: bool = True
 ) -> list[MoELayer]:
-    """Slice each MoE layer's experts to this EP rank and install the EP dispatcher.
+    """Slice each MoE layer's experts to this EP (and ETP) rank and install the dispatcher.
 
-    ``dispatcher``: alltoall | allgather; ``dedup`` applies to alltoall. Works on an
-    initialised model (the real weights are sliced and copied) and on a meta-device one.
-    With ``dims.ep == 1`` nothing changes. Returns the layers it touched.
+    ``dispatcher``: alltoall | allgather (over the EP group); ``dedup`` applies to
+    alltoall. Works on an initialised model (the real weights are sliced and copied) and
+    on a meta-device one. With ``ep == etp == 1`` nothing changes. Returns the layers.
     """
-    if dims.etp != 1:
-        raise NotImplementedError(
-            f"parallel.etp={dims.etp}: tensor-parallel experts (ETP > 1) are not implemented "
-            "yet; use parallel.etp=1"
-        )
     if dispatcher not in ("alltoall", "allgather"):
         raise ConfigError(
             f"parallel.dispatcher={dispatcher!r} is not valid (valid: alltoall, allgather)"
         )
     layers = moe_layers(model)
-    ep = dims.ep
+    ep, etp = dims.ep, dims.etp
     for layer in layers:
-        E = layer.experts.w1.shape[0]
+        E, F = layer.experts.w1.shape[0], layer.experts.w1.shape[2]
         if getattr(layer.experts, "ep_size", 1) != 1 or E != layer.moe.num_experts:
             raise RuntimeError("apply_expert_parallel was already applied to this model")
         if E % ep:
@@ -61,26 +60,36 @@ def apply_expert_parallel(
             raise ConfigError(
                 f"parallel.ep={ep} does not divide model.moe.num_experts={E} (valid ep: {valid})"
             )
-    if ep == 1:
+        if F % etp:
+            raise ConfigError(
+                f"parallel.etp={etp} does not divide model.moe.expert_ffn_hidden_size={F}"
+            )
+    if ep == 1 and etp == 1:
         return layers
 
-    group = dims.group("ep")
-    ep_rank = dims.coords()["ep"]
-    if dist.get_rank(group) != ep_rank:  # local check: mesh order == rank math
-        raise RuntimeError(f"ep group rank {dist.get_rank(group)} != ep coordinate {ep_rank}")
+    coords = dims.coords()
+    ep_rank, etp_rank = coords["ep"], coords["etp"]
+    for kind, rank in (("ep", ep_rank), ("etp", etp_rank)):
+        if dims.size(kind) > 1 and dist.get_rank(dims.group(kind)) != rank:
+            raise RuntimeError(f"{kind} group rank != {kind} coordinate {rank}")
     for layer in layers:
         ex = layer.experts
-        E = ex.w1.shape[0]
+        E, F = ex.w1.shape[0], ex.w1.shape[2]
         ids = local_expert_range(E, ep, ep_rank)
-        for name in ("w1", "w3", "w2"):
+        F_l = F // etp
+        f0 = etp_rank * F_l
+        for name, ffn_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
             p = getattr(ex, name)
+            local = p.detach()[ids.start : ids.stop].narrow(ffn_dim, f0, F_l)
             # clone: drop the reference to the full tensor so its memory can be freed.
-            local = p.detach()[ids.start : ids.stop].clone()
-            setattr(ex, name, nn.Parameter(local, requires_grad=p.requires_grad))
+            setattr(ex, name, nn.Parameter(local.clone(), requires_grad=p.requires_grad))
         ex.expert_offset = ids.start
-        ex.ep_size = ep
+        ex.ffn_offset, ex.ffn_full = f0, F
+        ex.ep_size, ex.etp_size = ep, etp
         ex.num_global_experts = E
-        layer.dispatcher = make_dispatcher(dispatcher, group, E, dedup=dedup)
+        inner = (make_dispatcher(dispatcher, dims.group("ep"), E, dedup=dedup)
+                 if ep > 1 else LocalDispatcher())
+        layer.dispatcher = ETPDispatcher(inner, dims.group("etp")) if etp > 1 else inner
     return layers
 
 

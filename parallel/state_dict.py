@@ -1,13 +1,14 @@
 """Give expert-parallel tensors their global shape for checkpoints (DCP resharding).
 
-Under EP each rank holds a contiguous slice of the experts (``w1[E_local, D, F]``) as a
-plain tensor, or, with FSDP over ``edp``, a DTensor sharded along dim 1 of that slice.
-Saved as they are, DCP would treat the EP slices as replicas of one tensor and keep one.
-Before saving (and loading) we view each such tensor as a DTensor on the expert mesh:
-``Shard(0)`` over ``ep`` (and ``Shard(1)`` over ``edp`` when FSDP shards it), so the
-checkpoint holds the full ``[E, D, F]`` tensor and any other layout can load it.
-The views share storage with the live tensors, so DCP's in-place load writes straight
-into the parameters and optimizer state.
+Under EP/ETP each rank holds a block of every routed-expert tensor as a plain tensor:
+experts ``r*E_l ..`` (dim 0, over ``ep``) and, with ETP, an FFN slice (``w1``/``w3`` dim 2,
+``w2`` dim 1, over ``etp``); with FSDP over ``edp`` that block is a DTensor sharded once
+more along the hidden dim (``w1``/``w3`` dim 1, ``w2`` dim 2, see parallel/data_parallel.py),
+so the three splits never share a dim. Saved as they are, DCP would treat the EP/ETP blocks
+as replicas of one tensor and keep one. Before saving (and loading) we view each such
+tensor as a DTensor on the expert mesh ``(edp, ep, etp)`` with its global shape
+``[E, D, F]``, so any other layout can load it. The views share storage with the live
+tensors, so DCP's in-place load writes straight into the parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from parallel.dims import ParallelDims
 
@@ -24,57 +25,74 @@ def _is_expert_key(key: str) -> bool:
     return ".experts." in key
 
 
-def _global_view(t: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+def _ffn_dim(key: str) -> int:
+    """The FFN (ETP-split) dim of an expert tensor named by ``key``: w1/w3 [E, D, F],
+    w2 [E, F, D]."""
+    return 1 if ".experts.w2" in key else 2
+
+
+def _stride(shape) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _global_view(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
     if t.ndim == 0:
         return t  # e.g. Adam's step counter
-    if isinstance(t, DTensor):  # FSDP over edp, sharded on dim 1 (see data_parallel)
-        local, edp_placement = t.to_local(), t.placements[0]
-        assert edp_placement == Shard(1), f"unexpected FSDP placement {t.placements}"
-        shape = (t.shape[0] * dims.ep, *t.shape[1:])
-        mesh = dims.expert_mesh["edp", "ep"]
-        placements = (Shard(1), Shard(0))
-    else:
-        local = t
-        shape = (t.shape[0] * dims.ep, *t.shape[1:])
-        mesh = dims.mesh("ep")
-        placements = (Shard(0),)
-    stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
-                              stride=stride)
+    ffn = _ffn_dim(key)
+    edp_placement = Replicate()
+    if isinstance(t, DTensor):  # FSDP over edp (see data_parallel)
+        (edp_placement,) = t.placements
+        assert edp_placement.is_shard() and edp_placement.dim not in (0, ffn), t.placements
+    shape = list(t.shape)  # the edp-global shape of this rank's (ep, etp) block
+    shape[0] *= dims.ep
+    shape[ffn] *= dims.etp
+    local = t.to_local() if isinstance(t, DTensor) else t
+    mesh = dims.expert_mesh["edp", "ep", "etp"]
+    placements = (edp_placement, Shard(0), Shard(ffn))
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=tuple(shape),
+                              stride=_stride(shape))
 
 
-def _walk(obj: Any, fn, under_expert: bool = False) -> Any:
+def _to_local(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
+    if not isinstance(t, DTensor) or t.device_mesh.mesh_dim_names != ("edp", "ep", "etp"):
+        return t
+    edp_placement = t.placements[0]
+    if not edp_placement.is_shard():
+        return t.to_local()
+    shape = list(t.shape)  # back to the FSDP DTensor over edp
+    shape[0] //= dims.ep
+    shape[_ffn_dim(key)] //= dims.etp
+    return DTensor.from_local(t.to_local(), dims.mesh("edp"), (edp_placement,),
+                              run_check=False, shape=tuple(shape), stride=_stride(shape))
+
+
+def _walk(obj: Any, fn, key: str | None = None) -> Any:
     if isinstance(obj, dict):
-        return {k: _walk(v, fn, under_expert or (isinstance(k, str) and _is_expert_key(k)))
-                for k, v in obj.items()}
-    if isinstance(obj, torch.Tensor) and under_expert:
-        return fn(obj)
+        out = {}
+        for k, v in obj.items():
+            inner = key
+            if inner is None and isinstance(k, str) and _is_expert_key(k):
+                inner = k
+            out[k] = _walk(v, fn, inner)
+        return out
+    if isinstance(obj, torch.Tensor) and key is not None:
+        return fn(obj, key)
     return obj
+
+
+def _sharded(dims: ParallelDims) -> bool:
+    return dims.ep * dims.etp > 1
 
 
 def expert_tensors_to_global(state: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:
     """Model/optimizer state dict (FQN-keyed) with expert tensors as global DTensors."""
-    if dims.ep == 1:
+    if not _sharded(dims):
         return state
-    return _walk(state, lambda t: _global_view(t, dims))
+    return _walk(state, lambda t, key: _global_view(t, key, dims))
 
 
 def expert_tensors_to_local(state: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:
     """Undo :func:`expert_tensors_to_global` (for ``set_state_dict``)."""
-    if dims.ep == 1:
+    if not _sharded(dims):
         return state
-
-    def local(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, DTensor) or t.device_mesh.ndim == 1 and "ep" not in (
-            t.device_mesh.mesh_dim_names or ()
-        ):
-            return t
-        if t.device_mesh.ndim == 2:  # back to the FSDP DTensor over edp
-            edp_mesh = dims.mesh("edp")
-            shape = (t.shape[0] // dims.ep, *t.shape[1:])
-            return DTensor.from_local(t.to_local(), edp_mesh, (Shard(1),), run_check=False,
-                                      shape=shape,
-                                      stride=torch.empty(shape, device="meta").stride())
-        return t.to_local()
-
-    return _walk(state, local)
+    return _walk(state, lambda t, key: _to_local(t, key, dims))

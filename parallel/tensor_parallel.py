@@ -27,13 +27,13 @@ on the sequence dim (dim 1); ``attention_norm``, ``ffn_norm`` and the final ``no
 under ``SequenceParallel`` on the local tokens; the all-reduce of each row-parallel output
 becomes a reduce-scatter and the entry of each TP region an all-gather.
 
-MoE layers, first version (the correctness baseline): the ``MoELayer`` is *not* tensor
-parallel. Under SP its input is all-gathered to the full sequence, the router and routed
-experts run replicated on every TP rank over the full token set (their weights stay plain
-tensors, identical on every TP rank, with identical gradients), and the output is cut back
-to the local sequence chunk (no communication; its backward all-gathers the gradient).
-Only the shared experts are TP-sharded like a dense MLP. Folding expert parallelism
-(EP/ETP) under TP — each TP rank routing only its own tokens — comes next.
+MoE layers (folded under TP, as Megatron): each TP rank routes only its 1/tp slice of
+every sequence — the chunk SP already gives it, or a chunk cut from the replicated stream
+under plain TP (its output is all-gathered back). The router's statistics and capacity
+are reduced over the TP group (``parallel.token_group.SeqChunkGroup``), so losses and
+drops equal one process's; the routed experts then follow the expert mesh (EP, ETP, edp
+gradient reduction); the shared experts are a sequence-parallel MLP over the rank's
+tokens. The sequence length must be a multiple of tp.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from torch.distributed.tensor.parallel import (
 from models.layers import Attention, FeedForward
 from models.loss import lm_loss_sum
 from models.moe import MoELayer
+from parallel.token_group import SeqChunkGroup
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "tp_cross_entropy_sum"]
 
@@ -151,23 +152,34 @@ def apply_tensor_parallel(
             bplan["ffn"] = region_input()
             bplan.update(_mlp_plan("ffn", output_layout=stream))
         elif isinstance(ffn, MoELayer):
+            # Token split: each TP rank routes its own 1/tp of every sequence (under SP the
+            # chunk it already holds; under plain TP cut from the replicated stream, and
+            # the outputs all-gathered back). Router statistics and capacity are reduced
+            # over the TP group, routed experts reduce over edp (which contains the TP
+            # ranks); the router and shared-gate weights are plain tensors whose
+            # gradients are summed over TP by ``SeqChunkGroup.shared_param``.
             if sp:
-                # Full sequence in as a plain tensor (the router and experts never see a
-                # DTensor); the replicated output is cut back to this rank's chunk.
-                bplan["ffn"] = PrepareModuleInputOutput(
-                    input_layouts=(Shard(1),),
-                    desired_input_layouts=(Replicate(),),
-                    use_local_input=True,
-                    output_layouts=(Replicate(),),
-                    desired_output_layouts=(Shard(1),),
+                bplan["ffn"] = PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
                     use_local_output=True,
                 )
-            if ffn.shared_experts is not None:
-                # Inside the MoE layer the tokens are full and plain ([B*T, D]).
-                bplan["ffn.shared_experts"] = PrepareModuleInput(
-                    input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)
+            else:
+                bplan["ffn"] = PrepareModuleInputOutput(
+                    input_layouts=(Replicate(),),
+                    desired_input_layouts=(Shard(1),),
+                    use_local_input=True,
+                    output_layouts=(Shard(1),),
+                    desired_output_layouts=(Replicate(),),
+                    use_local_output=True,
                 )
-                bplan.update(_mlp_plan("ffn.shared_experts", output_layout=Replicate()))
+            ffn.token_group = SeqChunkGroup(tp_mesh.get_group())
+            if ffn.shared_experts is not None:
+                # Inside the MoE layer the tokens are this rank's [B*T/tp, D] rows: the
+                # shared experts are a sequence-parallel MLP over them.
+                bplan["ffn.shared_experts"] = PrepareModuleInput(
+                    input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)
+                )
+                bplan.update(_mlp_plan("ffn.shared_experts", output_layout=Shard(0)))
         else:
             raise TypeError(f"apply_tensor_parallel: no TP plan for ffn {type(ffn).__name__}")
         parallelize_module(block, tp_mesh, bplan, src_data_rank=src_data_rank)

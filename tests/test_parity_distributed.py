@@ -54,6 +54,19 @@ LAYOUTS = [
         ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=ddp"],
     ),
     ("tp2_capacity", 2, "capacity", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # MoE folded under TP: attention TP ranks split each sequence at MoE entry.
+    ("tp2_ep2_etp2", 4, "dropless",
+     ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.dp_engine=ddp"]),
+    ("tp2xdp2_ep4_folded", 4, "dropless",
+     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
+      "parallel.dp_engine=ddp"]),
+    ("tp2xdp2_ep2xedp2", 4, "dropless",
+     ["parallel.tp=2", "parallel.ep=2", "parallel.dp_engine=ddp"]),
+    ("tp2_sp_ep2_capacity", 2, "capacity",
+     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
+    ("tp2_etp2_padded", 2, "capacity",
+     ["parallel.tp=2", "parallel.etp=2", "model.moe.pad_to_capacity=true"]),
+    ("dp4_ep2xetp2", 4, "dropless", ["parallel.ep=2", "parallel.etp=2"]),
 ]
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4

@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from models.config import ModelConfig, MoEConfig
 from models.config import moe_layer_pattern as _moe_layer_pattern
+from parallel.dims import divisors
 from trainer.errors import ConfigError
 
 
@@ -140,10 +141,6 @@ def _choice(key: str, value: Any, valid: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(repr, valid))}")
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def _positive(key: str, value: int | float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value} must be > 0")
@@ -164,12 +161,12 @@ def validate_model(m: ModelConfig) -> None:
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads} "
-            f"(valid: {_divisors(m.num_heads)})"
+            f"(valid: {divisors(m.num_heads)})"
         )
     if m.head_dim == 0 and m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size} "
-            f"(set model.head_dim or use num_heads in: {_divisors(m.hidden_size)})"
+            f"(set model.head_dim or use num_heads in: {divisors(m.hidden_size)})"
         )
     if (m.head_dim or m.hidden_size // m.num_heads) % 2:
         raise ConfigError("model.head_dim must be even for RoPE")
@@ -192,7 +189,7 @@ def validate_model(m: ModelConfig) -> None:
         if moe.num_experts % moe.num_groups:
             raise ConfigError(
                 f"model.moe.num_groups={moe.num_groups} does not divide "
-                f"model.moe.num_experts={moe.num_experts} (valid: {_divisors(moe.num_experts)})"
+                f"model.moe.num_experts={moe.num_experts} (valid: {divisors(moe.num_experts)})"
             )
         if not 1 <= moe.group_topk <= moe.num_groups:
             raise ConfigError(
@@ -265,17 +262,24 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if p.ep > 1 and (n_exp == 0 or n_exp % p.ep):
         raise ConfigError(
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
-            + (f" (valid: {_divisors(n_exp)})" if n_exp else "")
+            + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
-    unsupported = {k: getattr(p, k) for k in ("cp", "pp", "etp") if getattr(p, k) > 1}
+    unsupported = {k: getattr(p, k) for k in ("cp", "pp") if getattr(p, k) > 1}
     if unsupported:
         key, value = next(iter(unsupported.items()))
         raise ConfigError(
-            f"parallel.{key}={value}: context/pipeline parallelism and expert tensor "
-            "parallelism are not available in this build yet (supported: data parallel, "
-            "parallel.tp with sequence_parallel, parallel.ep)"
+            f"parallel.{key}={value}: context and pipeline parallelism are not available in "
+            "this build yet (supported: data parallel, parallel.tp with sequence_parallel, "
+            "parallel.ep, parallel.etp)"
         )
     m = cfg.model
+    if p.etp > 1:
+        ffn = m.moe.expert_ffn_hidden_size
+        if n_exp == 0 or ffn % p.etp:
+            raise ConfigError(
+                f"parallel.etp={p.etp} does not divide model.moe.expert_ffn_hidden_size={ffn}"
+                + (f" (valid: {divisors(ffn)})" if n_exp else " (the model has no experts)")
+            )
     if p.tp > 1:
         for key in ("num_heads", "num_kv_heads"):
             if getattr(m, key) % p.tp:
@@ -285,10 +289,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                     f"parallel.tp={p.tp} does not divide model.{key}={getattr(m, key)} "
                     f"(valid tp: {', '.join(map(str, valid))})"
                 )
-        if p.ep > 1:
+        if n_exp and t.seq_len % p.tp:
             raise ConfigError(
-                f"parallel.ep={p.ep} with parallel.tp={p.tp}: folding experts under tensor "
-                "parallelism is not available yet (use parallel.ep=1 with tp>1)"
+                f"trainer.seq_len={t.seq_len} must be a multiple of parallel.tp={p.tp}: MoE "
+                "layers split every sequence across the TP ranks"
             )
         if p.dp_engine == "fsdp" and dims.dp * dims.cp > 1:
             # FSDP2 over TP-sharded DTensors gives wrong gradient norms here (found by the

@@ -93,7 +93,7 @@ class Trainer:
         # Meta build -> expert sharding -> materialise -> seeded init (name-keyed, so every
         # layout initialises every parameter exactly as the single-process model) -> DP.
         model = build_model(model_cfg, device="meta")
-        if self.dims.ep > 1:
+        if self.dims.ep * self.dims.etp > 1:
             from parallel.expert_parallel import apply_expert_parallel
 
             apply_expert_parallel(model, self.dims, cfg.parallel.dispatcher)

@@ -1,0 +1,102 @@
+"""Expert tensor parallelism (ETP): each routed expert's FFN split over the ``etp`` group.
+
+Rank q of the ETP group holds columns ``q*F/etp .. (q+1)*F/etp`` of every local expert's
+``w1``/``w3`` and the same rows of ``w2`` (parallel/expert_parallel.py slices them), so
+``w2`` produces a partial sum of each row's output. ``ETPDispatcher`` wraps the EP
+dispatcher (all-to-all, all-gather, or the local one when ep=1), as DESIGN.md §4 orders it:
+
+1. the inner dispatcher delivers this rank's expert rows, grouped by local expert;
+2. all-gather-v within ETP: every ETP rank receives every member's rows (an uneven
+   ``all_to_all_single`` of this rank's rows repeated once per member), then one stable
+   argsort makes them expert-major over the whole group ([member, expert] -> [expert,
+   member]), so the grouped matmul sees each local expert's rows contiguously;
+3. combine is the exact reverse: back to [member, expert] order, an uneven all-to-all
+   returns each member its rows' partial outputs, summed over members in fixed order in
+   fp32 (a reduce-scatter-v without atomics), then the inner dispatcher's combine.
+
+Row counts of the other members need one host sync (an all-gather of the [E_local] counts)
+unless the routing pads to capacity, where every size is static. Bytes: rows that left or
+reached this rank in the ETP exchanges are added to the inner dispatcher's counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from models.moe import Dispatcher
+from models.router import Routing
+from parallel.dispatch import _all_gather, _AllToAll
+
+__all__ = ["ETPContext", "ETPDispatcher"]
+
+
+@dataclass
+class ETPContext:
+    inner: Any
+    inv_perm: torch.Tensor  # expert-major row -> member-major row
+    n_rows: list[int]  # rows of each ETP member
+    dtype: torch.dtype
+
+
+class ETPDispatcher(Dispatcher):
+    """Wraps ``inner`` (a dispatcher over the EP group) with the ETP gather/scatter."""
+
+    def __init__(self, inner: Dispatcher, etp_group):
+        self.inner, self.group = inner, etp_group
+        self.etp = dist.get_world_size(etp_group)
+        self.rank = dist.get_rank(etp_group)
+        self._sent = self._received = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.inner.bytes_sent + self._sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.inner.bytes_received + self._received
+
+    @property
+    def meta_bytes_sent(self) -> int:
+        return getattr(self.inner, "meta_bytes_sent", 0)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        x_ND, tpe_E, inner_ctx = self.inner.dispatch(x_TD, routing)
+        Q, El, n_own = self.etp, tpe_E.numel(), x_ND.shape[0]
+        dev = x_ND.device
+        if routing.pad_to_capacity:  # static: every member has n_own rows, evenly split
+            counts_QE = torch.full((Q, El), n_own // El, dtype=torch.long, device=dev)
+            n_rows = [n_own] * Q
+        else:
+            counts_QE = _all_gather(tpe_E.view(1, El), self.group)
+            n_rows = counts_QE.sum(1).tolist()  # the ETP host sync
+        N = sum(n_rows)
+        # Member-major rows -> expert-major rows (stable: members stay in rank order).
+        member = torch.arange(Q, device=dev).repeat_interleave(
+            torch.tensor(n_rows, device=dev), output_size=N
+        )
+        expert = torch.arange(El, device=dev).repeat(Q).repeat_interleave(
+            counts_QE.flatten(), output_size=N
+        )
+        perm = torch.argsort(expert * Q + member, stable=True)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(N, device=dev)
+
+        x_all = _AllToAll.apply(x_ND.repeat(Q, 1), n_rows, [n_own] * Q, self.group)
+        row_bytes = x_ND.shape[1] * x_ND.element_size()
+        self._sent = (Q - 1) * n_own * row_bytes
+        self._received = (N - n_own) * row_bytes
+        ctx = ETPContext(inner_ctx, inv_perm, n_rows, x_ND.dtype)
+        return x_all[perm], counts_QE.sum(0), ctx
+
+    def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
+        Q, n_own = self.etp, ctx.n_rows[self.rank]
+        parts = _AllToAll.apply(y_ND[ctx.inv_perm], [n_own] * Q, ctx.n_rows, self.group)
+        y_own = parts.view(Q, n_own, y_ND.shape[1]).float().sum(0).to(ctx.dtype)
+        row_bytes = y_ND.shape[1] * y_ND.element_size()
+        self._sent += (sum(ctx.n_rows) - n_own) * row_bytes
+        self._received += (Q - 1) * n_own * row_bytes
+        return self.inner.combine(y_own, ctx.inner)
