@@ -38,7 +38,8 @@ __all__ = ["ETPContext", "ETPDispatcher"]
 class ETPContext:
     inner: Any
     inv_perm: torch.Tensor  # expert-major row -> member-major row
-    n_rows: list[int]  # rows of each ETP member
+    n_rows: list[int]  # expert rows of each ETP member
+    n_inner: int  # rows the inner dispatcher produced (its trailing rows may be padding)
     dtype: torch.dtype
 
 
@@ -65,15 +66,16 @@ class ETPDispatcher(Dispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         x_ND, tpe_E, inner_ctx = self.inner.dispatch(x_TD, routing)
-        Q, El, n_own = self.etp, tpe_E.numel(), x_ND.shape[0]
+        Q, El, n_inner = self.etp, tpe_E.numel(), x_ND.shape[0]
         dev = x_ND.device
-        if routing.pad_to_capacity:  # static: every member has n_own rows, evenly split
-            counts_QE = torch.full((Q, El), n_own // El, dtype=torch.long, device=dev)
-            n_rows = [n_own] * Q
+        if routing.pad_to_capacity:  # static: every member has n_inner rows, evenly split
+            counts_QE = torch.full((Q, El), n_inner // El, dtype=torch.long, device=dev)
+            n_rows = [n_inner] * Q
         else:
             counts_QE = _all_gather(tpe_E.view(1, El), self.group)
             n_rows = counts_QE.sum(1).tolist()  # the ETP host sync
-        N = sum(n_rows)
+        n_own, N = n_rows[self.rank], sum(n_rows)
+        x_ND = x_ND[:n_own]  # drop the inner dispatcher's padding rows, if any
         # Member-major rows -> expert-major rows (stable: members stay in rank order).
         member = torch.arange(Q, device=dev).repeat_interleave(
             torch.tensor(n_rows, device=dev), output_size=N
@@ -89,13 +91,15 @@ class ETPDispatcher(Dispatcher):
         row_bytes = x_ND.shape[1] * x_ND.element_size()
         self._sent = (Q - 1) * n_own * row_bytes
         self._received = (N - n_own) * row_bytes
-        ctx = ETPContext(inner_ctx, inv_perm, n_rows, x_ND.dtype)
+        ctx = ETPContext(inner_ctx, inv_perm, n_rows, n_inner, x_ND.dtype)
         return x_all[perm], counts_QE.sum(0), ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
         Q, n_own = self.etp, ctx.n_rows[self.rank]
         parts = _AllToAll.apply(y_ND[ctx.inv_perm], [n_own] * Q, ctx.n_rows, self.group)
         y_own = parts.view(Q, n_own, y_ND.shape[1]).float().sum(0).to(ctx.dtype)
+        if ctx.n_inner > n_own:
+            y_own = torch.cat([y_own, y_own.new_zeros(ctx.n_inner - n_own, y_own.shape[1])])
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self._sent += (sum(ctx.n_rows) - n_own) * row_bytes
         self._received += (Q - 1) * n_own * row_bytes

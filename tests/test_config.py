@@ -77,13 +77,27 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             4,
             "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
         ),
-        (["parallel.cp=2"], 2, "parallel.cp=2: context/pipeline parallelism"),
+        (["parallel.cp=2"], 2, "parallel.cp=2: context and pipeline parallelism"),
         (
             ["parallel.tp=4", "model.num_kv_heads=2"],
             4,
             "parallel.tp=4 does not divide model.num_kv_heads=2 (valid tp: 1, 2)",
         ),
-        (["parallel.tp=2", "parallel.ep=2"], 4, "folding experts under tensor parallelism"),
+        (
+            ["parallel.etp=2", "model.moe.expert_ffn_hidden_size=33"],
+            2,
+            "parallel.etp=2 does not divide model.moe.expert_ffn_hidden_size=33 (valid: 1, 3, 11, 33)",
+        ),
+        (
+            ["parallel.etp=2", "model=dense_tiny"],
+            2,
+            "(the model has no experts)",
+        ),
+        (
+            ["parallel.tp=2", "trainer.seq_len=33"],
+            2,
+            "trainer.seq_len=33 must be a multiple of parallel.tp=2: MoE layers split",
+        ),
         (
             ["parallel.tp=2"],
             4,

@@ -23,6 +23,7 @@ from models.transformer import build_model
 from parallel.dims import ParallelDims
 from parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from parallel.expert_parallel import apply_expert_parallel, gather_expert_weights
+from parallel.token_group import SeqChunkGroup
 from tests.distributed_utils import spawn
 from trainer.errors import ConfigError
 
@@ -30,11 +31,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
 D, FFN, E = 16, 8, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
-LAYOUTS = {2: [2], 4: [4, 2]}  # world -> EP sizes (ep=2 on 4 ranks: edp=2, EP group != world)
+# world -> (ep, etp) (ep=2 on 4 ranks: edp=2, EP group != world)
+LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 1), (2, 2)]}
 
 
-def _dims(world: int, ep: int) -> ParallelDims:
-    dims = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=ep, etp=1), world)
+def _dims(world: int, ep: int, etp: int = 1) -> ParallelDims:
+    dims = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=ep, etp=etp), world)
     dims.build_meshes("cpu")
     return dims
 
@@ -186,12 +188,17 @@ def _make_layer(mode: str) -> MoELayer:
 
 
 def _check_layers(dims: ParallelDims, rank: int) -> None:
-    """EP MoELayer == unsharded MoELayer on this rank's tokens; expert grads == the EP-group
-    sum of the reference grads, sliced to this rank's experts."""
-    group, P = dims.group("ep"), dims.ep
-    lo = dist.get_rank(group) * (E // P)
+    """EP(xETP) MoELayer == unsharded MoELayer on this rank's tokens; expert grads == the
+    sum over the ep x etp group of the reference grads, sliced to this rank's experts and
+    FFN columns."""
+    group, P, Q = dims.group("ep_etp"), dims.ep, dims.etp
+    lo, El = dims.coords()["ep"] * (E // P), E // P
+    F_l = FFN // Q
+    f0 = dims.coords()["etp"] * F_l
     gen = torch.Generator().manual_seed(rank)
     x, g = torch.randn(2, 8, D, generator=gen), torch.randn(2, 8, D, generator=gen)
+    kinds = (("alltoall", True), ("alltoall", False), ("allgather", True)) if P > 1 else (
+        ("alltoall", True),)
     for mode in ("dropless", "drop", "pad"):
         ref = _make_layer(mode)
         xr = x.clone().requires_grad_()
@@ -200,21 +207,23 @@ def _check_layers(dims: ParallelDims, rank: int) -> None:
         params = dict(ref.named_parameters())
         want = torch.autograd.grad(out_ref, [xr] + [params[n] for n in names], g)
         want = list(want)
-        for i in range(2, 5):
+        for i, ffn_dim in ((2, 2), (3, 2), (4, 1)):
             dist.all_reduce(want[i], group=group)
-            want[i] = want[i][lo : lo + E // P]
-        for kind, dedup in (("alltoall", True), ("alltoall", False), ("allgather", True)):
+            want[i] = want[i][lo : lo + El].narrow(ffn_dim, f0, F_l)
+        for kind, dedup in kinds:
             layer = copy.deepcopy(ref)
             apply_expert_parallel(layer, dims, kind, dedup=dedup)
-            assert layer.experts.expert_offset == lo and layer.experts.w1.shape[0] == E // P
+            assert layer.experts.expert_offset == lo and layer.experts.w1.shape[0] == El
+            assert layer.experts.w1.shape[2] == F_l and layer.experts.ffn_offset == f0
             xe = x.clone().requires_grad_()
             out = layer(xe)
             params = dict(layer.named_parameters())
             got = torch.autograd.grad(out, [xe] + [params[n] for n in names], g)
-            tag = f"{mode} {kind} dedup={dedup} ep{P}"
+            tag = f"{mode} {kind} dedup={dedup} ep{P} etp{Q}"
             torch.testing.assert_close(out, out_ref, **TOL, msg=tag)
             for n, a, b in zip(["x"] + names, got, want):
                 torch.testing.assert_close(a, b, **TOL, msg=f"{tag} grad {n}")
+            assert layer.dispatcher.bytes_sent > 0  # every rank sends rows to its peers
 
 
 def _check_model(dims: ParallelDims, rank: int) -> None:
@@ -235,22 +244,64 @@ def _check_model(dims: ParallelDims, rank: int) -> None:
     real = copy.deepcopy(full)
     apply_expert_parallel(real, dims)
     lo, n = dims.coords()["ep"] * (E // dims.ep), E // dims.ep
+    F_l = FFN // dims.etp
+    f0 = dims.coords()["etp"] * F_l
     want = dict(full.named_parameters())
     for model in (meta, real):
         for name, p in model.named_parameters():
-            ref = want[name][lo : lo + n] if ".experts." in name else want[name]
+            ref = want[name]
+            if ".experts." in name:
+                ref = ref[lo : lo + n].narrow(1 if name.endswith("w2") else 2, f0, F_l)
             assert torch.equal(p, ref), name
-    for layer, ref in zip(real.moe_layers(), full.moe_layers()):
-        for name, w in gather_expert_weights(layer, dims.group("ep")).items():
-            assert torch.equal(w, getattr(ref.experts, name)), name
+    if dims.etp == 1:
+        for layer, ref in zip(real.moe_layers(), full.moe_layers()):
+            for name, w in gather_expert_weights(layer, dims.group("ep")).items():
+                assert torch.equal(w, getattr(ref.experts, name)), name
     tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
     torch.testing.assert_close(real(tokens), full(tokens), **TOL)
 
 
+def _check_token_group(rank: int, world: int) -> None:
+    """A router on this rank's 1/world of every sequence, with SeqChunkGroup over the
+    world, equals the router on the whole micro-batch: counts, drops, the three losses,
+    the kept mask, and the router-weight gradient (summed over the group)."""
+    group = dist.group.WORLD
+    B, S = 2, 8
+    S_l = S // world
+    for cap in (None, "probs", "position"):
+        moe = MoEConfig(num_experts=E, top_k=2, aux_loss_coeff=1.0, seq_aux_loss_coeff=1.0,
+                        z_loss_coeff=1.0, capacity_factor=None if cap is None else 0.5,
+                        drop_policy=cap or "probs")
+        ref = _make_layer("dropless").router
+        ref.moe = moe
+        x = torch.randn(B, S, D, generator=torch.Generator().manual_seed(3))
+        full = ref(x.reshape(-1, D), num_seqs=B)
+        loss_full = full.aux_loss + full.seq_aux_loss + full.z_loss
+        (want,) = torch.autograd.grad(loss_full, ref.weight)
+        mine = copy.deepcopy(ref)
+        x_l = x[:, rank * S_l : (rank + 1) * S_l].reshape(-1, D)
+        out = mine(x_l, num_seqs=B, group=SeqChunkGroup(group))
+        tag = f"token group, capacity={cap}"
+        assert torch.equal(out.counts_E, full.counts_E), tag
+        assert torch.equal(out.num_dropped, full.num_dropped), tag
+        assert out.num_assignments == full.num_assignments
+        for name in ("aux_loss", "seq_aux_loss", "z_loss"):
+            torch.testing.assert_close(getattr(out, name), getattr(full, name), **TOL,
+                                       msg=f"{tag} {name}")
+        if cap is not None:
+            kept = full.routing.kept_TK.view(B, S, -1)[:, rank * S_l : (rank + 1) * S_l]
+            assert torch.equal(out.routing.kept_TK, kept.reshape(-1, kept.shape[-1])), tag
+            assert full.num_dropped > 0, tag
+        (got,) = torch.autograd.grad(out.aux_loss + out.seq_aux_loss + out.z_loss, mine.weight)
+        torch.testing.assert_close(got, want, **TOL, msg=f"{tag} router grad")
+
+
 def _worker(rank: int, world: int) -> int:
-    for ep in LAYOUTS[world]:
-        dims = _dims(world, ep)
-        _check_dispatchers(dims, rank)
+    _check_token_group(rank, world)
+    for ep, etp in LAYOUTS[world]:
+        dims = _dims(world, ep, etp)
+        if etp == 1:
+            _check_dispatchers(dims, rank)
         _check_layers(dims, rank)
         _check_model(dims, rank)
     return rank
@@ -282,9 +333,10 @@ def test_spawn_fails_fast():
 
 
 def test_apply_expert_parallel_rejects_bad_layouts():
-    layer = MoELayer(ModelConfig(hidden_size=D, moe=MoEConfig(num_experts=E, top_k=2)))
-    etp = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=2, etp=2), 4)
-    with pytest.raises(NotImplementedError, match=r"parallel\.etp=2"):
+    layer = MoELayer(ModelConfig(hidden_size=D, moe=MoEConfig(
+        num_experts=E, top_k=2, expert_ffn_hidden_size=FFN)))
+    etp = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=1, etp=3), 3)
+    with pytest.raises(ConfigError, match=r"parallel\.etp=3 does not divide .*=8"):
         apply_expert_parallel(layer, etp)
     ep3 = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=3, etp=1), 3)
     with pytest.raises(

@@ -24,32 +24,51 @@ def _ok(proc):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize(
-    "save_layout, resume_layout",
-    [
-        ((4, ["parallel.ep=4"]), (1, [])),  # EP4 (edp 1) -> one process
-        ((4, ["parallel.ep=4"]), (4, ["parallel.ep=2"])),  # EP4 -> EP2 x EDP2 (FSDP experts)
-        ((2, ["parallel.dp_engine=fsdp"]), (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
-        ((2, ["parallel.tp=2", "parallel.sequence_parallel=true"]), (1, [])),  # TP2 -> TP1
-        ((1, []), (4, ["parallel.tp=2", "parallel.dp_engine=ddp"])),  # 1 process -> TP2 x DP2
-    ],
-    ids=[
-        "ep4_to_single",
-        "ep4_to_ep2xedp2",
-        "dp2fsdp_to_ep2ddp",
-        "tp2sp_to_single",
-        "single_to_tp2xdp2",
-    ],
-)
+KV4 = ["model.num_kv_heads=4"]  # lets TP4 split the tiny model's heads
+# (name, model overrides, save layout, resume layout); a layout is (processes, overrides)
+CASES = [
+    ("ep4_to_single", [], (4, ["parallel.ep=4"]), (1, [])),
+    ("ep4_to_ep2xedp2", [], (4, ["parallel.ep=4"]), (4, ["parallel.ep=2"])),  # FSDP experts
+    ("dp2fsdp_to_ep2ddp", [], (2, ["parallel.dp_engine=fsdp"]),
+     (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
+    ("tp2sp_to_single", [], (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]), (1, [])),
+    ("single_to_tp2xdp2", [], (1, []), (4, ["parallel.tp=2", "parallel.dp_engine=ddp"])),
+    ("tp2_to_tp4", KV4, (2, ["parallel.tp=2"]),
+     (4, ["parallel.tp=4", "parallel.sequence_parallel=true"])),
+    # ETP-sliced experts (FFN dim) -> a different ETP split and no EP
+    ("tp2xep2xetp2_to_tp4xetp4", KV4,
+     (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.dp_engine=ddp"]),
+     (4, ["parallel.tp=4", "parallel.etp=4"])),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, moefold_cache):
+    """The uninterrupted single-process run, per model variant."""
+    runs: dict[tuple, dict] = {}
+
+    def get(model: list[str]) -> dict:
+        if tuple(model) not in runs:
+            run_dir = tmp_path_factory.mktemp("ref")
+            _ok(run_cli([*ARGS, *model, f"run_dir={run_dir}"], cache_dir=moefold_cache))
+            runs[tuple(model)] = read_metrics(run_dir)
+        return runs[tuple(model)]
+
+    return get
+
+
+@pytest.mark.parametrize("name, model, save_layout, resume_layout", CASES,
+                         ids=[c[0] for c in CASES])
 def test_checkpoint_resumes_under_another_layout(
-    save_layout, resume_layout, tmp_path, moefold_cache
+    name, model, save_layout, resume_layout, reference, tmp_path, moefold_cache
 ):
-    ref_dir, save_dir, resume_dir = tmp_path / "ref", tmp_path / "save", tmp_path / "resume"
-    _ok(run_cli([*ARGS, f"run_dir={ref_dir}"], cache_dir=moefold_cache))
+    save_dir, resume_dir = tmp_path / "save", tmp_path / "resume"
+    ref = reference(model)
     n, extra = save_layout
     _ok(
         run_cli(
-            [*ARGS, f"run_dir={save_dir}", f"trainer.stop_after_steps={SAVE_AT}", *extra],
+            [*ARGS, *model, f"run_dir={save_dir}", f"trainer.stop_after_steps={SAVE_AT}",
+             *extra],
             cache_dir=moefold_cache,
             nproc=n,
         )
@@ -58,12 +77,12 @@ def test_checkpoint_resumes_under_another_layout(
     assert ckpt.is_dir()
     n, extra = resume_layout
     proc = run_cli(
-        [*ARGS, f"run_dir={resume_dir}", f"checkpoint.resume={ckpt}", *extra],
+        [*ARGS, *model, f"run_dir={resume_dir}", f"checkpoint.resume={ckpt}", *extra],
         cache_dir=moefold_cache,
         nproc=n,
     )
     _ok(proc)
-    ref, got = read_metrics(ref_dir), read_metrics(resume_dir)
+    got = read_metrics(resume_dir)
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in got:
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
