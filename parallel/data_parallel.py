@@ -62,7 +62,8 @@ class DataParallel:
         distinct = self.dims.ep * self.dims.etp if is_expert_param(name) else 1
         if isinstance(p, DTensor):
             for size, placement in zip(p.device_mesh.shape, p.placements):
-                if placement.is_shard():
+                # FSDP over TP shards with _StridedShard, whose is_shard() is False
+                if placement.is_shard() or hasattr(placement, "dim"):
                     distinct *= size
         return self.dims.world_size // self.dims.pp // distinct
 

@@ -98,11 +98,6 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             2,
             "trainer.seq_len=33 must be a multiple of parallel.tp=2: MoE layers split",
         ),
-        (
-            ["parallel.tp=2"],
-            4,
-            "parallel.dp_engine=fsdp with parallel.tp=2 and data parallel size 2",
-        ),
         (["parallel.sequence_parallel=true"], 2, "needs parallel.tp > 1"),
         (
             ["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.seq_len=33"],

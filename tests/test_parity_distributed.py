@@ -67,6 +67,9 @@ LAYOUTS = [
     ("tp2_etp2_padded", 2, "capacity",
      ["parallel.tp=2", "parallel.etp=2", "model.moe.pad_to_capacity=true"]),
     ("dp4_ep2xetp2", 4, "dropless", ["parallel.ep=2", "parallel.etp=2"]),
+    # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
+    ("tp2xdp2_sp_fsdp", 4, "dropless",
+     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
 ]
 LOSS_RTOL = 1e-5
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4

@@ -33,6 +33,9 @@ CASES = [
      (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
     ("tp2sp_to_single", [], (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]), (1, [])),
     ("single_to_tp2xdp2", [], (1, []), (4, ["parallel.tp=2", "parallel.dp_engine=ddp"])),
+    ("tp2xdp2fsdp_to_ep2", [],
+     (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
+     (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
     ("tp2_to_tp4", KV4, (2, ["parallel.tp=2"]),
      (4, ["parallel.tp=4", "parallel.sequence_parallel=true"])),
     # ETP-sliced experts (FFN dim) -> a different ETP split and no EP

@@ -294,13 +294,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                 f"trainer.seq_len={t.seq_len} must be a multiple of parallel.tp={p.tp}: MoE "
                 "layers split every sequence across the TP ranks"
             )
-        if p.dp_engine == "fsdp" and dims.dp * dims.cp > 1:
-            # FSDP2 over TP-sharded DTensors gives wrong gradient norms here (found by the
-            # parity test); refuse rather than train wrong.
-            raise ConfigError(
-                f"parallel.dp_engine=fsdp with parallel.tp={p.tp} and data parallel size "
-                f"{dims.dp * dims.cp} is not supported yet (valid: parallel.dp_engine=ddp)"
-            )
     if p.sequence_parallel:
         if p.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
