@@ -94,6 +94,12 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             "(the model has no experts)",
         ),
         (
+            ["parallel.tp=2", "model.vocab_size=2049"],
+            2,
+            "model.vocab_size=2049 is not a multiple of parallel.tp=2: the vocabulary is split "
+            "evenly across TP ranks; pad it (e.g. model.vocab_size=2050;",
+        ),
+        (
             ["parallel.tp=2", "trainer.seq_len=33"],
             2,
             "trainer.seq_len=33 must be a multiple of parallel.tp=2: MoE layers split",

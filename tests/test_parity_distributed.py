@@ -67,6 +67,13 @@ LAYOUTS = [
     ("tp2_etp2_padded", 2, "capacity",
      ["parallel.tp=2", "parallel.etp=2", "model.moe.pad_to_capacity=true"]),
     ("dp4_ep2xetp2", 4, "dropless", ["parallel.ep=2", "parallel.etp=2"]),
+    # Pipeline parallelism (torch.distributed.pipelining), aux losses through every stage
+    ("pp2_1f1b", 2, "dropless", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    ("pp2_gpipe_uneven", 2, "capacity",
+     ["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_layers=[1,3]"]),
+    ("pp2xdp2_ep2", 4, "dropless", ["parallel.pp=2", "parallel.ep=2"]),
+    ("pp2xtp2_sp", 4, "dropless",
+     ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),

@@ -46,7 +46,8 @@ class ParallelConfig:
     vpp: int = 1
     sequence_parallel: bool = False
     dp_engine: str = "fsdp"  # fsdp | ddp | none
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | zero_bubble
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b (interleaved_1f1b | zero_bubble: reserved)
+    pp_layers: Optional[list[int]] = None  # layers per pipeline stage; None = even split
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
 
@@ -264,15 +265,15 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
-    unsupported = {k: getattr(p, k) for k in ("cp", "pp") if getattr(p, k) > 1}
-    if unsupported:
-        key, value = next(iter(unsupported.items()))
+    if p.cp > 1:
         raise ConfigError(
-            f"parallel.{key}={value}: context and pipeline parallelism are not available in "
-            "this build yet (supported: data parallel, parallel.tp with sequence_parallel, "
-            "parallel.ep, parallel.etp)"
+            f"parallel.cp={p.cp}: context parallelism is not available in this build yet "
+            "(supported: data parallel, parallel.tp with sequence_parallel, parallel.ep, "
+            "parallel.etp, parallel.pp)"
         )
     m = cfg.model
+    if p.pp > 1 or p.vpp > 1 or p.pp_layers:
+        _validate_pipeline(cfg, dims)
     if p.etp > 1:
         ffn = m.moe.expert_ffn_hidden_size
         if n_exp == 0 or ffn % p.etp:
@@ -289,6 +290,13 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                     f"parallel.tp={p.tp} does not divide model.{key}={getattr(m, key)} "
                     f"(valid tp: {', '.join(map(str, valid))})"
                 )
+        if m.vocab_size % p.tp:
+            padded = -(-m.vocab_size // p.tp) * p.tp
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is not a multiple of parallel.tp={p.tp}: the "
+                f"vocabulary is split evenly across TP ranks; pad it (e.g. "
+                f"model.vocab_size={padded}; ids past the tokenizer's are never targets)"
+            )
         if n_exp and t.seq_len % p.tp:
             raise ConfigError(
                 f"trainer.seq_len={t.seq_len} must be a multiple of parallel.tp={p.tp}: MoE "
@@ -307,6 +315,34 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "
             "replicas (valid: fsdp, ddp)"
         )
+
+def _validate_pipeline(cfg: Config, dims) -> None:
+    from parallel.pipeline import SCHEDULES, split_layers
+
+    p, m, t = cfg.parallel, cfg.model, cfg.trainer
+    if p.vpp > 1:
+        raise ConfigError(
+            f"parallel.vpp={p.vpp}: virtual pipeline stages (interleaved schedules) are not "
+            "available yet (valid: parallel.vpp=1)"
+        )
+    if p.pp_schedule not in SCHEDULES:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} is not available yet "
+            f"(valid: {', '.join(SCHEDULES)})"
+        )
+    if m.tie_embeddings and p.pp > 1:
+        raise ConfigError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
+    try:
+        split_layers(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    if p.pp > 1 and n_micro < p.pp:
+        raise ConfigError(
+            f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step, got "
+            f"trainer.global_batch_size/(micro_batch_size*dp)={n_micro}"
+        )
+
 
 __all__ = [
     "Config",

@@ -93,6 +93,22 @@ class Trainer:
         # Meta build -> expert sharding -> materialise -> seeded init (name-keyed, so every
         # layout initialises every parameter exactly as the single-process model) -> DP.
         model = build_model(model_cfg, device="meta")
+        self.pp_split = None
+        if self.dims.pp > 1:
+            from parallel.pipeline import PipelineSplit, pipeline_report, stage_module
+
+            split = list(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None
+            self.pp_split = PipelineSplit(
+                model_cfg.num_layers, self.dims.pp, self.dims.pp_rank, split
+            )
+            self.pp_report = pipeline_report(model, self.pp_split, cfg.parallel.pp_schedule,
+                                             self.num_micro)
+            model = stage_module(model, self.pp_split)
+        # Global MoE index of each of this stage's MoE layers (all of them without PP).
+        pattern = moe_layer_pattern(cfg.model)
+        self.moe_layer_ids = [i for i, moe in enumerate(pattern) if moe]
+        self.moe_local_pos = [self.moe_layer_ids.index(int(k)) for k in model.layers
+                              if pattern[int(k)]]
         if self.dims.ep * self.dims.etp > 1:
             from parallel.expert_parallel import apply_expert_parallel
 
@@ -115,10 +131,21 @@ class Trainer:
         self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine)
         self.model = model
         self.moe_layers = model.moe_layers()
-        self.moe_layer_ids = [i for i, moe in enumerate(moe_layer_pattern(cfg.model)) if moe]
         set_aux_loss_scale(model, 1.0 / (self.num_micro * self.dp_size))
 
         self.optimizer = build_optimizer(model, cfg.optim)
+        self.schedule = None
+        if self.pp_split is not None:
+            from parallel.pipeline import build_schedule
+
+            self._pp_loss_sums: list[torch.Tensor] = []
+            self._pp_primed = False
+            self._pp_num_tokens = torch.ones((), device=self.device)
+            self.schedule = build_schedule(
+                model, self.pp_split, schedule=cfg.parallel.pp_schedule,
+                n_microbatches=self.num_micro, loss_fn=self._pp_loss,
+                device=self.device, group=self.dims.group("pp"),
+            )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.state = ckpt.TrainState()
         if self.resume_from is not None:
@@ -155,6 +182,8 @@ class Trainer:
         )
         if self.world_size > 1:
             self.logger.info(self.dims.describe())
+        if self.pp_split is not None:
+            self.logger.info(self.pp_report)
         if self.resume_from is not None:
             self.logger.info(
                 f"resumed from {self.resume_from} at step {self.state.step} "
@@ -170,11 +199,46 @@ class Trainer:
     def _forward_loss_sum(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
             logits = self.model(mb["tokens"], mb["position_ids"])
+        return self._loss_sum(logits, mb["labels"], mb["loss_mask"])
+
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
         if self.dims.tp > 1:  # vocab-sharded logits: CE without gathering them
             from parallel.tensor_parallel import tp_cross_entropy_sum
 
-            return tp_cross_entropy_sum(logits, mb["labels"], mb["loss_mask"])
-        return lm_loss_sum(logits, mb["labels"], mb["loss_mask"])
+            return tp_cross_entropy_sum(logits, labels, mask)
+        return lm_loss_sum(logits, labels, mask)
+
+    def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Last pipeline stage, one micro-batch: ``target`` holds the labels with -1 where
+        the loss mask is 0. Returns the micro-batch's share of the global objective."""
+        mask = target >= 0
+        loss_sum = self._loss_sum(logits, target.clamp(min=0), mask)
+        self._pp_loss_sums.append(loss_sum.detach())
+        return loss_sum / self._pp_num_tokens
+
+    def _pp_run(self, mbs: list[dict[str, torch.Tensor]], num_tokens, train: bool):
+        """One pass of the pipeline schedule over ``mbs``; returns this rank's summed LM
+        loss (non-zero on the last stage only)."""
+        if not self._pp_primed:
+            # torch.distributed.pipelining infers the inter-stage shapes by running a real
+            # forward/backward (and our loss_fn) inside the first step(); that pass would
+            # leak into the MoE statistics and the logged loss. Run it once on this batch
+            # and discard it: gradients zeroed, statistics popped, nothing else changes.
+            self._pp_primed = True
+            self._pp_run(mbs, num_tokens, train=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            for layer in self.moe_layers:
+                layer.pop_stats()
+        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+        target = torch.where(cat["loss_mask"] > 0, cat["labels"], -1)
+        args = (cat["tokens"],) if self.pp_split.is_first else ()
+        self._pp_loss_sums, self._pp_num_tokens = [], num_tokens
+        run = self.schedule.step if train else self.schedule.eval
+        with self._autocast():
+            run(*args, target=target, losses=[], return_outputs=False,
+                position_ids_BT=cat["position_ids"])
+        return torch.stack(self._pp_loss_sums).sum() if self._pp_loss_sums else torch.zeros(
+            (), device=self.device)
 
     def _to_device(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         return [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
@@ -192,7 +256,11 @@ class Trainer:
         num_tokens = self._sum_over_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum())
         lm_sum = torch.zeros((), device=self.device)
         sent = 0  # activation bytes this rank's dispatchers sent (host ints, no sync)
-        for mb in mbs:
+        if self.schedule is not None:
+            lm_sum = self._sum_over_pp(self._pp_run(mbs, num_tokens, train=True))
+            # the dispatchers keep the last micro-batch's counts: an estimate under PP
+            sent = len(mbs) * sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
+        for mb in mbs if self.schedule is None else ():
             loss_sum = self._forward_loss_sum(mb)
             (loss_sum / num_tokens).backward()
             lm_sum += loss_sum.detach()
@@ -207,8 +275,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         moe = self._pop_moe_stats()
-        for layer, counts in zip(self.moe_layers, moe.get("counts_LE", [])):
-            layer.update_expert_bias(counts)
+        if self.moe_layer_ids:
+            for pos, layer in zip(self.moe_local_pos, self.moe_layers):
+                layer.update_expert_bias(moe["counts_LE"][pos])
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         metrics = {
@@ -221,25 +290,39 @@ class Trainer:
         }
         return metrics
 
+    _STAT_KEYS = ("dropped", "assignments", "aux_loss", "seq_aux_loss", "z_loss")
+
     def _pop_moe_stats(self) -> dict[str, Any]:
-        if not self.moe_layers:
+        """Every MoE layer's statistics since the last call, summed over the ranks holding
+        different tokens and gathered over pipeline stages: one collective per group."""
+        if not self.moe_layer_ids:
             return {"aux_loss": 0.0}
-        stats = [self._sum_stats_over_dp(layer.pop_stats()) for layer in self.moe_layers]
-        counts = torch.stack([s["counts"] for s in stats])
+        E, keys = self.cfg.model.moe.num_experts, self._STAT_KEYS
+        table = torch.zeros(len(self.moe_layer_ids), E + len(keys), device=self.device)
+        for pos, layer in zip(self.moe_local_pos, self.moe_layers):
+            s = layer.pop_stats()
+            table[pos] = torch.cat([s["counts"], torch.stack([s[k].float() for k in keys])])
+        table = self._sum_over_pp(self._sum_over_dp(table))
+        counts = table[:, :E]
+        col = {k: table[:, E + i] for i, k in enumerate(keys)}
         per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
-        dropped = torch.stack([s["dropped"] for s in stats]).sum()
-        assignments = torch.stack([s["assignments"] for s in stats]).sum()
-        out = {
-            "aux_loss": sum(s["aux_loss"] + s["seq_aux_loss"] + s["z_loss"] for s in stats),
-            "load_balance_loss": sum(s["aux_loss"] for s in stats),
-            "seq_aux_loss": sum(s["seq_aux_loss"] for s in stats),
-            "z_loss": sum(s["z_loss"] for s in stats),
+        return {
+            "aux_loss": (col["aux_loss"] + col["seq_aux_loss"] + col["z_loss"]).sum(),
+            "load_balance_loss": col["aux_loss"].sum(),
+            "seq_aux_loss": col["seq_aux_loss"].sum(),
+            "z_loss": col["z_loss"].sum(),
             "expert_load_max": per_layer_max_over_mean.max(),
             "expert_load_mean_max": per_layer_max_over_mean.mean(),
-            "dropped_frac": dropped / assignments.clamp_min(1),
+            "dropped_frac": col["dropped"].sum() / col["assignments"].sum().clamp_min(1),
             "counts_LE": counts,
         }
-        return out
+
+    def _sum_over_pp(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the pipeline ranks (each holds different layers)."""
+        if self.dims.pp > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.dims.group("pp"))
+        return x
 
     def _sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks holding different tokens (dense dp x cp group)."""
@@ -248,19 +331,6 @@ class Trainer:
             dist.all_reduce(x, group=self.dims.group("dp_cp"))
         return x
 
-    def _sum_stats_over_dp(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # One collective for all of a layer's statistics.
-        if self.dims.dp * self.dims.cp == 1:
-            return stats
-        keys = list(stats)
-        flat = self._sum_over_dp(torch.cat([stats[k].float().reshape(-1) for k in keys]))
-        out, i = {}, 0
-        for k in keys:
-            n = stats[k].numel()
-            out[k] = flat[i : i + n].reshape(stats[k].shape)
-            i += n
-        return out
-
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.trainer
@@ -268,11 +338,14 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
         for it in range(t.eval_iters):
-            for mb in self._to_device(
+            mbs = self._to_device(
                 self.data.valid_microbatches(it, t.micro_batch_size, self.dp_rank, self.dp_size)
-            ):
+            )
+            if self.schedule is not None:
+                total += self._sum_over_pp(self._pp_run(mbs, tokens.new_ones(()), train=False))
+            for mb in mbs if self.schedule is None else ():
                 total += self._forward_loss_sum(mb)
-                tokens += mb["loss_mask"].sum()
+            tokens += sum(mb["loss_mask"].sum() for mb in mbs)
         self._pop_moe_stats()  # validation routing is not training load
         total, tokens = self._sum_over_dp(total), self._sum_over_dp(tokens)
         return (total / tokens.clamp_min(1)).item()
