@@ -77,7 +77,25 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             4,
             "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
         ),
-        (["parallel.cp=2"], 2, "parallel.cp=2: context and pipeline parallelism"),
+        (["parallel.cp=2"], 2, "parallel.cp=2: context parallelism is not available"),
+        (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.vpp=2: virtual pipeline stages"),
+        (
+            ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"],
+            2,
+            "parallel.pp_schedule=zero_bubble is not available yet (valid: gpipe, 1f1b)",
+        ),
+        (["parallel.pp=2", "model.tie_embeddings=true"], 2, "cannot be pipelined"),
+        (
+            ["parallel.pp=2", "parallel.pp_layers=[1,2]"],
+            2,
+            "parallel.pp_layers=[1, 2] must list 2 positive layer counts summing to "
+            "model.num_layers=4",
+        ),
+        (
+            ["parallel.pp=4", "trainer.global_batch_size=4", "trainer.micro_batch_size=2"],
+            4,
+            "parallel.pp=4 needs at least 4 micro-batches per step, got",
+        ),
         (
             ["parallel.tp=4", "model.num_kv_heads=2"],
             4,
