@@ -43,7 +43,7 @@ class DataParallel:
         self.dense_size = dims.dp * dims.cp
         # Routed experts see the tokens of their whole edp group (TP ranks split a
         # micro-batch's tokens at MoE entry, so they are edp peers too).
-        self.expert_group, self.expert_size = "edp", dims.edp
+        self.expert_size = dims.edp
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
@@ -62,8 +62,9 @@ class DataParallel:
         distinct = self.dims.ep * self.dims.etp if is_expert_param(name) else 1
         if isinstance(p, DTensor):
             for size, placement in zip(p.device_mesh.shape, p.placements):
-                # FSDP over TP shards with _StridedShard, whose is_shard() is False
-                if placement.is_shard() or hasattr(placement, "dim"):
+                # Shard and _StridedShard (FSDP over TP; its is_shard() is False) both
+                # split a dim; Replicate and Partial have none.
+                if hasattr(placement, "dim"):
                     distinct *= size
         return self.dims.world_size // self.dims.pp // distinct
 
@@ -85,7 +86,7 @@ class DataParallel:
                 # checkpoint path).
                 w2 = layer.experts.w2
                 managed.append(fully_shard(
-                    layer.experts, mesh=dims.mesh(self.expert_group),
+                    layer.experts, mesh=dims.mesh("edp"),
                     shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
         if self.dense_size > 1:
             for block in model.layers.values():
@@ -110,7 +111,7 @@ class DataParallel:
                            self.dims.group("dp_cp"))
         if self.expert_size > 1:
             _allreduce_sum([p for p in self.expert_params if p.grad is not None],
-                           self.dims.group(self.expert_group))
+                           self.dims.group("edp"))
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every parameter, each shard counted exactly once across all

@@ -225,7 +225,8 @@ class Trainer:
             # leak into the MoE statistics and the logged loss. Run it once on this batch
             # and discard it: gradients zeroed, statistics popped, nothing else changes.
             self._pp_primed = True
-            self._pp_run(mbs, num_tokens, train=True)
+            with torch.enable_grad():  # also when the first pass is a validation one
+                self._pp_run(mbs, num_tokens, train=True)
             self.optimizer.zero_grad(set_to_none=True)
             for layer in self.moe_layers:
                 layer.pop_stats()
@@ -260,11 +261,12 @@ class Trainer:
             lm_sum = self._sum_over_pp(self._pp_run(mbs, num_tokens, train=True))
             # the dispatchers keep the last micro-batch's counts: an estimate under PP
             sent = len(mbs) * sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
-        for mb in mbs if self.schedule is None else ():
-            loss_sum = self._forward_loss_sum(mb)
-            (loss_sum / num_tokens).backward()
-            lm_sum += loss_sum.detach()
-            sent += sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
+        else:
+            for mb in mbs:
+                loss_sum = self._forward_loss_sum(mb)
+                (loss_sum / num_tokens).backward()
+                lm_sum += loss_sum.detach()
+                sent += sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
         lm_sum = self._sum_over_dp(lm_sum)
         lr = self.scheduler.get_last_lr()[0]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -341,13 +343,15 @@ class Trainer:
             mbs = self._to_device(
                 self.data.valid_microbatches(it, t.micro_batch_size, self.dp_rank, self.dp_size)
             )
-            if self.schedule is not None:
-                total += self._sum_over_pp(self._pp_run(mbs, tokens.new_ones(()), train=False))
-            for mb in mbs if self.schedule is None else ():
-                total += self._forward_loss_sum(mb)
+            if self.schedule is not None:  # the loss lands on the last stage only
+                total += self._pp_run(mbs, tokens.new_ones(()), train=False)
+            else:
+                for mb in mbs:
+                    total += self._forward_loss_sum(mb)
             tokens += sum(mb["loss_mask"].sum() for mb in mbs)
         self._pop_moe_stats()  # validation routing is not training load
-        total, tokens = self._sum_over_dp(total), self._sum_over_dp(tokens)
+        total = self._sum_over_dp(self._sum_over_pp(total))
+        tokens = self._sum_over_dp(tokens)
         return (total / tokens.clamp_min(1)).item()
 
     # -- loop -----------------------------------------------------------------------
