@@ -38,8 +38,13 @@ def is_expert_param(name: str) -> bool:
 class DataParallel:
     """Applies a DP engine to a model and owns gradient reduction and clipping."""
 
-    def __init__(self, model: nn.Module, dims: ParallelDims, engine: str):
+    def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
+                 roots: list[nn.Module] | None = None):
+        """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
+        pipeline parallelism with several stages per rank they are the stage chunks, which
+        share ``model``'s submodules (parallel/pipeline.py)."""
         self.model, self.dims, self.engine = model, dims, engine
+        self.roots = roots or [model]
         self.dense_size = dims.dp * dims.cp
         # Routed experts see the tokens of their whole edp group (TP ranks split a
         # micro-batch's tokens at MoE entry, so they are edp peers too).
@@ -76,6 +81,12 @@ class DataParallel:
 
         model, dims = self.model, self.dims
         expert_params = set(self.expert_params)
+        # Under PP a stage runs several micro-batches before its gradients are reduced:
+        # keeping its parameters gathered from forward to the last backward saves an
+        # all-gather per micro-batch (torchtitan does the same), and the zero-bubble
+        # schedules need it — their weight-gradient pass differentiates with respect to
+        # the module's current parameters, which must be the gathered ones.
+        reshard = dims.pp == 1
         managed = []
         for layer in model.modules():
             if isinstance(layer, MoELayer):
@@ -86,12 +97,19 @@ class DataParallel:
                 # checkpoint path).
                 w2 = layer.experts.w2
                 managed.append(fully_shard(
-                    layer.experts, mesh=dims.mesh("edp"),
+                    layer.experts, mesh=dims.mesh("edp"), reshard_after_forward=reshard,
                     shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
-        if self.dense_size > 1:
+        # Under PP every FSDP module must sit under a stage root that PipelineStage manages
+        # (it defers the reduce-scatter to the last micro-batch and keeps the parameters
+        # gathered across the zero-bubble schedules' split backward), so the stages are
+        # wrapped even when the dense group is a single rank.
+        if self.dense_size > 1 or dims.pp > 1:
             for block in model.layers.values():
-                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp")))
-            managed.append(fully_shard(model, mesh=dims.mesh("dp_cp")))
+                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
+                                           reshard_after_forward=reshard))
+            for root in self.roots:  # embedding / norm / head, and the root state
+                managed.append(fully_shard(root, mesh=dims.mesh("dp_cp"),
+                                           reshard_after_forward=reshard))
         for m in managed:
             m.set_gradient_divide_factor(1.0)  # sum, see module docstring
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)

@@ -1,37 +1,92 @@
 """Pipeline parallelism on ``torch.distributed.pipelining`` (no hand-written schedules).
 
-The model is cut by layers into ``pp`` stages; stage ``s`` runs on pipeline rank ``s``.
-A stage is the plain ``Transformer`` with the layers it does not own deleted (the
-``layers`` ModuleDict keeps the global keys, so parameter names — and therefore
-checkpoints, seeded initialisation and the expert-load plots — are the same as in the
-unsplit model), ``tok_embeddings`` only on the first stage and ``norm`` + ``output`` only
-on the last. TP, EP, activation checkpointing and the DP engine are applied to the stage
-afterwards, exactly as to a whole model.
+The model is cut by layers into ``pp * vpp`` stages. Stage ``s`` runs on pipeline rank
+``s % pp`` for the looped schedules (each rank holds ``vpp`` stages, Megatron's virtual
+pipeline) and on ``s`` / ``2*pp-1-s`` for the V-shaped zero-bubble schedule, where rank 0
+holds both the first and the last stage.
+
+Modules. A rank's *stage module* is the plain ``Transformer`` with the layers it does not
+own deleted (the ``layers`` ModuleDict keeps the global keys, so parameter names — and
+therefore checkpoints, seeded initialisation and the expert-load plots — are the same as in
+the unsplit model), ``tok_embeddings`` only if it holds stage 0 and ``norm`` + ``output``
+only if it holds the last stage. TP, EP, activation checkpointing, the optimizer and
+checkpoints work on it exactly as on a whole model. With ``vpp > 1`` the schedule runs
+*chunks*: one module per local stage that shares the stage module's submodules (no copy)
+and runs the model's own ``forward`` over its layers. The DP engine makes each chunk an
+FSDP root, so ``PipelineStage`` can defer the gradient reduce-scatter to the last
+micro-batch, as it does for one stage per rank.
 
 Loss: the last stage's ``loss_fn`` returns ``sum of token losses / tokens of the global
 batch`` per micro-batch and the schedule does not rescale (``scale_grads=False``), the
 same objective as without PP. MoE aux losses need nothing special: they enter the graph
 through an identity autograd function on each MoE layer's output (models/moe.py), so the
-backward of every stage — whatever order the schedule runs it in — delivers their
-gradients to that stage's routers; their logged values are summed over the pipeline
-ranks by the trainer.
-
-Version 1 limits: one stage per rank (``parallel.vpp=1``) with the GPipe and 1F1B
-schedules; tied embeddings are refused (the first and last stage would share a weight).
+stage backward — full, or split into input and weight halves by the zero-bubble
+schedules — delivers their gradients to that stage's routers whatever order the schedule
+runs it in; their logged values are summed over the pipeline ranks by the trainer.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["PipelineSplit", "bubble_fraction", "build_schedule", "split_layers", "stage_module"]
+__all__ = [
+    "SCHEDULES",
+    "PipelineSplit",
+    "bubble_fraction",
+    "build_schedule",
+    "check_microbatches",
+    "split_layers",
+    "stage_chunks",
+    "stage_module",
+]
 
-SCHEDULES = ("gpipe", "1f1b")
+
+class ScheduleInfo(NamedTuple):
+    torch_class: str
+    style: str  # "single" (one stage per rank), "loop" (stage s on rank s % pp) or "v"
+    zero_bubble: bool = False
+
+
+SCHEDULES = {
+    "gpipe": ScheduleInfo("ScheduleGPipe", "single"),
+    "1f1b": ScheduleInfo("Schedule1F1B", "single"),
+    "interleaved_1f1b": ScheduleInfo("ScheduleInterleaved1F1B", "loop"),
+    "interleaved_zb": ScheduleInfo("ScheduleInterleavedZeroBubble", "loop", zero_bubble=True),
+    "zbv": ScheduleInfo("ScheduleZBVZeroBubble", "v", zero_bubble=True),
+}
+
+
+def check_microbatches(schedule: str, pp: int, vpp: int, n_microbatches: int) -> None:
+    """The schedule's constraints on ``(pp, vpp, micro-batches)``, as ``ValueError``s that
+    name the config keys (checked before launch)."""
+    info = SCHEDULES.get(schedule)
+    if info is None:
+        raise ValueError(f"parallel.pp_schedule={schedule!r} is not one of: {', '.join(SCHEDULES)}")
+    if info.style == "single" and vpp != 1:
+        raise ValueError(
+            f"parallel.pp_schedule={schedule} runs one stage per rank; parallel.vpp={vpp} needs "
+            "interleaved_1f1b, interleaved_zb or zbv"
+        )
+    if info.style == "v" and vpp != 2:
+        raise ValueError(f"parallel.pp_schedule={schedule} needs parallel.vpp=2, got {vpp}")
+    if n_microbatches < pp:
+        raise ValueError(
+            f"parallel.pp={pp} needs at least {pp} micro-batches per step, got "
+            f"trainer.global_batch_size/(micro_batch_size*dp)={n_microbatches}"
+        )
+    if info.style == "loop":  # torch's rounds of pp micro-batches must divide evenly
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            raise ValueError(
+                f"parallel.pp_schedule={schedule} needs the micro-batches per step "
+                f"({n_microbatches}) to be a multiple of {rounds} (rounds of pp={pp}); "
+                f"use a multiple of parallel.pp"
+            )
 
 
 def split_layers(num_layers: int, stages: int, split: Optional[list[int]] = None) -> list[range]:
@@ -42,12 +97,15 @@ def split_layers(num_layers: int, stages: int, split: Optional[list[int]] = None
         if len(split) != stages or sum(split) != num_layers or min(split) < 1:
             raise ValueError(
                 f"parallel.pp_layers={list(split)} must list {stages} positive layer counts "
-                f"summing to model.num_layers={num_layers}"
+                f"(one per stage: pp*vpp) summing to model.num_layers={num_layers}"
             )
         counts = list(split)
     else:
         if num_layers < stages:
-            raise ValueError(f"model.num_layers={num_layers} is fewer than parallel.pp={stages}")
+            raise ValueError(
+                f"model.num_layers={num_layers} is fewer than the {stages} pipeline stages "
+                "(parallel.pp * parallel.vpp)"
+            )
         base, extra = divmod(num_layers, stages)
         counts = [base] * stages
         middle = list(range(1, stages - 1)) or list(range(stages))
@@ -61,34 +119,72 @@ def split_layers(num_layers: int, stages: int, split: Optional[list[int]] = None
     return out
 
 
-class PipelineSplit:
-    """Where this rank's stage sits in the pipeline."""
+def stage_rank(stage: int, pp: int, style: str) -> int:
+    """Pipeline rank that runs ``stage``: looped (``s % pp``) or V-shaped (down, then up)."""
+    if style == "v":
+        return stage if (stage // pp) % 2 == 0 else pp - 1 - stage % pp
+    return stage % pp
 
-    def __init__(self, num_layers: int, pp: int, pp_rank: int, split=None):
-        self.ranges = split_layers(num_layers, pp, split)
-        self.pp, self.stage = pp, pp_rank
-        self.layers = self.ranges[pp_rank]
-        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp - 1
+
+class PipelineSplit:
+    """Where this rank's stages sit in the pipeline."""
+
+    def __init__(self, num_layers: int, pp: int, pp_rank: int, split=None, *, vpp: int = 1,
+                 style: str = "loop"):
+        self.pp, self.vpp, self.rank = pp, vpp, pp_rank
+        self.num_stages = pp * vpp
+        self.ranges = split_layers(num_layers, self.num_stages, split)
+        self.owner = [stage_rank(s, pp, style) for s in range(self.num_stages)]
+        self.stages = [s for s in range(self.num_stages) if self.owner[s] == pp_rank]
+        self.layers = sorted(i for s in self.stages for i in self.ranges[s])
+        self.has_first = 0 in self.stages
+        self.has_last = self.num_stages - 1 in self.stages
 
 
 def stage_module(model: nn.Module, split: PipelineSplit) -> nn.Module:
-    """A copy of ``model`` (best built on the meta device) reduced to this stage."""
+    """A copy of ``model`` (best built on the meta device) reduced to this rank's stages."""
     if getattr(model, "tie_embeddings", False) and split.pp > 1:
         raise ValueError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
     stage = copy.deepcopy(model)
     for key in list(stage.layers.keys()):
         if int(key) not in split.layers:
             del stage.layers[key]
-    if not split.is_first:
+    if not split.has_first:
         stage.tok_embeddings = None
-    if not split.is_last:
+    if not split.has_last:
         stage.norm = None
         stage.output = None
     return stage
 
 
+def _chunk(module: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+    """A module of ``module``'s class holding (not copying) its embedding if ``first``, the
+    given layers, and its head if ``last``; it runs ``module``'s own forward."""
+    chunk = module.__class__.__new__(module.__class__)
+    nn.Module.__init__(chunk)
+    for key, value in vars(module).items():  # plain attributes (cfg, flags), not modules
+        if not key.startswith("_") and key != "training":
+            setattr(chunk, key, value)
+    chunk.tok_embeddings = module.tok_embeddings if first else None
+    chunk.layers = nn.ModuleDict({str(i): module.layers[str(i)] for i in layers})
+    chunk.norm = module.norm if last else None
+    chunk.output = module.output if last else None
+    chunk.train(module.training)
+    return chunk
+
+
+def stage_chunks(module: nn.Module, split: PipelineSplit) -> list[nn.Module]:
+    """One module per local stage (the stage module itself when it holds one stage). Call
+    after everything that replaces submodules (activation checkpointing wraps blocks)."""
+    if len(split.stages) == 1:
+        return [module]
+    return [
+        _chunk(module, split.ranges[s], s == 0, s == split.num_stages - 1) for s in split.stages
+    ]
+
+
 def build_schedule(
-    stage: nn.Module,
+    chunks: list[nn.Module],
     split: PipelineSplit,
     *,
     schedule: str,
@@ -97,50 +193,79 @@ def build_schedule(
     device: torch.device,
     group,
 ):
-    """The ``torch.distributed.pipelining`` schedule for this rank's stage."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    """The ``torch.distributed.pipelining`` schedule for this rank's stages."""
+    import torch.distributed.pipelining as pipelining
 
-    classes = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-    if schedule not in classes:
-        raise ValueError(
-            f"parallel.pp_schedule={schedule!r} is not available yet (valid: {', '.join(classes)})"
-        )
-    pstage = PipelineStage(stage, split.stage, split.pp, device, group=group)
-    return classes[schedule](pstage, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-
-
-def bubble_fraction(schedule: str, pp: int, n_microbatches: int) -> float:
-    """Idle fraction of a pipeline rank for GPipe / 1F1B with equal stage costs:
-    ``(p - 1) / (m + p - 1)`` (the two differ in memory, not in bubble)."""
-    return (pp - 1) / (n_microbatches + pp - 1)
+    check_microbatches(schedule, split.pp, split.vpp, n_microbatches)
+    info = SCHEDULES[schedule]
+    cls = getattr(pipelining.schedules, info.torch_class)
+    stages = [
+        pipelining.PipelineStage(chunk, s, split.num_stages, device, group=group)
+        for chunk, s in zip(chunks, split.stages)
+    ]
+    target = stages[0] if info.style == "single" else stages
+    return cls(target, n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def in_flight(schedule: str, pp: int, stage: int, n_microbatches: int) -> int:
-    """Micro-batches whose activations a stage holds at its peak: all of them for GPipe,
-    ``pp - stage`` for 1F1B."""
-    return n_microbatches if schedule == "gpipe" else min(n_microbatches, pp - stage)
+def bubble_fraction(schedule: str, pp: int, n_microbatches: int, vpp: int = 1) -> float:
+    """Idle fraction of a pipeline rank, for equal stage costs and a forward, an input
+    backward and a weight backward of one unit each: the warm-up/cool-down idles
+    ``(p-1)(F+B)/v`` of 1F1B-like schedules (GPipe, 1F1B, interleaved 1F1B) become
+    ``(p-1)(F+B_in-B_w)/v`` for ZB-H1 (``interleaved_zb``) and ``~0`` for ZB-V (``zbv``),
+    out of ``3m`` busy units per rank (Qi et al., 2024, "Zero Bubble Pipeline
+    Parallelism")."""
+    p, m, v = pp, n_microbatches, vpp
+    if p == 1:
+        return 0.0
+    idle = {"interleaved_zb": 1.0, "zbv": 0.0}.get(schedule, 3.0) * (p - 1) / v
+    return idle / (3 * m + idle)
+
+
+def in_flight(schedule: str, pp: int, rank: int, n_microbatches: int, vpp: int = 1) -> float:
+    """Peak live activations on pipeline ``rank``, in micro-batches through all of its
+    layers: GPipe holds every micro-batch; 1F1B holds ``pp - rank``; the
+    interleaved schedules hold their warm-up of ``(vpp-1)*round + 2*(pp-1-rank) + 1``
+    chunk-micro-batches (``vpp`` of them make one); ZB-V holds about ``pp`` (its paper's
+    1F1B-equal memory)."""
+    m, v = n_microbatches, vpp
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "1f1b":
+        return float(min(m, pp - rank))
+    if schedule == "zbv":
+        return float(min(m, pp))
+    per_round = m // max(1, m // pp)
+    return min(v * m, (v - 1) * per_round + 2 * (pp - 1 - rank) + 1) / v
 
 
 def pipeline_report(model: nn.Module, split: PipelineSplit, schedule: str, m: int) -> str:
-    """Start-up table: layers, parameters and estimated memory per stage, bubble fraction.
-    Memory = fp32 weights + grads + two Adam moments (16 B/parameter) before TP/EP/FSDP
-    sharding, plus the number of micro-batches whose activations are live at the peak."""
+    """Start-up table: stages, layers, parameters and estimated memory per pipeline rank,
+    and the bubble fraction. Memory = fp32 weights + grads + two Adam moments
+    (16 B/parameter) before TP/EP/FSDP sharding, plus the micro-batches whose activations
+    are live at the peak (:func:`in_flight`)."""
     rows = []
-    for s, layers in enumerate(split.ranges):
-        n = sum(p.numel() for k in layers for p in model.layers[str(k)].parameters())
-        extra = []
-        if s == 0:
-            n += model.tok_embeddings.weight.numel()
-            extra.append("embedding")
-        if s == split.pp - 1:
-            n += model.norm.weight.numel() + (model.output.weight.numel() if model.output is not None else 0)
-            extra.append("head")
+    for r in range(split.pp):
+        stages = [s for s in range(split.num_stages) if split.owner[s] == r]
+        n, parts = 0, []
+        for s in stages:
+            layers = split.ranges[s]
+            n += sum(p.numel() for k in layers for p in model.layers[str(k)].parameters())
+            part = f"{s}: layers {layers.start}-{layers.stop - 1}"
+            if s == 0:
+                n += model.tok_embeddings.weight.numel()
+                part += " + embedding"
+            if s == split.num_stages - 1:
+                n += model.norm.weight.numel() + (
+                    model.output.weight.numel() if model.output is not None else 0)
+                part += " + head"
+            parts.append(part)
+        live = in_flight(schedule, split.pp, r, m, split.vpp)
         rows.append(
-            f"  stage {s}: layers {layers.start}-{layers.stop - 1}"
-            f"{' + ' + ' + '.join(extra) if extra else ''}: {n / 1e6:.2f}M params, "
-            f"~{16 * n / 2**30:.2f} GiB weights+grads+Adam, "
-            f"{in_flight(schedule, split.pp, s, m)} micro-batches of activations in flight"
+            f"  rank {r}: stage {'; '.join(parts)}: {n / 1e6:.2f}M params, "
+            f"~{16 * n / 2**30:.2f} GiB weights+grads+Adam, activations of ~{live:g} "
+            "micro-batches in flight"
         )
-    bubble = bubble_fraction(schedule, split.pp, m)
-    head = f"pipeline: {split.pp} stages, schedule {schedule}, {m} micro-batches, bubble ~{bubble:.1%}"
+    bubble = bubble_fraction(schedule, split.pp, m, split.vpp)
+    head = (f"pipeline: {split.pp} ranks x {split.vpp} stages, schedule {schedule}, "
+            f"{m} micro-batches, bubble ~{bubble:.1%} (equal stage costs)")
     return "\n".join([head, *rows])

@@ -78,18 +78,25 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
         ),
         (["parallel.cp=2"], 2, "parallel.cp=2: context parallelism is not available"),
-        (["parallel.pp=2", "parallel.vpp=2"], 2, "parallel.vpp=2: virtual pipeline stages"),
-        (
-            ["parallel.pp=2", "parallel.pp_schedule=zero_bubble"],
-            2,
-            "parallel.pp_schedule=zero_bubble is not available yet (valid: gpipe, 1f1b)",
-        ),
+        (["parallel.pp=2", "parallel.vpp=2"], 2,
+         "parallel.pp_schedule=1f1b runs one stage per rank; parallel.vpp=2 needs"),
+        (["parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"], 1,
+         "parallel.vpp=2 / parallel.pp_layers need parallel.pp > 1"),
+        (["parallel.pp=2", "parallel.vpp=3", "parallel.pp_schedule=zbv",
+          "model.num_layers=6"], 2, "parallel.pp_schedule=zbv needs parallel.vpp=2, got 3"),
+        (["parallel.pp=2", "parallel.pp_schedule=zero_bubble"], 2,
+         "parallel.pp_schedule='zero_bubble' is not one of"),
+        (["parallel.pp=2", "parallel.vpp=4", "parallel.pp_schedule=interleaved_1f1b"], 2,
+         "model.num_layers=4 is fewer than the 8 pipeline stages"),
+        (["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_zb",
+          "trainer.global_batch_size=10", "trainer.micro_batch_size=2"], 2,
+         "needs the micro-batches per step (5) to be a multiple of 2"),
         (["parallel.pp=2", "model.tie_embeddings=true"], 2, "cannot be pipelined"),
         (
             ["parallel.pp=2", "parallel.pp_layers=[1,2]"],
             2,
-            "parallel.pp_layers=[1, 2] must list 2 positive layer counts summing to "
-            "model.num_layers=4",
+            "parallel.pp_layers=[1, 2] must list 2 positive layer counts (one per stage: "
+            "pp*vpp) summing to model.num_layers=4",
         ),
         (
             ["parallel.pp=4", "trainer.global_batch_size=4", "trainer.micro_batch_size=2"],

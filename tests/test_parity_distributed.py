@@ -72,8 +72,18 @@ LAYOUTS = [
     ("pp2_gpipe_uneven", 2, "capacity",
      ["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_layers=[1,3]"]),
     ("pp2xdp2_ep2", 4, "dropless", ["parallel.pp=2", "parallel.ep=2"]),
-    ("pp2xtp2_sp", 4, "dropless",
-     ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # two stages per rank: interleaved 1F1B; zero bubble (input/weight-split backward, the
+    # torchtitan #2061 aux-loss case) with capacity drops, with FSDP over dp2 and EP2, and
+    # with TP2+SP (FSDP experts only, under the stage roots)
+    ("pp2_vpp2_interleaved", 2, "dropless",
+     ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"]),
+    ("pp2_vpp2_zbv_capacity", 2, "capacity",
+     ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv"]),
+    ("pp2xdp2_vpp2_zbv_ep2", 4, "dropless",
+     ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv", "parallel.ep=2"]),
+    ("pp2xtp2_sp_vpp2_izb", 4, "dropless",
+     ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.vpp=2",
+      "parallel.pp_schedule=interleaved_zb"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),

@@ -37,7 +37,12 @@ CASES = [
      (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
      (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
     ("pp2xep2_to_single", [], (4, ["parallel.pp=2", "parallel.ep=2"]), (1, [])),
-    ("single_to_pp2", [], (1, []), (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"])),
+    ("single_to_pp2xvpp2", [], (1, []),
+     (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"])),
+    # V-shaped placement (rank 0 holds layers 0 and 3) -> four stages of one layer
+    ("pp2xvpp2_zbv_to_pp4", [],
+     (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv"]),
+     (4, ["parallel.pp=4", "parallel.pp_schedule=gpipe"])),
     ("tp2_to_tp4", KV4, (2, ["parallel.tp=2"]),
      (4, ["parallel.tp=4", "parallel.sequence_parallel=true"])),
     # ETP-sliced experts (FFN dim) -> a different ETP split and no EP

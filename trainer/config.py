@@ -43,11 +43,12 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     etp: int = 1
-    vpp: int = 1
     sequence_parallel: bool = False
     dp_engine: str = "fsdp"  # fsdp | ddp | none
-    pp_schedule: str = "1f1b"  # gpipe | 1f1b (interleaved_1f1b | zero_bubble: reserved)
-    pp_layers: Optional[list[int]] = None  # layers per pipeline stage; None = even split
+    # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv (parallel/pipeline.py)
+    pp_schedule: str = "1f1b"
+    vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
+    pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
 
@@ -249,8 +250,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     p = cfg.parallel
     _positive("parallel.vpp", p.vpp)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
-    _choice("parallel.pp_schedule", p.pp_schedule,
-            ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"))
+    from parallel.pipeline import SCHEDULES
+
+    _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "allgather"))
     dims = ParallelDims.from_config(p, world_size)
     t = cfg.trainer
@@ -317,31 +319,19 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         )
 
 def _validate_pipeline(cfg: Config, dims) -> None:
-    from parallel.pipeline import SCHEDULES, split_layers
+    from parallel.pipeline import check_microbatches, split_layers
 
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
-    if p.vpp > 1:
-        raise ConfigError(
-            f"parallel.vpp={p.vpp}: virtual pipeline stages (interleaved schedules) are not "
-            "available yet (valid: parallel.vpp=1)"
-        )
-    if p.pp_schedule not in SCHEDULES:
-        raise ConfigError(
-            f"parallel.pp_schedule={p.pp_schedule} is not available yet "
-            f"(valid: {', '.join(SCHEDULES)})"
-        )
-    if m.tie_embeddings and p.pp > 1:
+    if p.pp == 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} / parallel.pp_layers need parallel.pp > 1")
+    if m.tie_embeddings:
         raise ConfigError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
+    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
     try:
-        split_layers(m.num_layers, p.pp, list(p.pp_layers) if p.pp_layers else None)
+        check_microbatches(p.pp_schedule, p.pp, p.vpp, n_micro)
+        split_layers(m.num_layers, p.pp * p.vpp, list(p.pp_layers) if p.pp_layers else None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    if p.pp > 1 and n_micro < p.pp:
-        raise ConfigError(
-            f"parallel.pp={p.pp} needs at least {p.pp} micro-batches per step, got "
-            f"trainer.global_batch_size/(micro_batch_size*dp)={n_micro}"
-        )
 
 
 __all__ = [

@@ -95,11 +95,13 @@ class Trainer:
         model = build_model(model_cfg, device="meta")
         self.pp_split = None
         if self.dims.pp > 1:
-            from parallel.pipeline import PipelineSplit, pipeline_report, stage_module
+            from parallel.pipeline import SCHEDULES, PipelineSplit, pipeline_report, stage_module
 
-            split = list(cfg.parallel.pp_layers) if cfg.parallel.pp_layers else None
+            p = cfg.parallel
             self.pp_split = PipelineSplit(
-                model_cfg.num_layers, self.dims.pp, self.dims.pp_rank, split
+                model_cfg.num_layers, self.dims.pp, self.dims.pp_rank,
+                list(p.pp_layers) if p.pp_layers else None,
+                vpp=p.vpp, style=SCHEDULES[p.pp_schedule].style,
             )
             self.pp_report = pipeline_report(model, self.pp_split, cfg.parallel.pp_schedule,
                                              self.num_micro)
@@ -128,7 +130,14 @@ class Trainer:
             from parallel.activation_checkpoint import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
-        self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine)
+        # The modules the schedule runs: the model, or one chunk per local pipeline stage
+        # (sharing the stage module's submodules; made after AC wrapped the blocks).
+        chunks = [model]
+        if self.pp_split is not None:
+            from parallel.pipeline import stage_chunks
+
+            chunks = stage_chunks(model, self.pp_split)
+        self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine, roots=chunks)
         self.model = model
         self.moe_layers = model.moe_layers()
         set_aux_loss_scale(model, 1.0 / (self.num_micro * self.dp_size))
@@ -142,7 +151,7 @@ class Trainer:
             self._pp_primed = False
             self._pp_num_tokens = torch.ones((), device=self.device)
             self.schedule = build_schedule(
-                model, self.pp_split, schedule=cfg.parallel.pp_schedule,
+                chunks, self.pp_split, schedule=cfg.parallel.pp_schedule,
                 n_microbatches=self.num_micro, loss_fn=self._pp_loss,
                 device=self.device, group=self.dims.group("pp"),
             )
@@ -232,7 +241,7 @@ class Trainer:
                 layer.pop_stats()
         cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
         target = torch.where(cat["loss_mask"] > 0, cat["labels"], -1)
-        args = (cat["tokens"],) if self.pp_split.is_first else ()
+        args = (cat["tokens"],) if self.pp_split.has_first else ()
         self._pp_loss_sums, self._pp_num_tokens = [], num_tokens
         run = self.schedule.step if train else self.schedule.eval
         with self._autocast():
