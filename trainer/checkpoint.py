@@ -133,6 +133,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_OPTIONS = StateDictOptions(full_state_dict=False, flatten_optimizer_state_dict=True)
+
+
 def _app_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -140,8 +143,13 @@ def _app_state(
     train_state: TrainState,
     dims: Optional[ParallelDims],
 ) -> dict[str, Any]:
+    # Flattened optimizer state: every entry (moments and param-group hyperparameters) is
+    # keyed by its parameter's FQN, so a rank that holds other layers than the writer
+    # (another PP split or placement) finds exactly its own. Unflattened, ``param_groups``
+    # is one list per rank and DCP keeps rank 0's.
     model_sd, optim_sd = get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=False)
+        model, optimizer,
+        options=_OPTIONS,
     )
     if dims is not None:  # expert-parallel slices -> global tensors, so DCP can reshard
         model_sd = expert_tensors_to_global(model_sd, dims)
@@ -263,7 +271,7 @@ def load(
     # DTensors and plain tensors mix), not the run: keep the live ones.
     impl = [{k: g[k] for k in _IMPL_KEYS if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+                   optim_state_dict=state["optim"], options=_OPTIONS)
     for group, keep in zip(optimizer.param_groups, impl):
         group.update(keep)
     scheduler.load_state_dict(state["scheduler"])
