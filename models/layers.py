@@ -137,17 +137,51 @@ class RotaryEmbedding(nn.Module):
         return (xf * cos + rotated * sin).to(x_BTHD.dtype)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Default attention core. q [B, H, T, Dh]; k, v [B, Hkv, T, Dh] (GQA: H % Hkv == 0)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
-    )
+def mask_from_ids(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+    q_blk: Optional[torch.Tensor] = None,
+    k_blk: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Boolean attention mask [B or 1, 1, Tq, Tk] (True = may attend) from token indices in
+    the sequence (``*_idx`` [Tq] / [Tk]), optional document ids [B, T] (packed sequences:
+    no attention across documents) and block ids [B, T] (tokens sharing a block id > 0
+    see each other both ways, e.g. an image's patches; causal otherwise). The indices are
+    global, so the same mask serves a context-parallel shard that holds any subset of
+    the query positions and all keys."""
+    allowed = k_idx[None, None, :] <= q_idx[None, :, None]
+    if q_blk is not None:
+        same = q_blk[:, :, None] == k_blk[:, None, :]
+        allowed = allowed | (same & (q_blk[:, :, None] > 0))
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
+    return allowed.unsqueeze(1)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids_BT: Optional[torch.Tensor] = None,
+    block_ids_BT: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Default attention core. q [B, H, T, Dh]; k, v [B, Hkv, T, Dh] (GQA: H % Hkv == 0).
+    Causal; with ``doc_ids_BT`` also within documents, with ``block_ids_BT`` bidirectional
+    inside each block (:func:`mask_from_ids`)."""
+    gqa = k.shape[1] != q.shape[1]
+    if doc_ids_BT is None and block_ids_BT is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    idx = torch.arange(q.shape[2], device=q.device)
+    mask = mask_from_ids(idx, idx, doc_ids_BT, doc_ids_BT, block_ids_BT, block_ids_BT)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
     """GQA self-attention with RoPE. ``attn_fn`` is the replaceable core (context
-    parallelism swaps it): ``attn_fn(q [B,H,T,Dh], k [B,Hkv,T,Dh], v [B,Hkv,T,Dh]) ->
-    [B,H,T,Dh]``, causal over the T positions it is given. ``rope`` may be shared by all
+    parallelism swaps it): ``attn_fn(q [B,H,T,Dh], k [B,Hkv,T,Dh], v [B,Hkv,T,Dh],
+    doc_ids_BT, block_ids_BT) -> [B,H,T,Dh]`` (masks: :func:`causal_attention`). ``rope`` may be shared by all
     layers (one table per model instead of one per layer)."""
 
     def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
@@ -165,7 +199,11 @@ class Attention(nn.Module):
         self.attn_fn = causal_attention
 
     def forward(
-        self, x_BTD: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+        self,
+        x_BTD: torch.Tensor,
+        position_ids_BT: Optional[torch.Tensor] = None,
+        doc_ids_BT: Optional[torch.Tensor] = None,
+        block_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         # Head counts come from the weights, so a TP plan that shards wq/wk/wv by heads works.
@@ -173,7 +211,8 @@ class Attention(nn.Module):
         k = self.wk(x_BTD).view(B, T, -1, self.head_dim)
         v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         q, k = self.rope(q, position_ids_BT), self.rope(k, position_ids_BT)
-        out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           doc_ids_BT, block_ids_BT)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def init_params(self, init: Initializer, prefix: str) -> None:

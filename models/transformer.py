@@ -46,9 +46,14 @@ class TransformerBlock(nn.Module):
         )
 
     def forward(
-        self, x_BTD: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+        self,
+        x_BTD: torch.Tensor,
+        position_ids_BT: Optional[torch.Tensor] = None,
+        doc_ids_BT: Optional[torch.Tensor] = None,
+        block_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT)
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
+                                   block_ids_BT)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -72,14 +77,19 @@ class Transformer(nn.Module):
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
-        self, tokens_BT: torch.Tensor, position_ids_BT: Optional[torch.Tensor] = None
+        self,
+        tokens_BT: torch.Tensor,
+        position_ids_BT: Optional[torch.Tensor] = None,
+        doc_ids_BT: Optional[torch.Tensor] = None,
+        block_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] in the activation dtype. A stage without
         ``tok_embeddings`` takes hidden states [B, T, D] instead; one without ``norm`` /
-        ``output`` returns hidden states."""
+        ``output`` returns hidden states. ``doc_ids_BT`` / ``block_ids_BT``: attention
+        masks for packed documents and bidirectional blocks (models/layers.py)."""
         h = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
         for layer in self.layers.values():
-            h = layer(h, position_ids_BT)
+            h = layer(h, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -136,8 +136,9 @@ def apply_tensor_parallel(
 
     for block in model.layers.values():
         bplan: dict[str, object] = {
-            "attention": PrepareModuleInput(
-                input_layouts=(stream, None), desired_input_layouts=(Replicate(), None)
+            "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
+                input_layouts=(stream, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
             ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),

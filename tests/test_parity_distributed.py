@@ -33,6 +33,8 @@ COMMON = [
 MODES = {
     "dropless": ["model.moe.expert_bias=true"],
     "capacity": ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=probs"],
+    # packed-document attention masks (and per-document RoPE positions)
+    "documents": ["data.document_mask=true", "model.moe.expert_bias=true"],
 }
 # (name, processes, mode, extra overrides)
 LAYOUTS = [
@@ -84,6 +86,14 @@ LAYOUTS = [
     ("pp2xtp2_sp_vpp2_izb", 4, "dropless",
      ["parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.vpp=2",
       "parallel.pp_schedule=interleaved_zb"]),
+    # Context parallelism (head+tail chunks, all-gathered K/V): with document masks, with
+    # EP2 folded over the CP ranks and capacity drops decided in sequence order, under
+    # TP2+SP, and attention CP2·DP2 with experts EP4
+    ("cp2_documents", 2, "documents", ["parallel.cp=2"]),
+    ("cp2_ep2_capacity", 2, "capacity", ["parallel.cp=2", "parallel.ep=2"]),
+    ("cp2xtp2_sp", 4, "dropless",
+     ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    ("cp2xdp2_ep4_folded", 4, "dropless", ["parallel.cp=2", "parallel.ep=4"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),

@@ -43,6 +43,7 @@ CASES = [
     ("pp2xvpp2_zbv_to_pp4", [],
      (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv"]),
      (4, ["parallel.pp=4", "parallel.pp_schedule=gpipe"])),
+    ("cp2xep2_to_single", [], (2, ["parallel.cp=2", "parallel.ep=2"]), (1, [])),
     ("tp2_to_tp4", KV4, (2, ["parallel.tp=2"]),
      (4, ["parallel.tp=4", "parallel.sequence_parallel=true"])),
     # ETP-sliced experts (FFN dim) -> a different ETP split and no EP

@@ -33,6 +33,9 @@ class DataConfig:
     # vocabulary of the tokenizer trained for the builtin corpus
     builtin_vocab_size: int = 2048
     split: str = "98,2,0"  # train,valid,test weights
+    # attend only within each packed document (ids from the EOD tokens) and restart RoPE
+    # positions per document; off = Megatron's default (attention across documents)
+    document_mask: bool = False
     cache_dir: str = "${oc.env:MOEFOLD_CACHE,${oc.env:HOME}/.cache/moefold}"
 
 
@@ -45,7 +48,7 @@ class ParallelConfig:
     etp: int = 1
     sequence_parallel: bool = False
     dp_engine: str = "fsdp"  # fsdp | ddp | none
-    # gpipe | 1f1b | interleaved_1f1b | looped_bfs | interleaved_zb | zbv (parallel/pipeline.py)
+    # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (parallel/pipeline.py)
     pp_schedule: str = "1f1b"
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
@@ -268,11 +271,15 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
     if p.cp > 1:
-        raise ConfigError(
-            f"parallel.cp={p.cp}: context parallelism is not available in this build yet "
-            "(supported: data parallel, parallel.tp with sequence_parallel, parallel.ep, "
-            "parallel.etp, parallel.pp)"
-        )
+        if p.pp > 1:
+            raise ConfigError(
+                f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported yet (use CP or PP)"
+            )
+        if t.seq_len % (2 * p.cp * p.tp):
+            raise ConfigError(
+                f"trainer.seq_len={t.seq_len} must be a multiple of 2*parallel.cp*parallel.tp="
+                f"{2 * p.cp * p.tp} (each CP rank holds a head and a tail chunk, split over TP)"
+            )
     m = cfg.model
     if p.pp > 1 or p.vpp > 1 or p.pp_layers:
         _validate_pipeline(cfg, dims)

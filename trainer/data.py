@@ -154,6 +154,9 @@ class PretrainData:
     seq_len: int
     prefixes: list[str]
     weights: list[float] | None
+    # packed documents attend only within themselves: micro-batches carry ``doc_ids``
+    # (document index per token; the EOD that ends a document belongs to it)
+    document_mask: bool = False
 
     @property
     def num_train_samples(self) -> int:
@@ -177,13 +180,15 @@ class PretrainData:
             for i in range(num_micro)
         ]
 
-    @staticmethod
-    def _collate(dataset: Any, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+    def _collate(self, dataset: Any, indices: Iterable[int]) -> dict[str, torch.Tensor]:
         samples = [dataset[int(i)] for i in indices]
         batch = {k: torch.stack([s[k] for s in samples]) for k in _KEYS}
         batch["loss_mask"] = batch["loss_mask"].float()
         for k in ("tokens", "labels", "position_ids"):
             batch[k] = batch[k].long()
+        if self.document_mask:
+            eod = (batch["tokens"] == self.tokenizer.eod).long()
+            batch["doc_ids"] = eod.cumsum(1) - eod
         return batch
 
     def train_microbatches(
@@ -282,6 +287,7 @@ def build_data(
                     "documents); use more data or another split"
                 )
 
+    document_mask = bool(getattr(cfg_data, "document_mask", False))
     builder_mod, _, gpt_mod, _ = _mcore_datasets()
     config = gpt_mod.GPTDatasetConfig(
         random_seed=seed,
@@ -290,7 +296,7 @@ def build_data(
         split=split,
         path_to_cache=os.path.join(cache_dir, "indices"),
         tokenizer=tokenizer,
-        reset_position_ids=False,
+        reset_position_ids=document_mask,  # RoPE positions restart per document
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
@@ -314,6 +320,7 @@ def build_data(
         seq_len=seq_len,
         prefixes=prefixes,
         weights=weights,
+        document_mask=document_mask,
     )
     log.info(
         "data: %s, tokenizer %s (vocab %d); %d train / %d valid samples of %d tokens",

@@ -126,6 +126,10 @@ class Trainer:
             apply_tensor_parallel(model, self.dims.mesh("tp"),
                                   sequence_parallel=cfg.parallel.sequence_parallel,
                                   src_data_rank=None)
+        if self.dims.cp > 1:
+            from parallel.context_parallel import apply_context_parallel
+
+            apply_context_parallel(model, self.dims, t.seq_len)
         if cfg.parallel.activation_checkpointing:
             from parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -207,7 +211,7 @@ class Trainer:
 
     def _forward_loss_sum(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(mb["tokens"], mb["position_ids"])
+            logits = self.model(mb["tokens"], mb["position_ids"], mb.get("doc_ids"))
         return self._loss_sum(logits, mb["labels"], mb["loss_mask"])
 
     def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
@@ -245,13 +249,22 @@ class Trainer:
         self._pp_loss_sums, self._pp_num_tokens = [], num_tokens
         run = self.schedule.step if train else self.schedule.eval
         with self._autocast():
+            docs = {"doc_ids_BT": cat["doc_ids"]} if "doc_ids" in cat else {}
             run(*args, target=target, losses=[], return_outputs=False,
-                position_ids_BT=cat["position_ids"])
+                position_ids_BT=cat["position_ids"], **docs)
         return torch.stack(self._pp_loss_sums).sum() if self._pp_loss_sums else torch.zeros(
             (), device=self.device)
 
     def _to_device(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        return [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
+        """Move a step's micro-batches to the device; under CP keep this rank's part of
+        every sequence (parallel/context_parallel.py)."""
+        out = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in mbs]
+        if self.dims.cp > 1:
+            from parallel.context_parallel import shard_batch
+
+            cp_rank = self.dims.coords()["cp"]
+            out = [shard_batch(mb, self.dims.cp, cp_rank) for mb in out]
+        return out
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.trainer
@@ -313,7 +326,11 @@ class Trainer:
         for pos, layer in zip(self.moe_local_pos, self.moe_layers):
             s = layer.pop_stats()
             table[pos] = torch.cat([s["counts"], torch.stack([s[k].float() for k in keys])])
-        table = self._sum_over_pp(self._sum_over_dp(table))
+        # The router sums its statistics over its token group (TP, and CP, ranks), so
+        # each is complete on every member: add up the data-parallel replicas only.
+        if self.dims.dp > 1:
+            dist.all_reduce(table, group=self.dims.group("dp"))
+        table = self._sum_over_pp(table)
         counts = table[:, :E]
         col = {k: table[:, E + i] for i, k in enumerate(keys)}
         per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
