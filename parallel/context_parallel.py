@@ -74,6 +74,7 @@ class ContextParallelAttention:
         self.cp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._idx: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mask: tuple = ()  # (key, doc ids, block ids, additive mask): see _bias
 
     def _indices(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Global positions of the local queries and of the gathered keys (cached)."""
@@ -84,6 +85,28 @@ class ContextParallelAttention:
                 torch.cat([cp_index(seq_len, self.cp, r, device) for r in range(self.cp)]),
             )
         return self._idx[key]
+
+    def _bias(self, q, doc_ids_BT, block_ids_BT) -> torch.Tensor:
+        """The additive mask (0 / -inf, in the query dtype) for this micro-batch. Every
+        layer sees the same positions and ids, so the mask is built once and the same
+        tensor is passed to every layer's SDPA: autograd then saves one copy for the
+        backward instead of one per layer (a dense [T/cp, T] mask is the largest
+        activation of a small model at long sequence lengths)."""
+        key = (q.shape[2], q.device, q.dtype)
+        if self._mask and self._mask[0] == key and self._mask[1] is doc_ids_BT \
+                and self._mask[2] is block_ids_BT:
+            return self._mask[3]
+        q_idx, k_idx = self._indices(q.shape[2] * self.cp, q.device)
+        k_doc = k_blk = None
+        if doc_ids_BT is not None:
+            k_doc = _gather_seq(doc_ids_BT, self.group, 1)
+        if block_ids_BT is not None:
+            k_blk = _gather_seq(block_ids_BT, self.group, 1)
+        allowed = mask_from_ids(q_idx, k_idx, doc_ids_BT, k_doc, block_ids_BT, k_blk)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        self._mask = (key, doc_ids_BT, block_ids_BT, bias)
+        return bias
 
     def _gather_kv(self, x: torch.Tensor) -> torch.Tensor:
         # [B, H, T_l, Dh] -> [B, H, cp*T_l, Dh], gradient reduce-scattered to the owners
@@ -97,16 +120,10 @@ class ContextParallelAttention:
         doc_ids_BT: Optional[torch.Tensor] = None,
         block_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        q_idx, k_idx = self._indices(q.shape[2] * self.cp, q.device)
         k_all, v_all = self._gather_kv(k), self._gather_kv(v)
-        k_doc = k_blk = None
-        if doc_ids_BT is not None:
-            k_doc = _gather_seq(doc_ids_BT, self.group, 1)
-        if block_ids_BT is not None:
-            k_blk = _gather_seq(block_ids_BT, self.group, 1)
-        mask = mask_from_ids(q_idx, k_idx, doc_ids_BT, k_doc, block_ids_BT, k_blk)
         return F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+            q, k_all, v_all, attn_mask=self._bias(q, doc_ids_BT, block_ids_BT),
+            enable_gqa=k.shape[1] != q.shape[1]
         )
 
 
