@@ -6,10 +6,12 @@ rank has the same attention work — the split Megatron and torchtitan use. The 
 every micro-batch tensor (tokens, labels, loss mask, positions, document ids) with the same
 index (:func:`cp_index`), so RoPE positions follow the sharding.
 
-Attention: all-gather of K and V over the CP group (Llama 3's choice), then one masked
-SDPA of the local queries against all keys. The mask is built from *global* token indices
-(and gathered document / block ids), so causal, packed-document and block-bidirectional
-masks (models/layers.py ``mask_from_ids``) are exact with no per-mask code. Why not ring
+Attention: all-gather of K and V over the CP group (Llama 3's choice), put in sequence
+order, then masked SDPA of each local chunk against its causal prefix of the keys (all
+keys when bidirectional blocks may look ahead). The masks are built from *global* token
+indices (and gathered document / block ids), so causal, packed-document and
+block-bidirectional masks (models/layers.py ``mask_from_ids``) are exact with no per-mask
+code. Why not ring
 attention: with GQA the gathered K/V is ``2*Hkv/H`` of the activations the ring would pass
 anyway, arbitrary masks need no chunk-pair bookkeeping, and the backward is a plain
 reduce-scatter; the cost is O(T) K/V per rank, where a ring holds O(T/cp) (see
@@ -67,7 +69,7 @@ def _gather_seq(x: torch.Tensor, group, dim: int) -> torch.Tensor:
 
 class ContextParallelAttention:
     """``Attention.attn_fn`` under CP: all-gather K/V (and the mask ids) over the CP group,
-    then masked SDPA of the local queries against every key."""
+    then masked SDPA of the local query chunks against the keys they can see."""
 
     def __init__(self, group):
         self.group = group
@@ -77,40 +79,60 @@ class ContextParallelAttention:
         self._mask: tuple = ()  # (key, doc ids, block ids, additive mask): see _bias
 
     def _indices(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global positions of the local queries and of the gathered keys (cached)."""
+        """Global positions of the local queries, and the permutation that puts the
+        gathered keys (rank order) into sequence order (cached)."""
         key = (seq_len, str(device))
         if key not in self._idx:
-            self._idx[key] = (
-                cp_index(seq_len, self.cp, self.rank, device),
-                torch.cat([cp_index(seq_len, self.cp, r, device) for r in range(self.cp)]),
-            )
+            gathered = torch.cat([cp_index(seq_len, self.cp, r, device) for r in range(self.cp)])
+            self._idx[key] = (cp_index(seq_len, self.cp, self.rank, device),
+                              torch.argsort(gathered))
         return self._idx[key]
 
-    def _bias(self, q, doc_ids_BT, block_ids_BT) -> torch.Tensor:
-        """The additive mask (0 / -inf, in the query dtype) for this micro-batch. Every
-        layer sees the same positions and ids, so the mask is built once and the same
-        tensor is passed to every layer's SDPA: autograd then saves one copy for the
-        backward instead of one per layer (a dense [T/cp, T] mask is the largest
-        activation of a small model at long sequence lengths)."""
+    def _masks(self, q, doc_ids_BT, block_ids_BT) -> list[tuple[int, torch.Tensor]]:
+        """``(number of keys, additive mask)`` per query chunk, for this micro-batch.
+
+        Without blocks each of the two local chunks (head, tail) attends only its causal
+        prefix of the sequence-ordered keys: ``(2cp+1)/(4cp)`` of the all-keys work. With
+        bidirectional blocks a query may look ahead inside its block, so one chunk of all
+        local queries against all keys. Every layer sees the same positions and ids, so
+        the masks are built once per micro-batch and the same tensors go to every layer's
+        SDPA: autograd keeps one copy, not one per layer (at long sequence lengths the
+        masks are a small model's largest activation)."""
         key = (q.shape[2], q.device, q.dtype)
         if self._mask and self._mask[0] == key and self._mask[1] is doc_ids_BT \
                 and self._mask[2] is block_ids_BT:
             return self._mask[3]
-        q_idx, k_idx = self._indices(q.shape[2] * self.cp, q.device)
+        t_local = q.shape[2]
+        seq_len = t_local * self.cp
+        q_idx, order = self._indices(seq_len, q.device)
         k_doc = k_blk = None
         if doc_ids_BT is not None:
-            k_doc = _gather_seq(doc_ids_BT, self.group, 1)
+            k_doc = _gather_seq(doc_ids_BT, self.group, 1).index_select(1, order)
         if block_ids_BT is not None:
-            k_blk = _gather_seq(block_ids_BT, self.group, 1)
-        allowed = mask_from_ids(q_idx, k_idx, doc_ids_BT, k_doc, block_ids_BT, k_blk)
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-        bias.masked_fill_(~allowed, float("-inf"))
-        self._mask = (key, doc_ids_BT, block_ids_BT, bias)
-        return bias
+            k_blk = _gather_seq(block_ids_BT, self.group, 1).index_select(1, order)
+            chunks = [(0, t_local, seq_len)]
+        else:
+            c = t_local // 2  # head chunk `rank`, tail chunk `2cp-1-rank` (cp_index)
+            chunks = [(0, c, (self.rank + 1) * c), (c, t_local, (2 * self.cp - self.rank) * c)]
+        masks = []
+        for lo, hi, n_keys in chunks:
+            q_doc = doc_ids_BT[:, lo:hi] if doc_ids_BT is not None else None
+            q_blk = block_ids_BT[:, lo:hi] if block_ids_BT is not None else None
+            allowed = mask_from_ids(
+                q_idx[lo:hi], torch.arange(n_keys, device=q.device),
+                q_doc, None if k_doc is None else k_doc[:, :n_keys],
+                q_blk, None if k_blk is None else k_blk[:, :n_keys],
+            )
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+            masks.append((n_keys, bias.masked_fill_(~allowed, float("-inf"))))
+        self._mask = (key, doc_ids_BT, block_ids_BT, masks)
+        return masks
 
-    def _gather_kv(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, H, T_l, Dh] -> [B, H, cp*T_l, Dh], gradient reduce-scattered to the owners
-        return _AllGather.apply(x.movedim(2, 0).contiguous(), self.group).movedim(0, 2)
+    def _gather_kv(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        # [B, H, T_l, Dh] -> [B, H, T, Dh] in sequence order; the gradient is
+        # reduce-scattered back to the owners
+        full = _AllGather.apply(x.movedim(2, 0).contiguous(), self.group).movedim(0, 2)
+        return full.index_select(2, order)
 
     def __call__(
         self,
@@ -120,11 +142,17 @@ class ContextParallelAttention:
         doc_ids_BT: Optional[torch.Tensor] = None,
         block_ids_BT: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        k_all, v_all = self._gather_kv(k), self._gather_kv(v)
-        return F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=self._bias(q, doc_ids_BT, block_ids_BT),
-            enable_gqa=k.shape[1] != q.shape[1]
-        )
+        masks = self._masks(q, doc_ids_BT, block_ids_BT)
+        _, order = self._indices(q.shape[2] * self.cp, q.device)
+        k_seq, v_seq = self._gather_kv(k, order), self._gather_kv(v, order)
+        outs, lo = [], 0
+        for n_keys, bias in masks:
+            hi = lo + bias.shape[2]
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, lo:hi], k_seq[:, :, :n_keys], v_seq[:, :, :n_keys], attn_mask=bias,
+                enable_gqa=k.shape[1] != q.shape[1]))
+            lo = hi
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class IndexedSeqGroup(TokenGroup):

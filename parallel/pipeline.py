@@ -27,6 +27,7 @@ runs it in; their logged values are summed over the pipeline ranks by the traine
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import NamedTuple, Optional
@@ -36,6 +37,7 @@ from torch import nn
 
 __all__ = [
     "SCHEDULES",
+    "PipelineRunner",
     "PipelineSplit",
     "bubble_fraction",
     "build_schedule",
@@ -205,6 +207,72 @@ def build_schedule(
     ]
     target = stages[0] if info.style == "single" else stages
     return cls(target, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+class PipelineRunner:
+    """One schedule over a step's micro-batches, as the trainer needs it.
+
+    ``loss_sum(logits, labels, mask)`` is the token-loss sum of one micro-batch on the last
+    stage; the schedule's loss function divides it by the step's token count (set per
+    call), so the gradients are those of the global objective. ``discard()`` is called
+    after the first, throw-away pass: torch.distributed.pipelining infers the inter-stage
+    shapes by running a real forward/backward (and the loss function) inside the first
+    ``step()``, which would leak into the MoE statistics and the logged loss; the runner
+    runs that pass once on the first batch and the trainer discards its effects
+    (gradients zeroed, statistics popped).
+    """
+
+    def __init__(self, chunks: list[nn.Module], split: PipelineSplit, *, schedule: str,
+                 n_microbatches: int, loss_sum: Callable, discard: Callable[[], None],
+                 device: torch.device, group):
+        self.split, self.loss_sum, self.discard, self.device = split, loss_sum, discard, device
+        self._sums: list[torch.Tensor] = []
+        self._num_tokens = torch.ones((), device=device)
+        self._primed = False
+        # torch's eval() of the zero-bubble schedules fails on their split-backward actions
+        # (2.13: "can't steal_bwd_input if this stage doesn't have backward"); they validate
+        # with a full step whose gradients and statistics are discarded.
+        self._eval_by_step = SCHEDULES[schedule].zero_bubble
+        self.schedule = build_schedule(chunks, split, schedule=schedule,
+                                       n_microbatches=n_microbatches, loss_fn=self._loss,
+                                       device=device, group=group)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``target``: the labels with -1 where the loss mask is 0."""
+        mask = target >= 0
+        loss_sum = self.loss_sum(logits, target.clamp(min=0), mask)
+        self._sums.append(loss_sum.detach())
+        return loss_sum / self._num_tokens
+
+    def run(self, mbs: list[dict[str, torch.Tensor]], num_tokens: torch.Tensor, *,
+            train: bool, autocast) -> torch.Tensor:
+        """One pass over ``mbs``; returns this rank's summed LM loss (non-zero only on the
+        rank holding the last stage)."""
+        if not self._primed:
+            self._primed = True
+            with torch.enable_grad():  # also when the first pass is a validation one
+                self.run(mbs, num_tokens, train=True, autocast=autocast)
+            self.discard()
+        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
+        target = torch.where(cat["loss_mask"] > 0, cat["labels"], -1)
+        args = (cat["tokens"],) if self.split.has_first else ()
+        kwargs = {"position_ids_BT": cat["position_ids"]}
+        if "doc_ids" in cat:
+            kwargs["doc_ids_BT"] = cat["doc_ids"]
+        self._sums, self._num_tokens = [], num_tokens
+        by_step = not train and self._eval_by_step
+        with autocast(), torch.enable_grad() if by_step else contextlib.nullcontext():
+            (self.schedule.step if train or by_step else self.schedule.eval)(
+                *args, target=target, losses=[], return_outputs=False, **kwargs)
+        if by_step:
+            self.discard()
+        elif not train:
+            # Switching back from eval() makes torch re-run its shape inference (a real
+            # forward/backward) inside the next step(): prime again before it.
+            self._primed = False
+        if not self._sums:
+            return torch.zeros((), device=self.device)
+        return torch.stack(self._sums).sum()
 
 
 def bubble_fraction(schedule: str, pp: int, n_microbatches: int, vpp: int = 1) -> float:

@@ -178,3 +178,22 @@ def test_layout_matches_single_process(
             rtol=PARAM_RTOL,
             msg=lambda m, k=key: f"{name}: {k}: {m}",
         )
+
+
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zbv"])
+def test_pipeline_validation_matches_single_process(schedule, tmp_path, moefold_cache):
+    """Validation between training steps under PP: the validation loss, and the training
+    steps after it, equal one process. (torch re-runs its shape inference after switching
+    from eval() back to step(); the zero-bubble schedules cannot eval() at all.)"""
+    extra = ["trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_iters=2",
+             *MODES["dropless"]]
+    _train(tmp_path / "ref", 1, extra, moefold_cache)
+    _train(tmp_path / "pp", 2, [*extra, "parallel.pp=2", "parallel.vpp=2",
+                                f"parallel.pp_schedule={schedule}"], moefold_cache)
+    ref, got = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "pp")
+    assert sorted(got) == [1, 2, 3] and "val_loss" in got[2] and "val_loss" in got[3]
+    for step in got:
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss"):
+            if key in ref[step]:
+                assert got[step][key] == pytest.approx(ref[step][key], rel=LOSS_RTOL), (
+                    schedule, step, key)

@@ -19,7 +19,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from models.loss import lm_loss_sum
-from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
@@ -49,9 +48,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig):
         # Imports that pull in heavy packages stay here so `--help`/validation is fast.
-        from models import build_model
         from models.flops import param_counts, training_flops_per_token
         from models.moe import set_aux_loss_scale
+        from parallel.parallelize import parallelize
         from trainer.data import build_data
         from trainer.optim import build_optimizer, build_scheduler
         from trainer.perf import Throughput, peak_flops_per_device
@@ -90,74 +89,24 @@ class Trainer:
         )
 
         model_cfg = OmegaConf.to_object(cfg.model)
-        # Meta build -> expert sharding -> materialise -> seeded init (name-keyed, so every
-        # layout initialises every parameter exactly as the single-process model) -> DP.
-        model = build_model(model_cfg, device="meta")
-        self.pp_split = None
-        if self.dims.pp > 1:
-            from parallel.pipeline import SCHEDULES, PipelineSplit, pipeline_report, stage_module
-
-            p = cfg.parallel
-            self.pp_split = PipelineSplit(
-                model_cfg.num_layers, self.dims.pp, self.dims.pp_rank,
-                list(p.pp_layers) if p.pp_layers else None,
-                vpp=p.vpp, style=SCHEDULES[p.pp_schedule].style,
-            )
-            self.pp_report = pipeline_report(model, self.pp_split, cfg.parallel.pp_schedule,
-                                             self.num_micro)
-            model = stage_module(model, self.pp_split)
-        # Global MoE index of each of this stage's MoE layers (all of them without PP).
-        pattern = moe_layer_pattern(cfg.model)
-        self.moe_layer_ids = [i for i, moe in enumerate(pattern) if moe]
-        self.moe_local_pos = [self.moe_layer_ids.index(int(k)) for k in model.layers
-                              if pattern[int(k)]]
-        if self.dims.ep * self.dims.etp > 1:
-            from parallel.expert_parallel import apply_expert_parallel
-
-            apply_expert_parallel(model, self.dims, cfg.parallel.dispatcher)
-        model.to_empty(device=self.device)
-        torch.manual_seed(t.seed)
-        model.init_weights()
-        if self.dims.tp > 1:
-            # TP shards the already-initialised full weights (identical on every rank, so no
-            # broadcast). Known limit: each rank briefly holds the whole dense model.
-            from parallel.tensor_parallel import apply_tensor_parallel
-
-            apply_tensor_parallel(model, self.dims.mesh("tp"),
-                                  sequence_parallel=cfg.parallel.sequence_parallel,
-                                  src_data_rank=None)
-        if self.dims.cp > 1:
-            from parallel.context_parallel import apply_context_parallel
-
-            apply_context_parallel(model, self.dims, t.seq_len)
-        if cfg.parallel.activation_checkpointing:
-            from parallel.activation_checkpoint import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model)
-        # The modules the schedule runs: the model, or one chunk per local pipeline stage
-        # (sharing the stage module's submodules; made after AC wrapped the blocks).
-        chunks = [model]
-        if self.pp_split is not None:
-            from parallel.pipeline import stage_chunks
-
-            chunks = stage_chunks(model, self.pp_split)
-        self.dp = DataParallel(model, self.dims, cfg.parallel.dp_engine, roots=chunks)
-        self.model = model
+        pm = parallelize(model_cfg, cfg.parallel, self.dims, device=self.device, seed=t.seed,
+                         seq_len=t.seq_len, num_micro=self.num_micro,
+                         moe_pattern=moe_layer_pattern(cfg.model))
+        self.model, self.dp, self.pp_split = pm.model, pm.dp, pm.pp_split
+        self.moe_layer_ids, self.moe_local_pos = pm.moe_layer_ids, pm.moe_local_pos
+        model = self.model
         self.moe_layers = model.moe_layers()
         set_aux_loss_scale(model, 1.0 / (self.num_micro * self.dp_size))
 
         self.optimizer = build_optimizer(model, cfg.optim)
-        self.schedule = None
+        self.pipeline = None
         if self.pp_split is not None:
-            from parallel.pipeline import build_schedule
+            from parallel.pipeline import PipelineRunner
 
-            self._pp_loss_sums: list[torch.Tensor] = []
-            self._pp_primed = False
-            self._pp_num_tokens = torch.ones((), device=self.device)
-            self.schedule = build_schedule(
-                chunks, self.pp_split, schedule=cfg.parallel.pp_schedule,
-                n_microbatches=self.num_micro, loss_fn=self._pp_loss,
-                device=self.device, group=self.dims.group("pp"),
+            self.pipeline = PipelineRunner(
+                pm.chunks, self.pp_split, schedule=cfg.parallel.pp_schedule,
+                n_microbatches=self.num_micro, loss_sum=self._loss_sum,
+                discard=self._discard_pass, device=self.device, group=self.dims.group("pp"),
             )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.state = ckpt.TrainState()
@@ -195,8 +144,8 @@ class Trainer:
         )
         if self.world_size > 1:
             self.logger.info(self.dims.describe())
-        if self.pp_split is not None:
-            self.logger.info(self.pp_report)
+        if pm.pp_report:
+            self.logger.info(pm.pp_report)
         if self.resume_from is not None:
             self.logger.info(
                 f"resumed from {self.resume_from} at step {self.state.step} "
@@ -221,39 +170,11 @@ class Trainer:
             return tp_cross_entropy_sum(logits, labels, mask)
         return lm_loss_sum(logits, labels, mask)
 
-    def _pp_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Last pipeline stage, one micro-batch: ``target`` holds the labels with -1 where
-        the loss mask is 0. Returns the micro-batch's share of the global objective."""
-        mask = target >= 0
-        loss_sum = self._loss_sum(logits, target.clamp(min=0), mask)
-        self._pp_loss_sums.append(loss_sum.detach())
-        return loss_sum / self._pp_num_tokens
-
-    def _pp_run(self, mbs: list[dict[str, torch.Tensor]], num_tokens, train: bool):
-        """One pass of the pipeline schedule over ``mbs``; returns this rank's summed LM
-        loss (non-zero on the last stage only)."""
-        if not self._pp_primed:
-            # torch.distributed.pipelining infers the inter-stage shapes by running a real
-            # forward/backward (and our loss_fn) inside the first step(); that pass would
-            # leak into the MoE statistics and the logged loss. Run it once on this batch
-            # and discard it: gradients zeroed, statistics popped, nothing else changes.
-            self._pp_primed = True
-            with torch.enable_grad():  # also when the first pass is a validation one
-                self._pp_run(mbs, num_tokens, train=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            for layer in self.moe_layers:
-                layer.pop_stats()
-        cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
-        target = torch.where(cat["loss_mask"] > 0, cat["labels"], -1)
-        args = (cat["tokens"],) if self.pp_split.has_first else ()
-        self._pp_loss_sums, self._pp_num_tokens = [], num_tokens
-        run = self.schedule.step if train else self.schedule.eval
-        with self._autocast():
-            docs = {"doc_ids_BT": cat["doc_ids"]} if "doc_ids" in cat else {}
-            run(*args, target=target, losses=[], return_outputs=False,
-                position_ids_BT=cat["position_ids"], **docs)
-        return torch.stack(self._pp_loss_sums).sum() if self._pp_loss_sums else torch.zeros(
-            (), device=self.device)
+    def _discard_pass(self) -> None:
+        """Undo a pass whose results must not count (the pipeline's shape-inference pass)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for layer in self.moe_layers:
+            layer.pop_stats()
 
     def _to_device(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Move a step's micro-batches to the device; under CP keep this rank's part of
@@ -279,8 +200,9 @@ class Trainer:
         num_tokens = self._sum_over_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum())
         lm_sum = torch.zeros((), device=self.device)
         sent = 0  # activation bytes this rank's dispatchers sent (host ints, no sync)
-        if self.schedule is not None:
-            lm_sum = self._sum_over_pp(self._pp_run(mbs, num_tokens, train=True))
+        if self.pipeline is not None:
+            lm_sum = self._sum_over_pp(
+                self.pipeline.run(mbs, num_tokens, train=True, autocast=self._autocast))
             # the dispatchers keep the last micro-batch's counts: an estimate under PP
             sent = len(mbs) * sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
         else:
@@ -369,8 +291,9 @@ class Trainer:
             mbs = self._to_device(
                 self.data.valid_microbatches(it, t.micro_batch_size, self.dp_rank, self.dp_size)
             )
-            if self.schedule is not None:  # the loss lands on the last stage only
-                total += self._pp_run(mbs, tokens.new_ones(()), train=False)
+            if self.pipeline is not None:  # the loss lands on the last stage only
+                total += self.pipeline.run(mbs, tokens.new_ones(()), train=False,
+                                           autocast=self._autocast)
             else:
                 for mb in mbs:
                     total += self._forward_loss_sum(mb)
