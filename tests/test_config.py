@@ -77,8 +77,6 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             4,
             "parallel.ep=4 does not divide model.moe.num_experts=6 (valid: 1, 2, 3, 6)",
         ),
-        (["parallel.cp=2", "parallel.pp=2"], 4,
-         "parallel.cp=2 with parallel.pp=2 is not supported yet"),
         (["parallel.cp=2", "trainer.seq_len=34"], 2,
          "trainer.seq_len=34 must be a multiple of 2*parallel.cp*parallel.tp=4"),
         (["parallel.pp=2", "parallel.vpp=2"], 2,

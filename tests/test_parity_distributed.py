@@ -94,6 +94,9 @@ LAYOUTS = [
     ("cp2xtp2_sp", 4, "dropless",
      ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     ("cp2xdp2_ep4_folded", 4, "dropless", ["parallel.cp=2", "parallel.ep=4"]),
+    ("cp2xpp2_vpp2_documents", 4, "documents",
+     ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2",
+      "parallel.pp_schedule=interleaved_1f1b"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),

@@ -271,10 +271,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
     if p.cp > 1:
-        if p.pp > 1:
-            raise ConfigError(
-                f"parallel.cp={p.cp} with parallel.pp={p.pp} is not supported yet (use CP or PP)"
-            )
         if t.seq_len % (2 * p.cp * p.tp):
             raise ConfigError(
                 f"trainer.seq_len={t.seq_len} must be a multiple of 2*parallel.cp*parallel.tp="
