@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import mask_from_ids
-from models.router import TokenGroup
-from parallel.dispatch import _all_gather, _AllGather
-from parallel.token_group import _SumBackward, _SumForward
+from parallel.dispatch import _AllGather
+from parallel.token_group import SeqChunkGroup, _SumBackward, gather_seq
 
 __all__ = ["IndexedSeqGroup", "apply_context_parallel", "cp_index", "shard_batch"]
 
@@ -59,12 +58,6 @@ def shard_batch(mb: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, to
     seq_len = next(iter(mb.values())).shape[1]
     idx = cp_index(seq_len, cp, rank, device=next(iter(mb.values())).device)
     return {k: v.index_select(1, idx) for k, v in mb.items()}
-
-
-def _gather_seq(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather along ``dim`` in group-rank order, no autograd."""
-    x = x.movedim(dim, 0)
-    return _all_gather(x, group).movedim(0, dim)
 
 
 class ContextParallelAttention:
@@ -107,9 +100,9 @@ class ContextParallelAttention:
         q_idx, order = self._indices(seq_len, q.device)
         k_doc = k_blk = None
         if doc_ids_BT is not None:
-            k_doc = _gather_seq(doc_ids_BT, self.group, 1).index_select(1, order)
+            k_doc = gather_seq(doc_ids_BT, self.group).index_select(1, order)
         if block_ids_BT is not None:
-            k_blk = _gather_seq(block_ids_BT, self.group, 1).index_select(1, order)
+            k_blk = gather_seq(block_ids_BT, self.group).index_select(1, order)
             chunks = [(0, t_local, seq_len)]
         else:
             c = t_local // 2  # head chunk `rank`, tail chunk `2cp-1-rank` (cp_index)
@@ -155,24 +148,20 @@ class ContextParallelAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-class IndexedSeqGroup(TokenGroup):
+class IndexedSeqGroup(SeqChunkGroup):
     """Ranks of ``group`` each hold the sequence positions ``index[g]`` (the same for every
     sequence of the micro-batch); ``param_group``: the ranks whose replicated router /
     shared-gate weights must sum their gradients (the TP ranks; the DP engine sums over
-    ``dp_cp``)."""
+    ``dp_cp``). Statistics are summed over ``group`` as in :class:`SeqChunkGroup`."""
 
     def __init__(self, group, index: list[torch.Tensor], param_group=None):
-        self.group, self.param_group = group, param_group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        super().__init__(group)
+        self.param_group = param_group
         self.index = index[self.rank]
         self.order = torch.argsort(torch.cat(index))  # gathered order -> sequence order
 
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return _SumForward.apply(x, self.group)
-
     def gather_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
-        out = _gather_seq(x_BS.detach(), self.group, 1)
+        out = super().gather_seq(x_BS)
         return out.index_select(1, self.order.to(out.device))
 
     def local_seq(self, x_BS: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ The model is cut by layers into ``pp * vpp`` stages. Stage ``s`` runs on pipelin
 pipeline) and on ``s`` / ``2*pp-1-s`` for the V-shaped zero-bubble schedule, where rank 0
 holds both the first and the last stage.
 
-Modules. A rank's *stage module* is the plain ``Transformer`` with the layers it does not
-own deleted (the ``layers`` ModuleDict keeps the global keys, so parameter names — and
+Modules. A rank's *stage module* is a ``Transformer`` holding only its own layers (the
+``layers`` ModuleDict keeps the global keys, so parameter names — and
 therefore checkpoints, seeded initialisation and the expert-load plots — are the same as in
 the unsplit model), ``tok_embeddings`` only if it holds stage 0 and ``norm`` + ``output``
 only if it holds the last stage. TP, EP, activation checkpointing, the optimizer and
@@ -28,7 +28,6 @@ runs it in; their logged values are summed over the pipeline ranks by the traine
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -144,22 +143,15 @@ class PipelineSplit:
 
 
 def stage_module(model: nn.Module, split: PipelineSplit) -> nn.Module:
-    """A copy of ``model`` (best built on the meta device) reduced to this rank's stages."""
+    """``model`` (best built on the meta device) reduced to this rank's stages: a module of
+    its class holding the rank's layers, the embedding if it holds stage 0 and the head if
+    it holds the last stage (shared with ``model``, which the caller drops)."""
     if getattr(model, "tie_embeddings", False) and split.pp > 1:
         raise ValueError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
-    stage = copy.deepcopy(model)
-    for key in list(stage.layers.keys()):
-        if int(key) not in split.layers:
-            del stage.layers[key]
-    if not split.has_first:
-        stage.tok_embeddings = None
-    if not split.has_last:
-        stage.norm = None
-        stage.output = None
-    return stage
+    return _chunk(model, split.layers, split.has_first, split.has_last)
 
 
-def _chunk(module: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
+def _chunk(module: nn.Module, layers, first: bool, last: bool) -> nn.Module:
     """A module of ``module``'s class holding (not copying) its embedding if ``first``, the
     given layers, and its head if ``last``; it runs ``module``'s own forward."""
     chunk = module.__class__.__new__(module.__class__)

@@ -4,7 +4,8 @@ Under tensor parallelism every MoE layer routes only a 1/tp slice of each sequen
 rank (sequence parallelism hands it that slice already; plain TP cuts it from the
 replicated stream), so the router's statistics and capacity decisions are reduced over the
 TP group (models/router.py explains what is summed and why the result equals one process).
-Context parallelism will add a group whose chunks are not contiguous.
+Context parallelism's group, whose chunks are not contiguous, is
+``parallel.context_parallel.IndexedSeqGroup``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ import torch.distributed as dist
 from models.router import TokenGroup
 from parallel.dispatch import _all_gather
 
-__all__ = ["SeqChunkGroup"]
+__all__ = ["SeqChunkGroup", "gather_seq"]
+
+
+def gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """All-gather along ``dim`` in group-rank order, no autograd."""
+    return _all_gather(x.detach().movedim(dim, 0), group).movedim(0, dim)
 
 
 class _SumForward(torch.autograd.Function):
@@ -60,9 +66,7 @@ class SeqChunkGroup(TokenGroup):
         return _SumForward.apply(x, self.group)
 
     def gather_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
-        x = x_BS.detach()
-        out = _all_gather(x, self.group).view(self.size, *x.shape)
-        return out.movedim(0, 1).flatten(1, 2)
+        return gather_seq(x_BS, self.group)
 
     def local_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
         return x_BS.unflatten(1, (self.size, -1))[:, self.rank]

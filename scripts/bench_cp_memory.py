@@ -12,35 +12,22 @@ agree across layouts. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.bench_layouts import train_cli  # noqa: E402
 
 
 def run(cp: int, seq_len: int, steps: int, out: Path) -> dict:
     overrides = [
         f"trainer.seq_len={seq_len}", f"model.max_seq_len={seq_len}",
         "trainer.micro_batch_size=1", "trainer.global_batch_size=1",
-        f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.log_every=1",
-        "logger.console=plain", "logger.tensorboard=false", "logger.expert_load_every=0",
-        "checkpoint.every=0", "checkpoint.save_final=false", f"parallel.cp={cp}",
-        f"run_dir={out}",
+        f"trainer.max_steps={steps}", "trainer.log_every=1", f"parallel.cp={cp}",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
-    if cp == 1:
-        cmd = [sys.executable, "-m", "trainer.train", *overrides]
-    else:
-        cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), str(cp), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"cp={cp} failed:\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    last = records[-1]
+    last = train_cli(f"cp={cp}", cp, overrides, out)[-1]
     return {"loss": last["loss"], "mem": last["peak_mem_gib"],
             "tok_s": last.get("tokens_per_s", float("nan"))}
 

@@ -35,16 +35,16 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 
 
-def run(name: str, nproc: int, extra: list[str], args, out: Path) -> dict:
-    run_dir = out / name
+def train_cli(name: str, nproc: int, overrides: list[str], run_dir: Path,
+              threads: int = 1) -> list[dict]:
+    """Train through the CLI (launch/torchrun.sh for nproc > 1) without evaluation,
+    checkpoints or loggers beyond metrics.jsonl; returns its records."""
     overrides = [
-        f"run_dir={run_dir}", f"trainer.max_steps={args.steps}", f"trainer.seq_len={args.seq_len}",
-        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.global_batch}",
-        "trainer.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
-        "logger.console=plain", "logger.tensorboard=false", "logger.wandb.mode=disabled",
-        "logger.expert_load_every=0", *extra,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHON=sys.executable)
+        f"run_dir={run_dir}", "trainer.eval_every=0", "checkpoint.every=0",
+        "checkpoint.save_final=false", "logger.console=plain", "logger.tensorboard=false",
+        "logger.wandb.mode=disabled", "logger.expert_load_every=0", *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHON=sys.executable)
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer.train", *overrides]
     else:
@@ -52,7 +52,16 @@ def run(name: str, nproc: int, extra: list[str], args, out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(name: str, nproc: int, extra: list[str], args, out: Path) -> dict:
+    overrides = [
+        f"trainer.max_steps={args.steps}", f"trainer.seq_len={args.seq_len}",
+        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.global_batch}",
+        *extra,
+    ]  # fmt: skip
+    recs = train_cli(name, nproc, overrides, out / name, args.threads)
     tps = [r["tokens_per_s"] for r in recs if r["step"] > args.warmup]
     return {"tokens_per_s": statistics.median(tps), "loss": recs[-1]["loss"], "nproc": nproc}
 

@@ -197,12 +197,13 @@ class Trainer:
         )
         # Normalise by the token count of the whole global batch, so the objective (and
         # its gradient) does not depend on how the batch is split into micro-batches/ranks.
-        num_tokens = self._sum_over_dp(torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum())
+        num_tokens = self._sum_over(
+            torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum(), "dp_cp")
         lm_sum = torch.zeros((), device=self.device)
         sent = 0  # activation bytes this rank's dispatchers sent (host ints, no sync)
         if self.pipeline is not None:
-            lm_sum = self._sum_over_pp(
-                self.pipeline.run(mbs, num_tokens, train=True, autocast=self._autocast))
+            lm_sum = self._sum_over(
+                self.pipeline.run(mbs, num_tokens, train=True, autocast=self._autocast), "pp")
             # the dispatchers keep the last micro-batch's counts: an estimate under PP
             sent = len(mbs) * sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
         else:
@@ -211,7 +212,7 @@ class Trainer:
                 (loss_sum / num_tokens).backward()
                 lm_sum += loss_sum.detach()
                 sent += sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
-        lm_sum = self._sum_over_dp(lm_sum)
+        lm_sum = self._sum_over(lm_sum, "dp_cp")
         lr = self.scheduler.get_last_lr()[0]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         self.dp.reduce_gradients()
@@ -250,9 +251,7 @@ class Trainer:
             table[pos] = torch.cat([s["counts"], torch.stack([s[k].float() for k in keys])])
         # The router sums its statistics over its token group (TP, and CP, ranks), so
         # each is complete on every member: add up the data-parallel replicas only.
-        if self.dims.dp > 1:
-            dist.all_reduce(table, group=self.dims.group("dp"))
-        table = self._sum_over_pp(table)
+        table = self._sum_over(self._sum_over(table, "dp"), "pp")
         counts = table[:, :E]
         col = {k: table[:, E + i] for i, k in enumerate(keys)}
         per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
@@ -267,18 +266,12 @@ class Trainer:
             "counts_LE": counts,
         }
 
-    def _sum_over_pp(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the pipeline ranks (each holds different layers)."""
-        if self.dims.pp > 1:
+    def _sum_over(self, x: torch.Tensor, group: str) -> torch.Tensor:
+        """Sum over a rank group: ``dp_cp`` (ranks holding different tokens), ``dp`` (token
+        groups: TP/CP members already hold the group's sums) or ``pp`` (different layers)."""
+        if self.dims.size(group) > 1:
             x = x.clone()
-            dist.all_reduce(x, group=self.dims.group("pp"))
-        return x
-
-    def _sum_over_dp(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks holding different tokens (dense dp x cp group)."""
-        if self.dims.dp * self.dims.cp > 1:
-            x = x.clone()
-            dist.all_reduce(x, group=self.dims.group("dp_cp"))
+            dist.all_reduce(x, group=self.dims.group(group))
         return x
 
     @torch.no_grad()
@@ -299,8 +292,8 @@ class Trainer:
                     total += self._forward_loss_sum(mb)
             tokens += sum(mb["loss_mask"].sum() for mb in mbs)
         self._pop_moe_stats()  # validation routing is not training load
-        total = self._sum_over_dp(self._sum_over_pp(total))
-        tokens = self._sum_over_dp(tokens)
+        total = self._sum_over(self._sum_over(total, "pp"), "dp_cp")
+        tokens = self._sum_over(tokens, "dp_cp")
         return (total / tokens.clamp_min(1)).item()
 
     # -- loop -----------------------------------------------------------------------
