@@ -57,9 +57,29 @@ class MoEConfig:
 
 
 @dataclass
+class MoTConfig:
+    """Mixture-of-Transformers (``arch: mot``, models/mot.py)."""
+
+    # Modality names; a token's modality id is the index of its name here.
+    modalities: list = field(default_factory=lambda: ["text", "image"])
+    # What is modality-specific: none (the dense baseline) | ffn | ffn_qkv | all.
+    untie: str = "all"
+    qk_norm: bool = False  # per-head RMSNorm of q and k (per modality when attn is untied)
+
+
+@dataclass
+class DiffusionConfig:
+    """Transfusion: image positions carry continuous patches (``patch_dim`` > 0)."""
+
+    patch_dim: int = 0  # 0 = no diffusion head (discrete tokens only, Chameleon)
+    num_timesteps: int = 1000  # DDPM T, cosine schedule
+    loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_DDPM
+
+
+@dataclass
 class ModelConfig:
     name: str = "moe_tiny"
-    # Architecture family; later issues add mot / mamba / mom.
+    # Architecture family: llm (models/transformer.py) | mot (models/mot.py).
     arch: str = "llm"
     vocab_size: int = 2048
     hidden_size: int = 64
@@ -74,6 +94,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mot: MoTConfig = field(default_factory=MoTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:

@@ -121,7 +121,12 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transfo
     ``init_weights`` later). Otherwise the weights are initialised from the current torch
     RNG, so the result equals meta build + to_empty + init_weights under the same seed."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        if cfg.arch == "mot":
+            from models.mot import MoTTransformer
+
+            model = MoTTransformer(cfg)
+        else:
+            model = Transformer(cfg)
     device = torch.device(device)
     if device.type != "meta":
         model.to_empty(device=device)

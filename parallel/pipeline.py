@@ -204,9 +204,10 @@ def build_schedule(
 class PipelineRunner:
     """One schedule over a step's micro-batches, as the trainer needs it.
 
-    ``loss_sum(logits, labels, mask)`` is the token-loss sum of one micro-batch on the last
-    stage; the schedule's loss function divides it by the step's token count (set per
-    call), so the gradients are those of the global objective. ``discard()`` is called
+    ``objective`` (trainer/objective.py) turns the last stage's logits into per-group
+    loss sums and those into the objective given the step's normalisers (set per call),
+    so the gradients are those of the global objective. The loss group of each token
+    travels in the schedule's target tensor (``label + group << 32``; -1 = no loss). ``discard()`` is called
     after the first, throw-away pass: torch.distributed.pipelining infers the inter-stage
     shapes by running a real forward/backward (and the loss function) inside the first
     ``step()``, which would leak into the MoE statistics and the logged loss; the runner
@@ -215,11 +216,12 @@ class PipelineRunner:
     """
 
     def __init__(self, chunks: list[nn.Module], split: PipelineSplit, *, schedule: str,
-                 n_microbatches: int, loss_sum: Callable, discard: Callable[[], None],
+                 n_microbatches: int, objective, arch: str, discard: Callable[[], None],
                  device: torch.device, group):
-        self.split, self.loss_sum, self.discard, self.device = split, loss_sum, discard, device
+        self.split, self.objective, self.discard, self.device = split, objective, discard, device
+        self.arch = arch
         self._sums: list[torch.Tensor] = []
-        self._num_tokens = torch.ones((), device=device)
+        self._norm = torch.ones(objective.G + 1, device=device)
         self._primed = False
         # torch's eval() of the zero-bubble schedules fails on their split-backward actions
         # (2.13: "can't steal_bwd_input if this stage doesn't have backward"); they validate
@@ -230,28 +232,34 @@ class PipelineRunner:
                                        device=device, group=group)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``target``: the labels with -1 where the loss mask is 0."""
+        """``target``: ``label + group << 32`` where the loss mask is 1, -1 elsewhere."""
         mask = target >= 0
-        loss_sum = self.loss_sum(logits, target.clamp(min=0), mask)
-        self._sums.append(loss_sum.detach())
-        return loss_sum / self._num_tokens
+        G = self.objective.G
+        weights = torch.nn.functional.one_hot((target >> 32).clamp(0, G - 1), G) * \
+            mask.unsqueeze(-1)
+        lm = self.objective.lm_sums(logits, (target & 0xFFFFFFFF).clamp(min=0), weights)
+        sums = torch.cat([lm, lm.new_zeros(1)])
+        self._sums.append(sums.detach())
+        return self.objective.value(sums, self._norm)
 
-    def run(self, mbs: list[dict[str, torch.Tensor]], num_tokens: torch.Tensor, *,
+    def run(self, mbs: list[dict[str, torch.Tensor]], norm: torch.Tensor, *,
             train: bool, autocast) -> torch.Tensor:
-        """One pass over ``mbs``; returns this rank's summed LM loss (non-zero only on the
-        rank holding the last stage)."""
+        """One pass over ``mbs``; returns this rank's objective sums [G + 1] (non-zero only
+        on the rank holding the last stage). ``norm``: the step's normalisers."""
+        from trainer.objective import model_kwargs
+
         if not self._primed:
             self._primed = True
             with torch.enable_grad():  # also when the first pass is a validation one
-                self.run(mbs, num_tokens, train=True, autocast=autocast)
+                self.run(mbs, norm, train=True, autocast=autocast)
             self.discard()
         cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
-        target = torch.where(cat["loss_mask"] > 0, cat["labels"], -1)
+        group = cat["loss_modality"] if "loss_modality" in cat else torch.zeros_like(
+            cat["labels"])
+        target = torch.where(cat["loss_mask"] > 0, cat["labels"] + (group << 32), -1)
         args = (cat["tokens"],) if self.split.has_first else ()
-        kwargs = {"position_ids_BT": cat["position_ids"]}
-        if "doc_ids" in cat:
-            kwargs["doc_ids_BT"] = cat["doc_ids"]
-        self._sums, self._num_tokens = [], num_tokens
+        kwargs = model_kwargs(cat, self.arch)
+        self._sums, self._norm = [], norm
         by_step = not train and self._eval_by_step
         with autocast(), torch.enable_grad() if by_step else contextlib.nullcontext():
             (self.schedule.step if train or by_step else self.schedule.eval)(
@@ -263,8 +271,8 @@ class PipelineRunner:
             # forward/backward) inside the next step(): prime again before it.
             self._primed = False
         if not self._sums:
-            return torch.zeros((), device=self.device)
-        return torch.stack(self._sums).sum()
+            return torch.zeros_like(self._norm)
+        return torch.stack(self._sums).sum(0)
 
 
 def bubble_fraction(schedule: str, pp: int, n_microbatches: int, vpp: int = 1) -> float:

@@ -57,7 +57,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from models.layers import Attention, FeedForward
-from models.loss import lm_loss_sum
+from models.loss import lm_loss_sum, weighted_sum
 from models.moe import MoELayer
 from parallel.token_group import SeqChunkGroup
 
@@ -261,7 +261,7 @@ class _VocabParallelCESum(torch.autograd.Function):
             x = leaf.float().flatten(0, -2)  # [N, V] fp32, still Shard(1)
             ce = F.cross_entropy(x, labels.reshape(-1), reduction="none")
             # Replicate over TP: every rank holds every token's loss.
-            total = (ce.to_local() * mask.reshape(-1).to(torch.float32)).sum()
+            total = weighted_sum(ce.to_local(), labels, mask)
         ctx.leaf, ctx.total = leaf, total
         return total.detach()
 

@@ -37,6 +37,11 @@ class DataConfig:
     # positions per document; off = Megatron's default (attention across documents)
     document_mask: bool = False
     cache_dir: str = "${oc.env:MOEFOLD_CACHE,${oc.env:HOME}/.cache/moefold}"
+    # source=multimodal (trainer/multimodal.py): the embedded captioned digits
+    setting: str = "chameleon"  # chameleon | transfusion
+    modalities: list = field(default_factory=lambda: ["text", "image"])  # + speech
+    caption_first: float = 0.8  # fraction of documents whose caption precedes the image
+    valid_fraction: float = 0.1  # held-out documents
 
 
 @dataclass
@@ -162,7 +167,9 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
 def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
-    _choice("model.arch", m.arch, ("llm",))
+    _choice("model.arch", m.arch, ("llm", "mot"))
+    if m.arch == "mot":
+        _validate_mot(m)
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads} "
@@ -216,6 +223,49 @@ def validate_model(m: ModelConfig) -> None:
             raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be >= 0")
 
 
+def _validate_mot(m: ModelConfig) -> None:
+    from models.mot import UNTIE
+
+    _choice("model.mot.untie", m.mot.untie, UNTIE)
+    if not m.mot.modalities:
+        raise ConfigError("model.mot.modalities must name at least one modality")
+    if m.moe.num_experts:
+        raise ConfigError("model.arch=mot with model.moe.num_experts > 0 (MoT+MoE) is not "
+                          "supported yet")
+    if m.diffusion.patch_dim < 0:
+        raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} must be >= 0")
+    if m.diffusion.patch_dim:
+        _positive("model.diffusion.num_timesteps", m.diffusion.num_timesteps)
+        if m.diffusion.loss_weight < 0:
+            raise ConfigError(f"model.diffusion.loss_weight={m.diffusion.loss_weight} must be >= 0")
+
+
+def _validate_multimodal(cfg: Config) -> None:
+    from trainer.multimodal import MODALITIES, SETTINGS
+
+    d, m = cfg.data, cfg.model
+    _choice("data.setting", d.setting, SETTINGS)
+    mods = list(d.modalities)
+    if mods not in (list(MODALITIES[:2]), list(MODALITIES)):
+        raise ConfigError(f"data.modalities={mods} must be [text, image] or [text, image, speech]")
+    if m.arch == "mot" and list(m.mot.modalities) != mods:
+        raise ConfigError(f"model.mot.modalities={list(m.mot.modalities)} must equal "
+                          f"data.modalities={mods}")
+    if d.setting == "transfusion":
+        if m.arch != "mot" or not m.diffusion.patch_dim:
+            raise ConfigError("data.setting=transfusion needs a model with a diffusion head "
+                              "(model.arch=mot, model.diffusion.patch_dim=4)")
+        p = cfg.parallel
+        if p.tp > 1 or p.pp > 1:
+            raise ConfigError("data.setting=transfusion supports DP/FSDP and CP; not "
+                              f"parallel.tp={p.tp} / parallel.pp={p.pp} yet")
+    elif m.arch == "mot" and m.diffusion.patch_dim:
+        raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} needs "
+                          "data.setting=transfusion")
+    if not 0 <= d.caption_first <= 1 or not 0 < d.valid_fraction < 1:
+        raise ConfigError("data.caption_first must be in [0, 1] and data.valid_fraction in (0, 1)")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check the whole config; raises ConfigError (one line) on the first problem."""
     validate_model(cfg.model)
@@ -237,7 +287,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not 0 < o.wsd_decay_fraction <= 1:
         raise ConfigError(f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
-    _choice("data.source", d.source, ("builtin", "indexed"))
+    _choice("data.source", d.source, ("builtin", "indexed", "multimodal"))
+    if d.source == "multimodal":
+        _validate_multimodal(cfg)
+    elif cfg.model.arch == "mot" and cfg.model.diffusion.patch_dim:
+        raise ConfigError("model.diffusion.patch_dim > 0 needs data=digits_transfusion")
     if d.source == "indexed" and not d.blend:
         raise ConfigError("data.source=indexed needs data.blend=[<prefix>] or [w1,p1,w2,p2,...]")
     _choice("logger.console", cfg.logger.console, ("rich", "plain", "none"))

@@ -133,6 +133,22 @@ def _rank0_first(fn):
     return result
 
 
+def microbatch_ranges(start: int, g: int, mbs: int, dp_rank: int, dp_size: int) -> list[range]:
+    """Sample indices of each micro-batch of DP rank ``dp_rank`` in the global batch of
+    ``g`` samples starting at ``start``: micro-batch ``i`` holds samples
+    ``start + (i*dp + r)*mbs ... + mbs`` (Megatron's pretraining-sampler order)."""
+    if mbs <= 0 or dp_size <= 0 or g % (mbs * dp_size):
+        raise ValueError(
+            f"global batch {g} is not a multiple of micro_batch_size*dp_size={mbs}*{dp_size}"
+        )
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
+    return [
+        range(start + (i * dp_size + dp_rank) * mbs, start + (i * dp_size + dp_rank + 1) * mbs)
+        for i in range(g // (mbs * dp_size))
+    ]
+
+
 # -- the data object ----------------------------------------------------------------------
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -167,18 +183,7 @@ class PretrainData:
         return len(self.valid_dataset) if self.valid_dataset is not None else 0
 
     def _layout(self, start: int, mbs: int, dp_rank: int, dp_size: int) -> list[range]:
-        g = self.global_batch_size
-        if mbs <= 0 or dp_size <= 0 or g % (mbs * dp_size):
-            raise ValueError(
-                f"global batch {g} is not a multiple of micro_batch_size*dp_size={mbs}*{dp_size}"
-            )
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
-        num_micro = g // (mbs * dp_size)
-        return [
-            range(start + (i * dp_size + dp_rank) * mbs, start + (i * dp_size + dp_rank + 1) * mbs)
-            for i in range(num_micro)
-        ]
+        return microbatch_ranges(start, self.global_batch_size, mbs, dp_rank, dp_size)
 
     def _collate(self, dataset: Any, indices: Iterable[int]) -> dict[str, torch.Tensor]:
         samples = [dataset[int(i)] for i in indices]
@@ -243,6 +248,8 @@ def build_data(
     del rank, world_size
     cache_dir = resolve_cache_dir(cfg_data.cache_dir)
     tokenizer_model = str(cfg_data.tokenizer_model or "")
+    if cfg_data.source == "multimodal":
+        raise ConfigError("data.source=multimodal is built by trainer.multimodal.build_multimodal")
     if cfg_data.source == "builtin":
         vocab = int(cfg_data.builtin_vocab_size)
         if not tokenizer_model and vocab > model_vocab_size:  # fail before building

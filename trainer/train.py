@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from models.loss import lm_loss_sum
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
@@ -76,17 +75,34 @@ class Trainer:
         valid_batches = 0
         if t.eval_every:
             valid_batches = (t.max_steps // t.eval_every + 1) * t.eval_iters
-        self.data = build_data(
-            cfg.data,
-            seq_len=t.seq_len,
-            seed=t.seed,
-            global_batch_size=t.global_batch_size,
-            train_samples=t.max_steps * t.global_batch_size,
-            valid_samples=valid_batches * t.global_batch_size,
-            model_vocab_size=cfg.model.vocab_size,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        if cfg.data.source == "multimodal":
+            from trainer.multimodal import build_multimodal
+
+            self.data = build_multimodal(cfg.data, seq_len=t.seq_len, seed=t.seed,
+                                         global_batch_size=t.global_batch_size,
+                                         model_cfg=cfg.model)
+        else:
+            self.data = build_data(
+                cfg.data,
+                seq_len=t.seq_len,
+                seed=t.seed,
+                global_batch_size=t.global_batch_size,
+                train_samples=t.max_steps * t.global_batch_size,
+                valid_samples=valid_batches * t.global_batch_size,
+                model_vocab_size=cfg.model.vocab_size,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        from trainer.objective import Objective
+
+        multimodal = cfg.data.source == "multimodal"
+        self.modalities = list(cfg.data.modalities) if multimodal else []
+        diffusion = cfg.model.diffusion
+        self.objective = Objective(
+            self.modalities or ["text"],
+            diffusion.loss_weight if cfg.model.arch == "mot" and diffusion.patch_dim else None,
+            tp=self.dims.tp > 1,
+            no_lm=("image",) if cfg.data.get("setting") == "transfusion" else ())
 
         model_cfg = OmegaConf.to_object(cfg.model)
         pm = parallelize(model_cfg, cfg.parallel, self.dims, device=self.device, seed=t.seed,
@@ -105,7 +121,8 @@ class Trainer:
 
             self.pipeline = PipelineRunner(
                 pm.chunks, self.pp_split, schedule=cfg.parallel.pp_schedule,
-                n_microbatches=self.num_micro, loss_sum=self._loss_sum,
+                n_microbatches=self.num_micro, objective=self.objective,
+                arch=cfg.model.arch,
                 discard=self._discard_pass, device=self.device, group=self.dims.group("pp"),
             )
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -158,17 +175,21 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _forward_loss_sum(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_sums(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's sums [G + 1] of one micro-batch (trainer/objective.py)."""
+        from trainer.objective import model_kwargs
+
         with self._autocast():
-            logits = self.model(mb["tokens"], mb["position_ids"], mb.get("doc_ids"))
-        return self._loss_sum(logits, mb["labels"], mb["loss_mask"])
+            out = self.model(mb["tokens"], **model_kwargs(mb, self.cfg.model.arch))
+        return self.objective.sums(out, mb)
 
-    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-        if self.dims.tp > 1:  # vocab-sharded logits: CE without gathering them
-            from parallel.tensor_parallel import tp_cross_entropy_sum
-
-            return tp_cross_entropy_sum(logits, labels, mask)
-        return lm_loss_sum(logits, labels, mask)
+    def _modality_tokens(self, mbs: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Input positions per modality in the global batch (for tokens/s per modality)."""
+        if not self.modalities:
+            return None
+        M = len(self.modalities)
+        c = sum(torch.bincount(mb["modality_ids"].flatten(), minlength=M)[:M] for mb in mbs)
+        return self._sum_over(c.float(), "dp_cp")
 
     def _discard_pass(self) -> None:
         """Undo a pass whose results must not count (the pipeline's shape-inference pass)."""
@@ -195,24 +216,24 @@ class Trainer:
                 self.state.consumed_samples, t.micro_batch_size, self.dp_rank, self.dp_size
             )
         )
-        # Normalise by the token count of the whole global batch, so the objective (and
-        # its gradient) does not depend on how the batch is split into micro-batches/ranks.
-        num_tokens = self._sum_over(
-            torch.stack([mb["loss_mask"].sum() for mb in mbs]).sum(), "dp_cp")
-        lm_sum = torch.zeros((), device=self.device)
+        # Normalise by the counts of the whole global batch, so the objective (and its
+        # gradient) does not depend on how the batch is split into micro-batches/ranks.
+        norm = self._sum_over(self.objective.counts(mbs), "dp_cp")
+        sums = torch.zeros_like(norm)
         sent = 0  # activation bytes this rank's dispatchers sent (host ints, no sync)
         if self.pipeline is not None:
-            lm_sum = self._sum_over(
-                self.pipeline.run(mbs, num_tokens, train=True, autocast=self._autocast), "pp")
+            sums = self._sum_over(
+                self.pipeline.run(mbs, norm, train=True, autocast=self._autocast), "pp")
             # the dispatchers keep the last micro-batch's counts: an estimate under PP
             sent = len(mbs) * sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
         else:
             for mb in mbs:
-                loss_sum = self._forward_loss_sum(mb)
-                (loss_sum / num_tokens).backward()
-                lm_sum += loss_sum.detach()
+                mb_sums = self._forward_sums(mb)
+                self.objective.value(mb_sums, norm).backward()
+                sums += mb_sums.detach()
                 sent += sum(layer.dispatcher.bytes_sent for layer in self.moe_layers)
-        lm_sum = self._sum_over(lm_sum, "dp_cp")
+        sums = self._sum_over(sums, "dp_cp")
+        modality_tokens = self._modality_tokens(mbs)
         lr = self.scheduler.get_last_lr()[0]
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
         self.dp.reduce_gradients()
@@ -228,13 +249,16 @@ class Trainer:
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         metrics = {
-            "lm_loss": lm_sum / num_tokens,
+            **self.objective.metrics(sums, norm),
+            "objective": self.objective.value(sums, norm),
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens": num_tokens,
+            "tokens": norm[: self.objective.G].sum(),
             "dispatch_mb_sent": sent / 2**20,
             **moe,
         }
+        if modality_tokens is not None:
+            metrics["modality_tokens"] = modality_tokens
         return metrics
 
     _STAT_KEYS = ("dropped", "assignments", "aux_loss", "seq_aux_loss", "z_loss")
@@ -275,26 +299,31 @@ class Trainer:
         return x
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """``val_loss`` (the objective without aux losses) and, for multimodal data, the
+        per-modality ``val_loss_<m>`` / ``val_diffusion_loss``."""
         t = self.cfg.trainer
         self.model.eval()
-        total = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
+        sums = norm = 0
         for it in range(t.eval_iters):
             mbs = self._to_device(
                 self.data.valid_microbatches(it, t.micro_batch_size, self.dp_rank, self.dp_size)
             )
+            counts = self.objective.counts(mbs)
             if self.pipeline is not None:  # the loss lands on the last stage only
-                total += self.pipeline.run(mbs, tokens.new_ones(()), train=False,
-                                           autocast=self._autocast)
+                sums = sums + self.pipeline.run(mbs, torch.ones_like(counts), train=False,
+                                                autocast=self._autocast)
             else:
-                for mb in mbs:
-                    total += self._forward_loss_sum(mb)
-            tokens += sum(mb["loss_mask"].sum() for mb in mbs)
+                sums = sums + sum(self._forward_sums(mb) for mb in mbs)
+            norm = norm + counts
         self._pop_moe_stats()  # validation routing is not training load
-        total = self._sum_over(self._sum_over(total, "pp"), "dp_cp")
-        tokens = self._sum_over(tokens, "dp_cp")
-        return (total / tokens.clamp_min(1)).item()
+        sums = self._sum_over(self._sum_over(sums, "pp"), "dp_cp")
+        norm = self._sum_over(norm, "dp_cp")
+        out = {"val_loss": self.objective.value(sums, norm)}
+        if self.modalities or self.objective.diffusion_weight is not None:
+            out.update(self.objective.metrics(sums, norm, prefix="val_"))
+            out.pop("val_lm_loss")
+        return {k: float(v) for k, v in out.items()}
 
     # -- loop -----------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -329,14 +358,18 @@ class Trainer:
                 m["tokens"] = m["tokens"].item()  # one host sync per step
                 perf = self.throughput.end_step(int(m["tokens"]))
                 counts = m.pop("counts_LE", None)
+                modality_tokens = m.pop("modality_tokens", None)
                 last = step == t.max_steps
                 if step % t.log_every == 0 or last:
                     record = {k: float(v) for k, v in m.items()}
-                    record["loss"] = record["lm_loss"] + record["aux_loss"]
+                    record["loss"] = record.pop("objective") + record["aux_loss"]
                     record.update(perf)
+                    if modality_tokens is not None:
+                        for name, n in zip(self.modalities, modality_tokens.tolist()):
+                            record[f"tokens_per_s_{name}"] = n / perf["step_time_s"]
                     record.update(peak_memory())
                     if t.eval_every and (step % t.eval_every == 0 or last):
-                        record["val_loss"] = self.evaluate()
+                        record.update(self.evaluate())
                     self.logger.log_step(step, record)
                 every = self.cfg.logger.expert_load_every
                 if counts is not None and every and (step % every == 0 or last):

@@ -1,0 +1,101 @@
+"""The training objective, for text-only and multimodal batches alike.
+
+Per micro-batch the model's outputs give a vector of *sums* ``[G + 1]``: the LM cross
+entropy summed over the loss tokens of each loss group (the modality of the predicted
+token; one group for text-only data), then the diffusion MSE summed over image patch
+values (Transfusion; 0 otherwise). The step's normalisers — the same vector of counts,
+summed over the whole global batch — turn sums into the objective
+
+    L = sum_g LM_g / N_LM  +  lambda * MSE / N_patch_values
+
+so it (and its gradient) does not depend on how the batch is split into micro-batches
+or ranks. ``LM_g / N_g`` are the per-modality losses that are logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from models.loss import lm_loss_sum
+
+# batch key -> model forward keyword; the first stage also takes "tokens" positionally
+_MODEL_INPUTS = {"position_ids": "position_ids_BT", "doc_ids": "doc_ids_BT",
+                 "block_ids": "block_ids_BT"}
+_MOT_INPUTS = {"modality_ids": "modality_ids_BT", "patches": "patches_BTP",
+               "timesteps": "timesteps_BT"}
+
+
+def model_kwargs(mb: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The micro-batch tensors the model's forward takes besides the tokens."""
+    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch == "mot" else {})}
+    return {kw: mb[k] for k, kw in keys.items() if k in mb}
+
+
+class Objective:
+    """``groups``: names of the LM loss groups (the modalities; ``["text"]`` for LLMs);
+    ``diffusion_weight``: lambda (Transfusion), None without a diffusion head."""
+
+    def __init__(self, groups: list[str], diffusion_weight: Optional[float], tp: bool,
+                 no_lm: tuple[str, ...] = ()):
+        """``no_lm``: groups without LM targets (Transfusion's images), not logged."""
+        self.groups, self.diffusion_weight, self.tp = list(groups), diffusion_weight, tp
+        self.G = len(groups)
+        self.no_lm = set(no_lm)
+
+    def group_weights(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T, G]: the loss mask split by the predicted token's group."""
+        mask = mb["loss_mask"]
+        if self.G == 1:
+            return mask.unsqueeze(-1)
+        return F.one_hot(mb["loss_modality"], self.G).to(mask.dtype) * mask.unsqueeze(-1)
+
+    def counts(self, mbs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """This rank's normalisers [G + 1] (LM tokens per group, patch values)."""
+        out = []
+        for mb in mbs:
+            c = self.group_weights(mb).sum((0, 1))
+            d = torch.zeros((), device=c.device)
+            if self.diffusion_weight is not None and "timesteps" in mb:
+                d = (mb["timesteps"] >= 0).sum() * mb["patches"].shape[-1]
+            out.append(torch.cat([c.float(), d.float().view(1)]))
+        return torch.stack(out).sum(0)
+
+    def lm_sums(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
+        """[G] CE sums; vocab-sharded logits (TP) never gathered."""
+        if self.tp:
+            from parallel.tensor_parallel import tp_cross_entropy_sum
+
+            return tp_cross_entropy_sum(logits, labels, weights)
+        return lm_loss_sum(logits, labels, weights)
+
+    def sums(self, out: Any, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[G + 1] sums of one micro-batch from the model output (logits, or
+        ``(logits, eps)`` with a diffusion head)."""
+        logits, eps = out if isinstance(out, tuple) else (out, None)
+        lm = self.lm_sums(logits, mb["labels"], self.group_weights(mb))
+        if eps is None:
+            return torch.cat([lm, lm.new_zeros(1)])
+        is_patch = (mb["timesteps"] >= 0).unsqueeze(-1)
+        err = (eps.float() - mb["noise"].float()).pow(2)
+        return torch.cat([lm, torch.where(is_patch, err, 0).sum().view(1)])
+
+    def value(self, sums: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """The objective's contribution of ``sums`` given the global normalisers."""
+        loss = sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)
+        if self.diffusion_weight is not None:
+            loss = loss + self.diffusion_weight * sums[self.G] / norm[self.G].clamp_min(1)
+        return loss
+
+    def metrics(self, sums: torch.Tensor, norm: torch.Tensor, prefix: str = "") -> dict:
+        """``lm_loss``, ``diffusion_loss`` and one ``loss_<group>`` per group (tensors)."""
+        out = {f"{prefix}lm_loss": sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)}
+        if self.G > 1:
+            for g, name in enumerate(self.groups):
+                if name not in self.no_lm:
+                    out[f"{prefix}loss_{name}"] = sums[g] / norm[g].clamp_min(1)
+        if self.diffusion_weight is not None:
+            out[f"{prefix}diffusion_loss"] = sums[self.G] / norm[self.G].clamp_min(1)
+        return out
