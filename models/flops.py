@@ -36,11 +36,31 @@ def _layer_matmul_params(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
     return common + m.num_experts * expert, common + m.top_k * expert
 
 
+def _mot_counts(cfg: ModelConfig) -> tuple[int, int]:
+    """MoT blocks: each modality-specific part has one copy per modality; a token uses
+    one copy of everything (models/mot.py)."""
+    from models.mot import untied_parts
+
+    d, hd, M = cfg.hidden_size, _head_dim(cfg), len(cfg.mot.modalities)
+    parts = untied_parts(cfg.mot.untie)
+    attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
+    attn += 2 * hd if cfg.mot.qk_norm else 0
+    ffn, norms = 3 * d * cfg.ffn_hidden_size, 2 * d
+    copies = {p: (M if p in parts else 1) for p in ("attn", "ffn", "norms")}
+    total = attn * copies["attn"] + ffn * copies["ffn"] + norms * copies["norms"]
+    return cfg.num_layers * total, cfg.num_layers * (attn + ffn + norms)
+
+
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameters, embeddings and norms included; a tied
     output head is counted once."""
     d = cfg.hidden_size
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    if cfg.arch == "mot":
+        total, active = _mot_counts(cfg)
+        P = cfg.diffusion.patch_dim
+        io = 2 * P * d + 2 * d * d + 2 * d if P else 0  # patch in/out, timestep MLP
+        return embed + d + io + total, embed + d + io + active
     norms = d * (2 * cfg.num_layers + 1)
     total = active = embed + norms
     for is_moe in moe_layer_pattern(cfg):

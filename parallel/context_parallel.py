@@ -178,6 +178,7 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
     token group. Apply after tensor parallelism (it replaces TP's token group)."""
     from models.layers import Attention
     from models.moe import MoELayer
+    from models.mot import MoTAttention
 
     cp_group = dims.group("cp")
     attn = ContextParallelAttention(cp_group)
@@ -187,7 +188,7 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
         local = cp_index(seq_len, cp, g // tp)
         index.append(local.unflatten(0, (tp, -1))[g % tp])
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, (Attention, MoTAttention)):
             m.attn_fn = attn
         elif isinstance(m, MoELayer):
             m.token_group = IndexedSeqGroup(dims.group("tp_cp"), index,

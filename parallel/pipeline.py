@@ -237,7 +237,7 @@ class PipelineRunner:
         G = self.objective.G
         weights = torch.nn.functional.one_hot((target >> 32).clamp(0, G - 1), G) * \
             mask.unsqueeze(-1)
-        lm = self.objective.lm_sums(logits, (target & 0xFFFFFFFF).clamp(min=0), weights)
+        lm = self.objective.lm_sums(logits, torch.where(mask, target & 0xFFFFFFFF, 0), weights)
         sums = torch.cat([lm, lm.new_zeros(1)])
         self._sums.append(sums.detach())
         return self.objective.value(sums, self._norm)

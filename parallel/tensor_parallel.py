@@ -67,8 +67,10 @@ __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "tp_cross_entropy_s
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     """Raise ``ValueError`` naming the values when ``model`` cannot be split over ``tp``
     ranks (heads are never split, so both head counts must be multiples of tp)."""
+    from models.mot import MoTAttention
+
     for name, module in model.named_modules():
-        if not isinstance(module, Attention):
+        if not isinstance(module, (Attention, MoTAttention)):
             continue
         h, hkv = module.num_heads, module.num_kv_heads
         if h % tp or hkv % tp:
@@ -134,7 +136,14 @@ def apply_tensor_parallel(
     ):
         _make_tied_head_input_replicated(model.norm, tp_mesh)
 
+    from models.mot import MoTBlock
+
     for block in model.layers.values():
+        if isinstance(block, MoTBlock):  # per-modality projections: parallel/mot_parallel.py
+            from parallel.mot_parallel import apply_mot_tensor_parallel
+
+            apply_mot_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
+            continue
         bplan: dict[str, object] = {
             "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
                 input_layouts=(stream, None, None, None),

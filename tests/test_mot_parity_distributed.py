@@ -1,0 +1,71 @@
+"""Mixture-of-Transformers keeps the central promise: N gloo processes equal one process
+(losses per modality, diffusion loss, grad norm, final parameters), through the CLI, on
+the embedded multimodal data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import read_metrics
+from tests.test_parity_distributed import (
+    LOSS_RTOL,
+    PARAM_ATOL,
+    PARAM_RTOL,
+    STEPS,
+    _final_model,
+    _train,
+)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+SETTINGS = {
+    # three modalities (text, image, speech), Chameleon setting, per-modality QK-norm
+    "chameleon3": ["model=mot_tiny", "data=digits_speech",
+                   "model.mot.modalities=[text,image,speech]", "model.mot.qk_norm=true",
+                   "trainer.seq_len=128"],
+    # Transfusion: diffusion head, image-bidirectional attention, packed documents
+    "transfusion": ["model=mot_tiny", "data=digits_transfusion", "model.diffusion.patch_dim=4",
+                    "trainer.seq_len=64"],
+}
+LAYOUTS = [
+    ("dp2_fsdp", 2, "chameleon3", ["parallel.dp_engine=fsdp"]),
+    ("tp2", 2, "chameleon3", ["parallel.tp=2"]),
+    ("tp2_sp", 2, "chameleon3", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    ("pp2", 2, "chameleon3", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    ("cp2_transfusion", 2, "transfusion", ["parallel.cp=2"]),
+]
+COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
+          f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",
+          "logger.tensorboard=false", "logger.expert_load_every=0", "optim.lr=3e-3",
+          "optim.eps=1e-6", "optim.warmup_steps=2", "checkpoint.keep_last=1"]
+KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_norm"),
+        "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm")}
+
+
+@pytest.fixture(scope="module")
+def mot_references(tmp_path_factory, moefold_cache):
+    refs = {}
+    for name, extra in SETTINGS.items():
+        run_dir = tmp_path_factory.mktemp(f"mot_ref_{name}")
+        _train(run_dir, 1, [*COMMON, *extra], moefold_cache)
+        refs[name] = (read_metrics(run_dir), _final_model(run_dir))
+    return refs
+
+
+@pytest.mark.parametrize("name, nproc, setting, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_mot_layout_matches_single_process(name, nproc, setting, extra, mot_references,
+                                           tmp_path, moefold_cache):
+    _train(tmp_path, nproc, [*COMMON, *SETTINGS[setting], *extra], moefold_cache)
+    ref_metrics, ref_model = mot_references[setting]
+    got = read_metrics(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        for key in KEYS[setting]:
+            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
+                name, step, key)
+    model = _final_model(tmp_path)
+    assert set(model) == set(ref_model)
+    for key, ref in ref_model.items():
+        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
+                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
