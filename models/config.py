@@ -65,6 +65,9 @@ class MoTConfig:
     # What is modality-specific: none (the dense baseline) | ffn | ffn_qkv | all.
     untie: str = "all"
     qk_norm: bool = False  # per-head RMSNorm of q and k (per modality when attn is untied)
+    # MoT+MoE: this modality's FFN is a routed MoE (``moe``, on the layers moe.layer_freq
+    # picks); "" = none. Needs the FFN untied.
+    moe_modality: str = ""
 
 
 @dataclass

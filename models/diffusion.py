@@ -102,3 +102,34 @@ def ddpm_sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
         x = (mean + var.sqrt() * noise).to(x_T.dtype)
     return x
+
+
+@torch.no_grad()
+def sample_images(model: nn.Module, prefix_BT: torch.Tensor, *, image_modality: int,
+                  placeholder: int, num_patches: int, patch_dim: int,
+                  alphas_cumprod: torch.Tensor, num_steps: int = 50,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Transfusion generation of one image per row of ``prefix_BT`` (e.g. caption + BOI):
+    the prefix is followed by ``num_patches`` image positions (``placeholder`` tokens,
+    attended bidirectionally as one block) whose patches start as noise and are denoised
+    by the model's ε prediction. Returns x_0 patches [B, num_patches, patch_dim]."""
+    B, L = prefix_BT.shape
+    dev = prefix_BT.device
+    fill = torch.full((B, num_patches), placeholder, dtype=torch.long, device=dev)
+    tokens = torch.cat([prefix_BT, fill], 1)
+    modality = torch.zeros_like(tokens)
+    modality[:, L:] = image_modality
+    blocks = torch.zeros_like(tokens)
+    blocks[:, L:] = 1
+    positions = torch.arange(tokens.shape[1], device=dev).expand(B, -1)
+
+    def eps_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        patches = torch.zeros(B, tokens.shape[1], patch_dim, device=dev, dtype=x_t.dtype)
+        patches[:, L:] = x_t
+        steps = torch.full_like(tokens, -1)
+        steps[:, L:] = t
+        _, eps = model(tokens, positions, None, blocks, modality, patches, steps)
+        return eps[:, L:]
+
+    x_T = torch.randn(B, num_patches, patch_dim, generator=generator).to(dev)
+    return ddpm_sample(eps_fn, x_T, alphas_cumprod, num_steps, generator)

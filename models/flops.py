@@ -36,10 +36,11 @@ def _layer_matmul_params(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
     return common + m.num_experts * expert, common + m.top_k * expert
 
 
-def _mot_counts(cfg: ModelConfig) -> tuple[int, int]:
-    """MoT blocks: each modality-specific part has one copy per modality; a token uses
-    one copy of everything (models/mot.py)."""
-    from models.mot import untied_parts
+def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
+    """One MoT block: (total parameters, [active matmul+norm parameters per token of each
+    modality]). Each modality-specific part has one copy per modality; a token uses its
+    modality's copy; with MoT+MoE the MoE modality's FFN is the routed layer."""
+    from models.mot import moe_modality, untied_parts
 
     d, hd, M = cfg.hidden_size, _head_dim(cfg), len(cfg.mot.modalities)
     parts = untied_parts(cfg.mot.untie)
@@ -48,7 +49,22 @@ def _mot_counts(cfg: ModelConfig) -> tuple[int, int]:
     ffn, norms = 3 * d * cfg.ffn_hidden_size, 2 * d
     copies = {p: (M if p in parts else 1) for p in ("attn", "ffn", "norms")}
     total = attn * copies["attn"] + ffn * copies["ffn"] + norms * copies["norms"]
-    return cfg.num_layers * total, cfg.num_layers * (attn + ffn + norms)
+    active = [attn + ffn + norms] * M
+    m = moe_modality(cfg)
+    if is_moe and m >= 0:
+        moe_total, moe_active = (x - attn + (2 * hd if cfg.mot.qk_norm else 0)
+                                 for x in _layer_matmul_params(cfg, True))
+        total += moe_total - ffn
+        active[m] += moe_active - ffn
+    return total, active
+
+
+def _mot_counts(cfg: ModelConfig) -> tuple[int, list[int]]:
+    total, active = 0, [0] * len(cfg.mot.modalities)
+    for is_moe in moe_layer_pattern(cfg):
+        t, a = _mot_layer(cfg, is_moe)
+        total, active = total + t, [x + y for x, y in zip(active, a)]
+    return total, active
 
 
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
@@ -56,11 +72,11 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     output head is counted once."""
     d = cfg.hidden_size
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    if cfg.arch == "mot":
+    if cfg.arch == "mot":  # active: averaged over the modalities
         total, active = _mot_counts(cfg)
         P = cfg.diffusion.patch_dim
         io = 2 * P * d + 2 * d * d + 2 * d if P else 0  # patch in/out, timestep MLP
-        return embed + d + io + total, embed + d + io + active
+        return embed + d + io + total, embed + d + io + round(sum(active) / len(active))
     norms = d * (2 * cfg.num_layers + 1)
     total = active = embed + norms
     for is_moe in moe_layer_pattern(cfg):
@@ -69,8 +85,23 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     return total, active
 
 
+def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """MoT: training FLOPs per token of each modality (they differ with MoT+MoE)."""
+    norms = 2 * cfg.hidden_size * cfg.num_layers
+    qk = 2 * _head_dim(cfg) * cfg.num_layers if cfg.mot.qk_norm else 0
+    attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
+    head = cfg.vocab_size * cfg.hidden_size
+    _, active = _mot_counts(cfg)
+    return {name: float(6 * (a - norms - qk + head) + attention)
+            for name, a in zip(cfg.mot.modalities, active)}
+
+
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per token (see the module docstring for the convention)."""
+    """Forward + backward FLOPs per token (see the module docstring for the convention);
+    MoT: the mean over modalities (:func:`flops_per_token_by_modality`)."""
+    if cfg.arch == "mot":
+        per = flops_per_token_by_modality(cfg, seq_len)
+        return sum(per.values()) / len(per)
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)
     for is_moe in moe_layer_pattern(cfg):
         matmul += _layer_matmul_params(cfg, is_moe)[1]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
+from models.config import ModelConfig, moe_layer_pattern
 from models.diffusion import PatchIO
 from models.grouped_gemm import grouped_mm
 from models.layers import Initializer, RMSNorm, RotaryEmbedding, causal_attention
@@ -68,6 +68,23 @@ class ModalityRoute:
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat, minlength=num_modalities)[:num_modalities]
         return cls(ids_BT, order, inverse, counts, flat[order])
+
+    # MoT+MoE: the FFN's route, with the MoE modality's rows last
+    ffn: Optional[ModalityRoute] = None
+    num_dense_rows: int = 0
+
+    def with_moe_modality(self, moe_modality: int) -> ModalityRoute:
+        """Attach ``ffn``: rows of the other modalities first (grouped in id order), then
+        those of ``moe_modality``; its row count is read on the host once per forward
+        (the MoE layer's input size), as the dispatcher's split sizes are."""
+        M = self.counts_M.shape[0]
+        key = self.ids_BT - (self.ids_BT > moe_modality).long()  # dense index
+        key = torch.where(self.ids_BT == moe_modality, M - 1, key)
+        ffn = ModalityRoute.build(key, M)
+        ffn.num_dense_rows = int(ffn.counts_M[: M - 1].sum())
+        ffn.counts_M = ffn.counts_M[: M - 1]  # the dense weights' groups; MoE rows trail
+        self.ffn = ffn
+        return self
 
     def sort(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return x_BTD.reshape(-1, x_BTD.shape[-1])[self.order_N]
@@ -156,6 +173,13 @@ class ModalityRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
 
+def moe_modality(cfg: ModelConfig) -> int:
+    """Id of the modality whose FFN is a routed MoE (MoT+MoE), -1 for none."""
+    if cfg.moe.num_experts == 0 or not cfg.mot.moe_modality:
+        return -1
+    return list(cfg.mot.modalities).index(cfg.mot.moe_modality)
+
+
 def _num(untied: bool, modalities: int) -> int:
     return modalities if untied else 1
 
@@ -204,16 +228,30 @@ class MoTAttention(nn.Module):
 
 
 class MoTFeedForward(nn.Module):
-    """Per-modality SwiGLU: three grouped matmuls over the modality segments."""
+    """Per-modality SwiGLU: three grouped matmuls over the modality segments. With
+    ``moe_modality`` (MoT+MoE), that modality's FFN is a routed MoE layer instead: the
+    dense grouped matmuls cover the other modalities, whose rows come first in the FFN's
+    route (``ModalityRoute.ffn``), and the MoE layer gets the trailing rows of its
+    modality as one sequence."""
 
-    def __init__(self, num: int, dim: int, hidden: int):
+    def __init__(self, num: int, dim: int, hidden: int, moe: Optional[nn.Module] = None,
+                 moe_modality: int = -1):
         super().__init__()
+        self.moe, self.moe_modality = moe, moe_modality
+        num -= moe is not None
         self.w1 = ModalityLinear(num, dim, hidden)  # gate
         self.w3 = ModalityLinear(num, dim, hidden)  # up
         self.w2 = ModalityLinear(num, hidden, dim, out_proj=True)  # down
 
-    def forward(self, x_BTD: torch.Tensor, route: Optional[ModalityRoute]) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
         B, T, _ = x_BTD.shape
+        if self.moe is not None:
+            r = route.ffn
+            xs = r.sort(x_BTD)
+            y = self.w2(F.silu(self.w1(xs, r)) * self.w3(xs, r), r)  # MoE rows: zeros
+            n = r.num_dense_rows
+            y_moe = self.moe(xs[n:].unsqueeze(0)).squeeze(0)
+            return r.unsort(torch.cat([y[:n], y_moe]))
         split = self.w1.weight.shape[0] > 1
         xs = route.sort(x_BTD) if split else x_BTD.reshape(B * T, -1)
         y = self.w2(F.silu(self.w1(xs, route)) * self.w3(xs, route), route)
@@ -221,13 +259,19 @@ class MoTFeedForward(nn.Module):
 
 
 class MoTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, is_moe: bool = False):
         super().__init__()
         parts, M = untied_parts(cfg.mot.untie), len(cfg.mot.modalities)
         self.attention = MoTAttention(cfg, rope, _num("attn" in parts, M))
         self.attention_norm = ModalityRMSNorm(_num("norms" in parts, M), cfg.hidden_size,
                                               cfg.norm_eps)
-        self.ffn = MoTFeedForward(_num("ffn" in parts, M), cfg.hidden_size, cfg.ffn_hidden_size)
+        moe = None
+        if is_moe:
+            from models.moe import MoELayer
+
+            moe = MoELayer(cfg)
+        self.ffn = MoTFeedForward(_num("ffn" in parts, M), cfg.hidden_size, cfg.ffn_hidden_size,
+                                  moe, moe_modality(cfg))
         self.ffn_norm = ModalityRMSNorm(_num("norms" in parts, M), cfg.hidden_size, cfg.norm_eps)
         self.region: Region = SINGLE_DEVICE
 
@@ -254,7 +298,9 @@ class MoTTransformer(Transformer):
         rope = RotaryEmbedding(
             cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
         )
-        self.layers = nn.ModuleDict({str(i): MoTBlock(cfg, rope) for i in range(cfg.num_layers)})
+        self.moe_modality = moe_modality(cfg)
+        self.layers = nn.ModuleDict({str(i): MoTBlock(cfg, rope, is_moe)
+                                     for i, is_moe in enumerate(moe_layer_pattern(cfg))})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output: Optional[nn.Linear] = None
         if not cfg.tie_embeddings:
@@ -285,6 +331,8 @@ class MoTTransformer(Transformer):
         if modality_ids_BT is None:
             modality_ids_BT = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         route = ModalityRoute.build(modality_ids_BT, self.num_modalities)
+        if self.moe_modality >= 0 and any(blk.ffn.moe is not None for blk in self.layers.values()):
+            route.with_moe_modality(self.moe_modality)
         for layer in self.layers.values():
             h = layer(h, route, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is None:

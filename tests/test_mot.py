@@ -10,15 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from models import ModelConfig, build_model
-from models.config import DiffusionConfig, MoTConfig
+from models.config import DiffusionConfig, MoEConfig, MoTConfig
 from models.mot import ModalityRoute
 
 
-def _cfg(untie="all", modalities=("text", "image", "speech"), qk_norm=True, patch_dim=0):
+def _cfg(untie="all", modalities=("text", "image", "speech"), qk_norm=True, patch_dim=0,
+         moe_modality=""):
+    moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16, layer_freq=[0, 1],
+                    num_shared_experts=1, aux_loss_coeff=0.01) if moe_modality else MoEConfig()
     return ModelConfig(name="mot_test", arch="mot", vocab_size=96, hidden_size=32, num_layers=2,
                        num_heads=4, num_kv_heads=2, ffn_hidden_size=48, max_seq_len=64,
-                       mot=MoTConfig(modalities=list(modalities), untie=untie, qk_norm=qk_norm),
-                       diffusion=DiffusionConfig(patch_dim=patch_dim))
+                       mot=MoTConfig(modalities=list(modalities), untie=untie, qk_norm=qk_norm,
+                                     moe_modality=moe_modality),
+                       diffusion=DiffusionConfig(patch_dim=patch_dim), moe=moe)
 
 
 def _rms(x, w, eps=1e-5):
@@ -72,7 +76,20 @@ def naive_forward(model, tokens, ids):
         o = torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, T, H * hd)
         h = x + _per_modality(proj(o, a.wo), blk.attention_norm.weight, ids, _rms)
         f = blk.ffn
-        y = proj(F.silu(proj(h, f.w1)) * proj(h, f.w3), f.w2)
+        if f.moe is None:
+            y = proj(F.silu(proj(h, f.w1)) * proj(h, f.w3), f.w2)
+        else:  # MoT+MoE: dense weights index the other modalities; the MoE gets its tokens
+            m = f.moe_modality
+            dense_ids = torch.where(ids == m, -1, ids - (ids > m).long())
+
+            def dproj(inp, lin, dense_ids=dense_ids):
+                return _per_modality(inp, lin.weight, dense_ids, lambda inp_, w: inp_ @ w)
+
+            y = dproj(F.silu(dproj(h, f.w1)) * dproj(h, f.w3), f.w2)
+            sel = (ids == m).reshape(-1)
+            y_moe = f.moe(h.reshape(-1, h.shape[-1])[sel].unsqueeze(0)).squeeze(0)
+            y = y.reshape(-1, y.shape[-1]).index_put((sel.nonzero().squeeze(1),), y_moe)
+            y = y.view(B, T, -1)
         x = h + _per_modality(y, blk.ffn_norm.weight, ids, _rms)
     return _rms(x, model.norm.weight) @ model.output.weight.T
 
@@ -88,9 +105,12 @@ def _model(cfg, seed=0):
     return model
 
 
-@pytest.mark.parametrize("untie", ["none", "ffn", "ffn_qkv", "all"])
-def test_mot_equals_naive_reference(untie):
-    model = _model(_cfg(untie))
+@pytest.mark.parametrize("untie, moe", [("none", ""), ("ffn", ""), ("ffn_qkv", ""), ("all", ""),
+                                        ("all", "image"), ("ffn", "text")])
+def test_mot_equals_naive_reference(untie, moe):
+    """Outputs and every gradient; with ``moe``, MoT+MoE: that modality's FFN (layer 1)
+    is a routed MoE layer fed with only its tokens."""
+    model = _model(_cfg(untie, moe_modality=moe))
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 96, (2, 24), generator=g)
     ids = torch.randint(0, 3, (2, 24), generator=g)

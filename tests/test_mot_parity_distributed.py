@@ -27,6 +27,9 @@ SETTINGS = {
     # Transfusion: diffusion head, image-bidirectional attention, packed documents
     "transfusion": ["model=mot_tiny", "data=digits_transfusion", "model.diffusion.patch_dim=4",
                     "trainer.seq_len=64"],
+    # MoT+MoE: the text FFN is a routed MoE (every other layer), aux/seq-aux/z losses
+    "mot_moe": ["model=mot_moe_tiny", "data=digits_chameleon", "trainer.seq_len=160",
+                "model.moe.seq_aux_loss_coeff=0.001"],
 }
 LAYOUTS = [
     ("dp2_fsdp", 2, "chameleon3", ["parallel.dp_engine=fsdp"]),
@@ -34,13 +37,15 @@ LAYOUTS = [
     ("tp2_sp", 2, "chameleon3", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     ("pp2", 2, "chameleon3", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     ("cp2_transfusion", 2, "transfusion", ["parallel.cp=2"]),
+    ("mot_moe_dp2_ep2", 2, "mot_moe", ["parallel.ep=2"]),
 ]
 COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",
           "logger.tensorboard=false", "logger.expert_load_every=0", "optim.lr=3e-3",
           "optim.eps=1e-6", "optim.warmup_steps=2", "checkpoint.keep_last=1"]
 KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_norm"),
-        "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm")}
+        "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm"),
+        "mot_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")

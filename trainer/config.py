@@ -229,9 +229,20 @@ def _validate_mot(m: ModelConfig) -> None:
     _choice("model.mot.untie", m.mot.untie, UNTIE)
     if not m.mot.modalities:
         raise ConfigError("model.mot.modalities must name at least one modality")
-    if m.moe.num_experts:
-        raise ConfigError("model.arch=mot with model.moe.num_experts > 0 (MoT+MoE) is not "
-                          "supported yet")
+    if m.mot.moe_modality:
+        from models.mot import untied_parts
+
+        if m.mot.moe_modality not in m.mot.modalities:
+            raise ConfigError(f"model.mot.moe_modality={m.mot.moe_modality!r} is not one of "
+                              f"model.mot.modalities={list(m.mot.modalities)}")
+        if not m.moe.num_experts:
+            raise ConfigError("model.mot.moe_modality needs model.moe.num_experts > 0")
+        if "ffn" not in untied_parts(m.mot.untie):
+            raise ConfigError(f"model.mot.moe_modality needs the FFN untied (model.mot.untie="
+                              f"{m.mot.untie!r}; valid: ffn, ffn_qkv, all)")
+    elif m.moe.num_experts:
+        raise ConfigError("model.arch=mot with model.moe.num_experts > 0 needs "
+                          "model.mot.moe_modality=<the modality whose FFN is the MoE>")
     if m.diffusion.patch_dim < 0:
         raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} must be >= 0")
     if m.diffusion.patch_dim:
@@ -301,6 +312,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_parallel(cfg, world_size)
 
 
+def m_arch_moe(cfg: Config) -> bool:
+    return cfg.model.arch == "mot" and bool(cfg.model.mot.moe_modality)
+
+
 def validate_parallel(cfg: Config, world_size: int) -> None:
     from parallel.dims import ParallelDims  # the one source of truth for layouts
 
@@ -324,6 +339,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
+    if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
+        raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; not "
+                          f"parallel.tp={p.tp} / parallel.cp={p.cp} yet")
     if p.cp > 1:
         if t.seq_len % (2 * p.cp * p.tp):
             raise ConfigError(

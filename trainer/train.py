@@ -159,6 +159,12 @@ class Trainer:
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s "
             f"({peak_src}); device {self.device}"
         )
+        if cfg.model.arch == "mot":
+            from models.flops import flops_per_token_by_modality
+
+            per = flops_per_token_by_modality(model_cfg, t.seq_len)
+            self.logger.info("MFLOP/token per modality: " + ", ".join(
+                f"{k} {v / 1e6:.2f}" for k, v in per.items()))
         if self.world_size > 1:
             self.logger.info(self.dims.describe())
         if pm.pp_report:
