@@ -11,12 +11,15 @@ paper's "% of FLOPs" (ANCHORS.md: Chameleon 7B text 55.8%, image 34.8%).
     python -m scripts.compare_dense_vs_mot --setting speech       # text, image, speech
     python -m scripts.compare_dense_vs_mot --setting transfusion  # image = diffusion loss
 
-Extra Hydra overrides go after ``--``, e.g. ``-- model.mot.untie=ffn`` (the ablation).
+Extra Hydra overrides for both runs go after ``--``. The paper's ablation: ``--untie ffn``
+(or ``ffn_qkv``) unties only those parts in the MoT run; ``--reuse-dense`` takes the
+dense run from an earlier call with the same ``--out`` instead of training it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from scripts.bench_layouts import train_cli
@@ -87,6 +90,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=Path("runs/compare_dense_vs_mot"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--untie", default="all", choices=["ffn", "ffn_qkv", "all"],
+                    help="model.mot.untie of the MoT run (the ablation)")
+    ap.add_argument("--reuse-dense", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = ap.parse_args()
     data, seq_len, keys = SETTINGS[args.setting]
@@ -98,14 +104,20 @@ def main() -> None:
         f"trainer.eval_every={args.eval_every}", f"trainer.eval_iters={args.eval_iters}",
     ]
     out = args.out / args.setting
-    runs = {}
-    for name in ("dense_mm_tiny", "mot_tiny"):
-        print(f"training {name} ({args.setting}, {args.steps} steps) ...", flush=True)
-        runs[name] = train_cli(name, 1, [f"model={name}", *common], out / name, args.threads)
-    dense, mot = runs["dense_mm_tiny"], runs["mot_tiny"]
+    dense_dir, mot_dir = out / "dense_mm_tiny", out / f"mot_tiny_{args.untie}"
+    if args.reuse_dense and (dense_dir / "metrics.jsonl").is_file():
+        dense = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
+    else:
+        print(f"training dense_mm_tiny ({args.setting}, {args.steps} steps) ...", flush=True)
+        dense = train_cli("dense", 1, ["model=dense_mm_tiny", *common], dense_dir, args.threads)
+    print(f"training mot_tiny, untie={args.untie} ({args.setting}, {args.steps} steps) ...",
+          flush=True)
+    mot = train_cli("mot", 1, ["model=mot_tiny", f"model.mot.untie={args.untie}", *common],
+                    mot_dir, args.threads)
     fr = step_fractions(dense, mot, keys, args.steps)
-    png = out / f"dense_vs_mot_{args.setting}.png"
-    plot(dense, mot, keys, f"dense vs MoT, {args.setting} setting, same FLOPs/step", png)
+    png = out / f"dense_vs_mot_{args.setting}_{args.untie}.png"
+    plot(dense, mot, keys, f"dense vs MoT (untie {args.untie}), {args.setting} setting, "
+         "same FLOPs/step", png)
     tok_d = sum(r["tokens_per_s"] for r in dense) / len(dense)
     tok_m = sum(r["tokens_per_s"] for r in mot) / len(mot)
     lines = [
@@ -119,7 +131,7 @@ def main() -> None:
     lines.append(f"tokens/s (CPU, mean over steps): dense {tok_d:,.0f}, MoT {tok_m:,.0f} "
                  f"(ratio {tok_m / tok_d:.2f})")
     table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
+    (out / f"table_{args.untie}.md").write_text(table + "\n")
     print(table)
     print(f"plot: {png}")
 

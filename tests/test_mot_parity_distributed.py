@@ -14,6 +14,7 @@ from tests.test_parity_distributed import (
     PARAM_RTOL,
     STEPS,
     _final_model,
+    _report,
     _train,
 )
 
@@ -71,6 +72,7 @@ def test_mot_layout_matches_single_process(name, nproc, setting, extra, mot_refe
                 name, step, key)
     model = _final_model(tmp_path)
     assert set(model) == set(ref_model)
+    _report(name, nproc, setting, ref_metrics, got, ref_model, model)
     for key, ref in ref_model.items():
         torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
                                    msg=lambda m, k=key: f"{name}: {k}: {m}")
