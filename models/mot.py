@@ -36,7 +36,7 @@ from torch import nn
 from models.config import ModelConfig, moe_layer_pattern
 from models.diffusion import PatchIO
 from models.grouped_gemm import grouped_mm
-from models.layers import Initializer, RMSNorm, RotaryEmbedding, causal_attention
+from models.layers import Initializer, RotaryEmbedding, causal_attention
 from models.transformer import Transformer
 
 UNTIE = ("none", "ffn", "ffn_qkv", "all")
@@ -291,20 +291,12 @@ class MoTTransformer(Transformer):
 
     def __init__(self, cfg: ModelConfig):
         nn.Module.__init__(self)
-        self.cfg = cfg
-        self.tie_embeddings = cfg.tie_embeddings
+        rope = self._init_embedding(cfg)
         self.num_modalities = len(cfg.mot.modalities)
-        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rope = RotaryEmbedding(
-            cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
-        )
         self.moe_modality = moe_modality(cfg)
         self.layers = nn.ModuleDict({str(i): MoTBlock(cfg, rope, is_moe)
                                      for i, is_moe in enumerate(moe_layer_pattern(cfg))})
-        self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.output: Optional[nn.Linear] = None
-        if not cfg.tie_embeddings:
-            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._init_head(cfg)
         self.patch_io: Optional[PatchIO] = None
         if cfg.diffusion.patch_dim > 0:
             self.patch_io = PatchIO(cfg.diffusion.patch_dim, cfg.hidden_size)
@@ -338,8 +330,7 @@ class MoTTransformer(Transformer):
         if self.norm is None:
             return h
         h = self.norm(h)
-        logits = self.output(h) if self.output is not None else F.linear(
-            h, self.tok_embeddings.weight)
+        logits = self._logits(h)
         if self.patch_io is not None:
             return logits, self.patch_io.predict(h)
         return logits

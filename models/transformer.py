@@ -60,21 +60,35 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.tie_embeddings = cfg.tie_embeddings
-        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rope = self._init_embedding(cfg)
         pattern = moe_layer_pattern(cfg)
-        # One fp32 RoPE table shared by every layer's attention.
-        rope = RotaryEmbedding(
-            cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
-        )
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, is_moe, rope) for i, is_moe in enumerate(pattern)}
         )
+        self._init_head(cfg)
+
+    def _init_embedding(self, cfg: ModelConfig) -> RotaryEmbedding:
+        """The token embedding; returns the one fp32 RoPE table every layer shares."""
+        self.cfg = cfg
+        self.tie_embeddings = cfg.tie_embeddings
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        return RotaryEmbedding(
+            cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
+        )
+
+    def _init_head(self, cfg: ModelConfig) -> None:
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.output: Optional[nn.Linear] = None
         if not cfg.tie_embeddings:
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output head on the normed hidden states (a stage without it returns them)."""
+        if self.output is not None:
+            return self.output(h)
+        if self.tie_embeddings and self.tok_embeddings is not None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return h
 
     def forward(
         self,
@@ -92,11 +106,7 @@ class Transformer(nn.Module):
             h = layer(h, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is not None:
-            return self.output(h)
-        if self.tie_embeddings and self.tok_embeddings is not None:
-            return F.linear(h, self.tok_embeddings.weight)
-        return h
+        return self._logits(h)
 
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.layers.modules() if isinstance(m, MoELayer)]
