@@ -82,6 +82,13 @@ class Objective:
         err = (eps.float() - mb["noise"].float()).pow(2)
         return torch.cat([lm, torch.where(is_patch, err, 0).sum().view(1)])
 
+    def tokens(self, norm: torch.Tensor, patch_dim: int) -> torch.Tensor:
+        """Tokens trained on (for tokens/s, MFU): LM targets plus image patch positions."""
+        out = norm[: self.G].sum()
+        if self.diffusion_weight is not None:
+            out = out + norm[self.G] / patch_dim
+        return out
+
     def value(self, sums: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """The objective's contribution of ``sums`` given the global normalisers."""
         loss = sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)

@@ -287,6 +287,9 @@ class RunLogger:
             for k, (label, spec) in _CONSOLE_KEYS.items()
             if k in scalars
         ]
+        # multimodal runs: the per-modality and diffusion losses after the LM loss
+        parts[3:3] = [f"{k} {scalars[k]:.4f}" for k in scalars
+                      if k.startswith("loss_") or k == "diffusion_loss"]
         parts.append(f"eta {_fmt_eta(eta) if eta is not None else '?'}")
         line = " | ".join(parts)
         if self.console == "plain":

@@ -259,7 +259,7 @@ class Trainer:
             "objective": self.objective.value(sums, norm),
             "grad_norm": grad_norm,
             "lr": lr,
-            "tokens": norm[: self.objective.G].sum(),
+            "tokens": self.objective.tokens(norm, max(1, self.cfg.model.diffusion.patch_dim)),
             "dispatch_mb_sent": sent / 2**20,
             **moe,
         }
