@@ -59,6 +59,9 @@ class ModalityRoute:
     inverse_N: torch.Tensor
     counts_M: torch.Tensor
     sorted_ids_N: torch.Tensor
+    # MoT+MoE: the FFN's route, with the MoE modality's rows last (with_moe_modality)
+    ffn: Optional[ModalityRoute] = None
+    num_dense_rows: int = 0
 
     @classmethod
     def build(cls, ids_BT: torch.Tensor, num_modalities: int) -> ModalityRoute:
@@ -68,10 +71,6 @@ class ModalityRoute:
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(flat, minlength=num_modalities)[:num_modalities]
         return cls(ids_BT, order, inverse, counts, flat[order])
-
-    # MoT+MoE: the FFN's route, with the MoE modality's rows last
-    ffn: Optional[ModalityRoute] = None
-    num_dense_rows: int = 0
 
     def with_moe_modality(self, moe_modality: int) -> ModalityRoute:
         """Attach ``ffn``: rows of the other modalities first (grouped in id order), then
