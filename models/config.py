@@ -71,6 +71,24 @@ class MoTConfig:
 
 
 @dataclass
+class MambaConfig:
+    """Mamba-1 / Mixture-of-Mamba (``arch: mom``, models/mamba.py)."""
+
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0 -> ceil(hidden_size / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    # modality-specific projections (the rest is shared); [] = the dense Mamba baseline
+    untie: list = field(default_factory=lambda: ["in_proj", "x_proj", "dt_proj", "out_proj"])
+    # layer types, one letter per layer: M = Mamba, A = attention (a MoT block, untied by
+    # model.mot.untie); "" = all Mamba. Hybrid stacks, e.g. "MMAM".
+    layers: str = ""
+    scan_chunk: int = 64  # steps per chunk of the reference selective scan
+
+
+@dataclass
 class DiffusionConfig:
     """Transfusion: image positions carry continuous patches (``patch_dim`` > 0)."""
 
@@ -82,7 +100,8 @@ class DiffusionConfig:
 @dataclass
 class ModelConfig:
     name: str = "moe_tiny"
-    # Architecture family: llm (models/transformer.py) | mot (models/mot.py).
+    # Architecture family: llm (models/transformer.py) | mot (models/mot.py) |
+    # mom (Mamba / Mixture-of-Mamba, models/mamba.py).
     arch: str = "llm"
     vocab_size: int = 2048
     hidden_size: int = 64
@@ -98,6 +117,7 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
     mot: MoTConfig = field(default_factory=MoTConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 

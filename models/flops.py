@@ -59,10 +59,26 @@ def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
     return total, active
 
 
+def _mamba_layer(cfg: ModelConfig) -> tuple[int, list[int]]:
+    """One (Mixture-of-)Mamba block: (total parameters, [active per token per modality]).
+    Matmul parameters count as in the module docstring; the scan's own work (~9 FLOPs per
+    channel and state per token) is not in N."""
+    from models.mamba import dt_rank
+
+    mc, d, M = cfg.mamba, cfg.hidden_size, len(cfg.mot.modalities)
+    di, N, R = mc.expand * d, mc.d_state, dt_rank(cfg)
+    proj = {"in_proj": d * 2 * di, "x_proj": di * (R + 2 * N), "dt_proj": R * di + di,
+            "out_proj": di * d}
+    shared = di * mc.d_conv + di + di * N + di + d  # conv w+b, A_log, D, norm
+    total = shared + sum(n * (M if k in mc.untie else 1) for k, n in proj.items())
+    return total, [shared + sum(proj.values())] * M
+
+
 def _mot_counts(cfg: ModelConfig) -> tuple[int, list[int]]:
     total, active = 0, [0] * len(cfg.mot.modalities)
-    for is_moe in moe_layer_pattern(cfg):
-        t, a = _mot_layer(cfg, is_moe)
+    layers = (cfg.mamba.layers or "M" * cfg.num_layers) if cfg.arch == "mom" else ""
+    for i, is_moe in enumerate(moe_layer_pattern(cfg)):
+        t, a = _mamba_layer(cfg) if layers[i:i + 1] == "M" else _mot_layer(cfg, is_moe)
         total, active = total + t, [x + y for x, y in zip(active, a)]
     return total, active
 
@@ -72,7 +88,7 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     output head is counted once."""
     d = cfg.hidden_size
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    if cfg.arch == "mot":  # active: averaged over the modalities
+    if cfg.arch in ("mot", "mom"):  # active: averaged over the modalities
         total, active = _mot_counts(cfg)
         P = cfg.diffusion.patch_dim
         io = 2 * P * d + 2 * d * d + 2 * d if P else 0  # patch in/out, timestep MLP
@@ -87,9 +103,16 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
 
 def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """MoT: training FLOPs per token of each modality (they differ with MoT+MoE)."""
-    norms = 2 * cfg.hidden_size * cfg.num_layers
-    qk = 2 * _head_dim(cfg) * cfg.num_layers if cfg.mot.qk_norm else 0
-    attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
+    layers = (cfg.mamba.layers or "M" * cfg.num_layers) if cfg.arch == "mom" else ""
+    n_attn = cfg.num_layers - layers.count("M")
+    norms = 2 * cfg.hidden_size * n_attn  # not matmul parameters
+    qk = 2 * _head_dim(cfg) * n_attn if cfg.mot.qk_norm else 0
+    if layers.count("M"):
+        mc, di = cfg.mamba, cfg.mamba.expand * cfg.hidden_size
+        # conv, A_log, D, dt bias, norm: elementwise, not matmuls
+        norms += layers.count("M") * (di * mc.d_conv + di + di * mc.d_state + 2 * di
+                                      + cfg.hidden_size)
+    attention = 12 * n_attn * cfg.num_heads * _head_dim(cfg) * seq_len
     head = cfg.vocab_size * cfg.hidden_size
     _, active = _mot_counts(cfg)
     return {name: float(6 * (a - norms - qk + head) + attention)
@@ -99,7 +122,7 @@ def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, flo
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token (see the module docstring for the convention);
     MoT: the mean over modalities (:func:`flops_per_token_by_modality`)."""
-    if cfg.arch == "mot":
+    if cfg.arch in ("mot", "mom"):
         per = flops_per_token_by_modality(cfg, seq_len)
         return sum(per.values()) / len(per)
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)

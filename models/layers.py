@@ -41,6 +41,13 @@ class Initializer:
         gen = torch.Generator(device=t.device).manual_seed(self.seed(name))
         t.normal_(0.0, std, generator=gen)
 
+    @torch.no_grad()
+    def uniform_(self, t: torch.Tensor, name: str, low: float, high: float) -> None:
+        if t.is_meta:
+            return
+        gen = torch.Generator(device=t.device).manual_seed(self.seed(name))
+        t.uniform_(low, high, generator=gen)
+
 
 def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool) -> nn.Module:
     """``Module._apply`` that moves the buffers ``names`` with the module but never changes

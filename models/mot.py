@@ -130,6 +130,7 @@ class ModalityLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num, d_in, d_out))
         self.out_proj = out_proj  # a block's output projection: initialised with out_std
+        self.init_by_parent = False  # the owning module initialises it (Mamba's dt_proj)
         self.weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def local_weight(self) -> torch.Tensor:
@@ -142,6 +143,8 @@ class ModalityLinear(nn.Module):
         return grouped_mm(x_ND, w, route.counts_M)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
+        if self.init_by_parent:
+            return
         std = init.out_std if self.out_proj else init.std
         for m in range(self.weight.shape[0]):
             init.normal_(self.weight[m], f"{prefix}.weight[{m}]", std)
@@ -293,12 +296,21 @@ class MoTTransformer(Transformer):
         rope = self._init_embedding(cfg)
         self.num_modalities = len(cfg.mot.modalities)
         self.moe_modality = moe_modality(cfg)
-        self.layers = nn.ModuleDict({str(i): MoTBlock(cfg, rope, is_moe)
+        self.layers = nn.ModuleDict({str(i): self._block(cfg, rope, i, is_moe)
                                      for i, is_moe in enumerate(moe_layer_pattern(cfg))})
         self._init_head(cfg)
         self.patch_io: Optional[PatchIO] = None
         if cfg.diffusion.patch_dim > 0:
             self.patch_io = PatchIO(cfg.diffusion.patch_dim, cfg.hidden_size)
+
+    def _block(self, cfg: ModelConfig, rope: RotaryEmbedding, index: int, is_moe: bool):
+        """Layer ``index``: a MoT block; ``arch: mom`` puts Mamba blocks where
+        ``model.mamba.layers`` says (models/mamba.py)."""
+        if cfg.arch == "mom" and (cfg.mamba.layers or "M" * cfg.num_layers)[index] == "M":
+            from models.mamba import MambaBlock
+
+            return MambaBlock(cfg)
+        return MoTBlock(cfg, rope, is_moe)
 
     def forward(
         self,
@@ -322,7 +334,8 @@ class MoTTransformer(Transformer):
         if modality_ids_BT is None:
             modality_ids_BT = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         route = ModalityRoute.build(modality_ids_BT, self.num_modalities)
-        if self.moe_modality >= 0 and any(blk.ffn.moe is not None for blk in self.layers.values()):
+        if self.moe_modality >= 0 and any(getattr(getattr(blk, "ffn", None), "moe", None)
+                                          is not None for blk in self.layers.values()):
             route.with_moe_modality(self.moe_modality)
         for layer in self.layers.values():
             h = layer(h, route, position_ids_BT, doc_ids_BT, block_ids_BT)

@@ -131,7 +131,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transfo
     ``init_weights`` later). Otherwise the weights are initialised from the current torch
     RNG, so the result equals meta build + to_empty + init_weights under the same seed."""
     with torch.device("meta"):
-        if cfg.arch == "mot":
+        if cfg.arch in ("mot", "mom"):
             from models.mot import MoTTransformer
 
             model = MoTTransformer(cfg)

@@ -1,4 +1,4 @@
-"""Mixture-of-Transformers keeps the central promise: N gloo processes equal one process
+"""Mixture-of-Transformers (and Mixture-of-Mamba) keep the central promise: N gloo processes equal one process
 (losses per modality, diffusion loss, grad norm, final parameters), through the CLI, on
 the embedded multimodal data."""
 
@@ -31,6 +31,9 @@ SETTINGS = {
     # MoT+MoE: the text FFN is a routed MoE (every other layer), aux/seq-aux/z losses
     "mot_moe": ["model=mot_moe_tiny", "data=digits_chameleon", "trainer.seq_len=160",
                 "model.moe.seq_aux_loss_coeff=0.001"],
+    # Mixture-of-Mamba (hybrid: one MoT attention layer), packed documents reset the scan
+    "mom": ["model=mom_tiny", "data=digits_chameleon", "trainer.seq_len=160",
+            "model.mamba.layers=MMAM"],
 }
 LAYOUTS = [
     ("dp2_fsdp", 2, "chameleon3", ["parallel.dp_engine=fsdp"]),
@@ -39,6 +42,8 @@ LAYOUTS = [
     ("pp2", 2, "chameleon3", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     ("cp2_transfusion", 2, "transfusion", ["parallel.cp=2"]),
     ("mot_moe_dp2_ep2", 2, "mot_moe", ["parallel.ep=2"]),
+    ("mom_dp2_fsdp", 2, "mom", []),
+    ("mom_pp2", 2, "mom", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
 ]
 COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",
@@ -46,7 +51,8 @@ COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           "optim.eps=1e-6", "optim.warmup_steps=2", "checkpoint.keep_last=1"]
 KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_norm"),
         "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm"),
-        "mot_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm")}
+        "mot_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm"),
+        "mom": ("loss", "loss_text", "loss_image", "grad_norm")}
 
 
 @pytest.fixture(scope="module")

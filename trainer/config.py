@@ -167,9 +167,11 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
 def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
-    _choice("model.arch", m.arch, ("llm", "mot"))
-    if m.arch == "mot":
+    _choice("model.arch", m.arch, ("llm", "mot", "mom"))
+    if m.arch in ("mot", "mom"):
         _validate_mot(m)
+    if m.arch == "mom":
+        _validate_mamba(m)
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_kv_heads={m.num_kv_heads} does not divide model.num_heads={m.num_heads} "
@@ -251,6 +253,25 @@ def _validate_mot(m: ModelConfig) -> None:
             raise ConfigError(f"model.diffusion.loss_weight={m.diffusion.loss_weight} must be >= 0")
 
 
+def _validate_mamba(m: ModelConfig) -> None:
+    from models.mamba import PROJECTIONS
+
+    mc = m.mamba
+    for key in ("d_state", "d_conv", "expand", "scan_chunk"):
+        _positive(f"model.mamba.{key}", getattr(mc, key))
+    bad = [p for p in mc.untie if p not in PROJECTIONS]
+    if bad:
+        raise ConfigError(f"model.mamba.untie={list(mc.untie)}: {bad} not in {list(PROJECTIONS)}")
+    if mc.layers and (len(mc.layers) != m.num_layers or set(mc.layers) - {"M", "A"}):
+        raise ConfigError(f"model.mamba.layers={mc.layers!r} must be {m.num_layers} letters "
+                          "of M (Mamba) / A (attention), or empty (all Mamba)")
+    if not 0 < mc.dt_min <= mc.dt_max:
+        raise ConfigError(f"model.mamba.dt_min={mc.dt_min} / dt_max={mc.dt_max} need "
+                          "0 < dt_min <= dt_max")
+    if m.mot.moe_modality:
+        raise ConfigError("model.mot.moe_modality with model.arch=mom is not supported yet")
+
+
 def _validate_multimodal(cfg: Config) -> None:
     from trainer.multimodal import MODALITIES, SETTINGS
 
@@ -259,18 +280,18 @@ def _validate_multimodal(cfg: Config) -> None:
     mods = list(d.modalities)
     if mods not in (list(MODALITIES[:2]), list(MODALITIES)):
         raise ConfigError(f"data.modalities={mods} must be [text, image] or [text, image, speech]")
-    if m.arch == "mot" and list(m.mot.modalities) != mods:
+    if m.arch in ("mot", "mom") and list(m.mot.modalities) != mods:
         raise ConfigError(f"model.mot.modalities={list(m.mot.modalities)} must equal "
                           f"data.modalities={mods}")
     if d.setting == "transfusion":
-        if m.arch != "mot" or not m.diffusion.patch_dim:
+        if m.arch not in ("mot", "mom") or not m.diffusion.patch_dim:
             raise ConfigError("data.setting=transfusion needs a model with a diffusion head "
-                              "(model.arch=mot, model.diffusion.patch_dim=4)")
+                              "(model.arch=mot or mom, model.diffusion.patch_dim=4)")
         p = cfg.parallel
         if p.tp > 1 or p.pp > 1:
             raise ConfigError("data.setting=transfusion supports DP/FSDP and CP; not "
                               f"parallel.tp={p.tp} / parallel.pp={p.pp} yet")
-    elif m.arch == "mot" and m.diffusion.patch_dim:
+    elif m.arch in ("mot", "mom") and m.diffusion.patch_dim:
         raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} needs "
                           "data.setting=transfusion")
     if not 0 <= d.caption_first <= 1 or not 0 < d.valid_fraction < 1:
@@ -301,7 +322,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("data.source", d.source, ("builtin", "indexed", "multimodal"))
     if d.source == "multimodal":
         _validate_multimodal(cfg)
-    elif cfg.model.arch == "mot" and cfg.model.diffusion.patch_dim:
+    elif cfg.model.arch in ("mot", "mom") and cfg.model.diffusion.patch_dim:
         raise ConfigError("model.diffusion.patch_dim > 0 needs data=digits_transfusion")
     if d.source == "indexed" and not d.blend:
         raise ConfigError("data.source=indexed needs data.blend=[<prefix>] or [w1,p1,w2,p2,...]")
@@ -313,7 +334,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def m_arch_moe(cfg: Config) -> bool:
-    return cfg.model.arch == "mot" and bool(cfg.model.mot.moe_modality)
+    return cfg.model.arch in ("mot", "mom") and bool(cfg.model.mot.moe_modality)
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
@@ -339,6 +360,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
+    if cfg.model.arch == "mom" and (p.tp > 1 or p.cp > 1):
+        raise ConfigError(f"model.arch=mom supports DP/FSDP and PP; not parallel.tp={p.tp} / "
+                          f"parallel.cp={p.cp} yet")
     if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
         raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; not "
                           f"parallel.tp={p.tp} / parallel.cp={p.cp} yet")

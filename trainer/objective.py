@@ -30,7 +30,7 @@ _MOT_INPUTS = {"modality_ids": "modality_ids_BT", "patches": "patches_BTP",
 
 def model_kwargs(mb: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     """The micro-batch tensors the model's forward takes besides the tokens."""
-    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch == "mot" else {})}
+    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch in ("mot", "mom") else {})}
     return {kw: mb[k] for k, kw in keys.items() if k in mb}
 
 

@@ -100,7 +100,8 @@ class Trainer:
         diffusion = cfg.model.diffusion
         self.objective = Objective(
             self.modalities or ["text"],
-            diffusion.loss_weight if cfg.model.arch == "mot" and diffusion.patch_dim else None,
+            diffusion.loss_weight if cfg.model.arch in ("mot", "mom") and diffusion.patch_dim
+            else None,
             tp=self.dims.tp > 1,
             no_lm=("image",) if cfg.data.get("setting") == "transfusion" else ())
 
@@ -159,7 +160,7 @@ class Trainer:
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s "
             f"({peak_src}); device {self.device}"
         )
-        if cfg.model.arch == "mot":
+        if cfg.model.arch in ("mot", "mom"):
             from models.flops import flops_per_token_by_modality
 
             per = flops_per_token_by_modality(model_cfg, t.seq_len)

@@ -1,0 +1,199 @@
+"""Mamba-1 and Mixture-of-Mamba (Liang et al., 2025), pure PyTorch.
+
+Selective scan (Gu & Dao, 2023), per channel d and state n::
+
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t,      y_t = C_t · h_t + D u_t
+
+:func:`selective_scan` is the reference: chunks of ``chunk`` steps, each scanned with a
+log-depth (Hillis-Steele) associative scan of the pairs (exp(ΔA), ΔBu) — a handful of
+vectorised ops per doubling, never a Python loop over time steps — and the state carried
+from chunk to chunk. It is exact (no exp of positive sums: only products of decays ≤ 1)
+and equals the step-by-step recurrence (tests/test_mamba.py).
+
+A document boundary resets the state (the decay into a document's first token is 0) and
+the causal conv1d never reads across it, so packed documents stay independent, as the
+attention masks make them for transformers.
+
+Mixture-of-Mamba: ``in_proj``, ``x_proj``, ``dt_proj`` (with its bias) and ``out_proj``
+are modality-specific (``model.mamba.untie`` picks which, for the ablation), grouped by
+modality exactly like MoT's projections (``models.mot.ModalityLinear``); ``conv1d``,
+``A_log``, ``D`` and the block's RMSNorm are shared. With ``untie: []`` it is the dense
+Mamba baseline with identical FLOPs per token. The dt bias is kept whether or not
+``dt_proj`` is split (the reference code drops it when unsplit; ANCHORS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import Initializer, RMSNorm
+from models.mot import ModalityLinear, ModalityRoute
+
+PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def dt_rank(cfg: ModelConfig) -> int:
+    return cfg.mamba.dt_rank or math.ceil(cfg.hidden_size / 16)
+
+
+def _shift(x: torch.Tensor, k: int, fill: float) -> torch.Tensor:
+    """x[:, t - k] along dim 1 (``fill`` for t < k)."""
+    pad = x.new_full((x.shape[0], k, *x.shape[2:]), fill)
+    return torch.cat([pad, x[:, :-k]], 1)
+
+
+def _scan_chunk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h_t = a_t h_{t-1} + b_t (h_{-1} = 0) along dim 1, log-depth.
+    Returns (h, prod_{s<=t} a_s)."""
+    k = 1
+    while k < a.shape[1]:
+        b = b + a * _shift(b, k, 0.0)
+        a = a * _shift(a, k, 1.0)
+        k *= 2
+    return b, a
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor, D: torch.Tensor, reset: Optional[torch.Tensor] = None,
+                   h0: Optional[torch.Tensor] = None, chunk: int = 64,
+                   return_state: bool = False):
+    """u, delta [Bt, T, Dn]; A [Dn, N]; B, C [Bt, T, N]; D [Dn]; ``reset`` [Bt, T] bool
+    (the state is zeroed before these steps: document starts); ``h0`` [Bt, Dn, N].
+    Computed in fp32; returns y [Bt, T, Dn] in u's dtype (and the final state)."""
+    dtype = u.dtype
+    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
+    a = torch.exp(delta.unsqueeze(-1) * A.float())  # [Bt, T, Dn, N], in (0, 1]
+    if reset is not None:
+        a = a.masked_fill(reset[:, :, None, None], 0.0)
+    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
+    h = h0.float() if h0 is not None else None
+    ys = []
+    for lo in range(0, u.shape[1], chunk):
+        hs, decay = _scan_chunk(a[:, lo:lo + chunk], b[:, lo:lo + chunk])
+        if h is not None:
+            hs = hs + decay * h.unsqueeze(1)
+        ys.append(torch.einsum("btdn,btn->btd", hs, C[:, lo:lo + chunk]))
+        h = hs[:, -1]
+    y = torch.cat(ys, 1) + u * D.float()
+    return (y.to(dtype), h) if return_state else y.to(dtype)
+
+
+def selective_scan_naive(u, delta, A, B, C, D, reset=None, h0=None):
+    """The recurrence step by step (a Python loop over time): the benchmark's baseline."""
+    Bt, T, Dn = u.shape
+    h = h0.float() if h0 is not None else u.new_zeros(Bt, Dn, A.shape[1], dtype=torch.float32)
+    ys = []
+    for t in range(T):
+        a = torch.exp(delta[:, t].float().unsqueeze(-1) * A.float())
+        if reset is not None:
+            a = a * (~reset[:, t]).float()[:, None, None]
+        h = a * h + (delta[:, t] * u[:, t]).float().unsqueeze(-1) * B[:, t].float().unsqueeze(1)
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t].float()))
+    return (torch.stack(ys, 1) + u.float() * D.float()).to(u.dtype)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Depthwise causal conv over dim 1: x [B, T, Dn], weight [Dn, K], bias [Dn]; a tap
+    that would read another document contributes nothing."""
+    K = weight.shape[1]
+    out = x * weight[:, K - 1] + bias
+    for k in range(1, K):  # a loop over the K-1 taps, not over time
+        tap = _shift(x, k, 0.0) * weight[:, K - 1 - k]
+        if doc_ids is not None:
+            same = doc_ids == _shift(doc_ids, k, -1)
+            tap = tap * same.unsqueeze(-1).to(tap.dtype)
+        out = out + tap
+    return out
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 mixer with modality-specific projections (Mixture-of-Mamba)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        mc, d = cfg.mamba, cfg.hidden_size
+        M = len(cfg.mot.modalities)
+        self.d_inner, self.d_state, self.dt_rank = mc.expand * d, mc.d_state, dt_rank(cfg)
+        self.chunk = mc.scan_chunk
+        di, N, R = self.d_inner, self.d_state, self.dt_rank
+
+        def num(name: str) -> int:
+            return M if name in mc.untie else 1
+
+        self.in_proj = ModalityLinear(num("in_proj"), d, 2 * di)
+        self.x_proj = ModalityLinear(num("x_proj"), di, R + 2 * N)
+        self.dt_proj = ModalityLinear(num("dt_proj"), R, di)
+        self.dt_proj.init_by_parent = True  # uniform, not normal (init_params below)
+        self.dt_bias = nn.Parameter(torch.empty(num("dt_proj"), di))
+        self.out_proj = ModalityLinear(num("out_proj"), di, d, out_proj=True)
+        self.conv_weight = nn.Parameter(torch.empty(di, mc.d_conv))  # shared
+        self.conv_bias = nn.Parameter(torch.empty(di))
+        self.A_log = nn.Parameter(torch.empty(di, N))
+        self.D = nn.Parameter(torch.empty(di))
+        self.dt_min, self.dt_max = mc.dt_min, mc.dt_max
+
+    def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
+        """Per-modality projection in sequence order (sorted rows only when split)."""
+        B, T, _ = x_BTD.shape
+        if lin.weight.shape[0] == 1:
+            return lin(x_BTD.reshape(B * T, -1), route).view(B, T, -1)
+        return route.unsort(lin(route.sort(x_BTD), route))
+
+    def forward(self, x_BTD: torch.Tensor, route: ModalityRoute,
+                doc_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+        di, N, R = self.d_inner, self.d_state, self.dt_rank
+        xz = self._proj(self.in_proj, x_BTD, route)
+        x, z = xz[..., :di], xz[..., di:]
+        x = F.silu(causal_conv1d(x, self.conv_weight, self.conv_bias, doc_ids_BT))
+        dbc = self._proj(self.x_proj, x, route)
+        dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
+        bias = self.dt_bias[0] if self.dt_bias.shape[0] == 1 else self.dt_bias[route.ids_BT]
+        delta = F.softplus(self._proj(self.dt_proj, dt, route).float() + bias.float())
+        reset = None
+        if doc_ids_BT is not None:
+            reset = doc_ids_BT != _shift(doc_ids_BT, 1, -1)
+        A = -torch.exp(self.A_log.float())
+        y = selective_scan(x, delta, A, Bm, Cm, self.D, reset, chunk=self.chunk)
+        return self._proj(self.out_proj, y * F.silu(z), route)
+
+    def init_params(self, init: Initializer, prefix: str) -> None:
+        di, N = self.d_inner, self.d_state
+        std = self.dt_rank ** -0.5  # dt_proj weight U(±dt_rank^-0.5)
+        for m in range(self.dt_proj.weight.shape[0]):
+            init.uniform_(self.dt_proj.weight[m], f"{prefix}.dt_proj.weight[{m}]", -std, std)
+            if self.dt_bias.is_meta:
+                continue
+            # dt log-uniform in [dt_min, dt_max]; bias = softplus^-1(dt)
+            u = torch.empty(di, device=self.dt_bias.device)
+            init.uniform_(u, f"{prefix}.dt_bias[{m}]", 0.0, 1.0)
+            dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min)).clamp(min=1e-4)
+            with torch.no_grad():
+                self.dt_bias[m].copy_(dt + torch.log(-torch.expm1(-dt)))
+        bound = self.conv_weight.shape[1] ** -0.5  # torch's Conv1d default for groups=di
+        init.uniform_(self.conv_weight, f"{prefix}.conv_weight", -bound, bound)
+        init.uniform_(self.conv_bias, f"{prefix}.conv_bias", -bound, bound)
+        if not self.A_log.is_meta:
+            with torch.no_grad():  # S4D-real: A = -(1, 2, ..., N) for every channel
+                self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32,
+                                                        device=self.A_log.device)).expand(di, N))
+                self.D.fill_(1.0)
+
+
+class MambaBlock(nn.Module):
+    """``out = x + mixer(RMSNorm(x))`` (the norm is shared by the modalities)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg)
+
+    def forward(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None):
+        return x_BTD + self.mixer(self.norm(x_BTD), route, doc_ids_BT)
