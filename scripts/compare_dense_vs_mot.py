@@ -10,6 +10,7 @@ paper's "% of FLOPs" (ANCHORS.md: Chameleon 7B text 55.8%, image 34.8%).
     python -m scripts.compare_dense_vs_mot --setting chameleon --steps 300
     python -m scripts.compare_dense_vs_mot --setting speech       # text, image, speech
     python -m scripts.compare_dense_vs_mot --setting transfusion  # image = diffusion loss
+    python -m scripts.compare_dense_vs_mot --family mamba         # dense Mamba vs MoM
 
 Extra Hydra overrides for both runs go after ``--``. The paper's ablation: ``--untie ffn``
 (or ``ffn_qkv``) unties only those parts in the MoT run; ``--reuse-dense`` takes the
@@ -35,6 +36,18 @@ SETTINGS = {
 }
 
 
+def _mamba_untie(value: str) -> str:
+    projections = "in_proj,x_proj,dt_proj,out_proj" if value == "all" else value
+    return f"model.mamba.untie=[{projections}]"
+
+
+# family -> (dense model, sparse model, the sparse run's untie override)
+FAMILIES = {
+    "mot": ("dense_mm_tiny", "mot_tiny", lambda v: f"model.mot.untie={v}"),
+    "mamba": ("mamba_tiny", "mom_tiny", _mamba_untie),
+}
+
+
 def first_step_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
     for step, value in curve:
         if value <= target:
@@ -56,7 +69,7 @@ def step_fractions(dense: list[dict], mot: list[dict], keys: dict[str, str],
 
 
 def plot(dense: list[dict], mot: list[dict], keys: dict[str, str], title: str,
-         path: Path) -> None:
+         path: Path, label: str = "MoT") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,9 +77,9 @@ def plot(dense: list[dict], mot: list[dict], keys: dict[str, str], title: str,
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, (name, key) in zip(axes[0], keys.items()):
-        for recs, label, color in ((dense, "dense", "tab:gray"), (mot, "MoT", "tab:blue")):
+        for recs, name_, color in ((dense, "dense", "tab:gray"), (mot, label, "tab:blue")):
             pts = [(r["step"], r[key]) for r in recs if key in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, color=color)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name_, color=color)
         final = [r[key] for r in dense if key in r][-1]
         ax.axhline(final, color="tab:gray", ls=":", lw=1)
         ax.set_title(f"{name} ({key})")
@@ -90,8 +103,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=Path("runs/compare_dense_vs_mot"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--untie", default="all", choices=["ffn", "ffn_qkv", "all"],
-                    help="model.mot.untie of the MoT run (the ablation)")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="mot",
+                    help="mot: dense_mm_tiny vs mot_tiny; mamba: mamba_tiny vs mom_tiny")
+    ap.add_argument("--untie", default="all",
+                    help="what the sparse run unties (the ablation): mot: ffn | ffn_qkv | all; "
+                         "mamba: all or a comma list of in_proj,x_proj,dt_proj,out_proj")
     ap.add_argument("--reuse-dense", action="store_true")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = ap.parse_args()
@@ -104,34 +120,36 @@ def main() -> None:
         f"trainer.eval_every={args.eval_every}", f"trainer.eval_iters={args.eval_iters}",
     ]
     out = args.out / args.setting
-    dense_dir, mot_dir = out / "dense_mm_tiny", out / f"mot_tiny_{args.untie}"
+    dense_name, sparse_name, untie = FAMILIES[args.family]
+    dense_dir, mot_dir = out / dense_name, out / f"{sparse_name}_{args.untie.replace(',', '+')}"
     if args.reuse_dense and (dense_dir / "metrics.jsonl").is_file():
         dense = [json.loads(x) for x in (dense_dir / "metrics.jsonl").read_text().splitlines()]
     else:
-        print(f"training dense_mm_tiny ({args.setting}, {args.steps} steps) ...", flush=True)
-        dense = train_cli("dense", 1, ["model=dense_mm_tiny", *common], dense_dir, args.threads)
-    print(f"training mot_tiny, untie={args.untie} ({args.setting}, {args.steps} steps) ...",
+        print(f"training {dense_name} ({args.setting}, {args.steps} steps) ...", flush=True)
+        dense = train_cli("dense", 1, [f"model={dense_name}", *common], dense_dir, args.threads)
+    print(f"training {sparse_name}, untie={args.untie} ({args.setting}, {args.steps} steps) ...",
           flush=True)
-    mot = train_cli("mot", 1, ["model=mot_tiny", f"model.mot.untie={args.untie}", *common],
+    mot = train_cli("sparse", 1, [f"model={sparse_name}", untie(args.untie), *common],
                     mot_dir, args.threads)
     fr = step_fractions(dense, mot, keys, args.steps)
-    png = out / f"dense_vs_mot_{args.setting}_{args.untie}.png"
-    plot(dense, mot, keys, f"dense vs MoT (untie {args.untie}), {args.setting} setting, "
-         "same FLOPs/step", png)
+    label = "MoT" if args.family == "mot" else "MoM"
+    png = out / f"dense_vs_{sparse_name}_{args.setting}_{args.untie.replace(',', '+')}.png"
+    plot(dense, mot, keys, f"dense vs {label} (untie {args.untie}), {args.setting} setting, "
+         "same FLOPs/step", png, label)
     tok_d = sum(r["tokens_per_s"] for r in dense) / len(dense)
     tok_m = sum(r["tokens_per_s"] for r in mot) / len(mot)
     lines = [
-        "| modality | dense final val loss | MoT final val loss | MoT steps to dense final / dense steps |",
+        f"| modality | dense final val loss | {label} final val loss | {label} steps to dense final / dense steps |",
         "|---|---|---|---|",
     ]
     for name, (d, m, f) in fr.items():
         frac = "not reached" if f is None else f"{f:.1%}"
         lines.append(f"| {name} | {d:.4f} | {m:.4f} | {frac} |")
     lines.append("")
-    lines.append(f"tokens/s (CPU, mean over steps): dense {tok_d:,.0f}, MoT {tok_m:,.0f} "
+    lines.append(f"tokens/s (CPU, mean over steps): dense {tok_d:,.0f}, {label} {tok_m:,.0f} "
                  f"(ratio {tok_m / tok_d:.2f})")
     table = "\n".join(lines)
-    (out / f"table_{args.untie}.md").write_text(table + "\n")
+    (out / f"table_{sparse_name}_{args.untie.replace(',', '+')}.md").write_text(table + "\n")
     print(table)
     print(f"plot: {png}")
 
