@@ -25,6 +25,7 @@ Mamba baseline with identical FLOPs per token. The dt bias is kept whether or no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Initializer, RMSNorm
-from models.mot import ModalityLinear, ModalityRoute
+from models.mot import SINGLE_DEVICE, ModalityLinear, ModalityRoute, Region
 
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
@@ -127,7 +128,7 @@ class MambaMixer(nn.Module):
         def num(name: str) -> int:
             return M if name in mc.untie else 1
 
-        self.in_proj = ModalityLinear(num("in_proj"), d, 2 * di)
+        self.in_proj = ModalityLinear(num("in_proj"), d, 2 * di, out_parts=2)  # x, z
         self.x_proj = ModalityLinear(num("x_proj"), di, R + 2 * N)
         self.dt_proj = ModalityLinear(num("dt_proj"), R, di)
         self.dt_proj.init_by_parent = True  # uniform, not normal (init_params below)
@@ -138,6 +139,8 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(di, N))
         self.D = nn.Parameter(torch.empty(di))
         self.dt_min, self.dt_max = mc.dt_min, mc.dt_max
+        # seam for tensor parallelism: the local shard of the per-channel parameters
+        self.local: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
         """Per-modality projection in sequence order (sorted rows only when split)."""
@@ -147,21 +150,26 @@ class MambaMixer(nn.Module):
         return route.unsort(lin(route.sort(x_BTD), route))
 
     def forward(self, x_BTD: torch.Tensor, route: ModalityRoute,
-                doc_ids_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
-        di, N, R = self.d_inner, self.d_state, self.dt_rank
-        xz = self._proj(self.in_proj, x_BTD, route)
-        x, z = xz[..., :di], xz[..., di:]
-        x = F.silu(causal_conv1d(x, self.conv_weight, self.conv_bias, doc_ids_BT))
-        dbc = self._proj(self.x_proj, x, route)
+                doc_ids_BT: Optional[torch.Tensor] = None, region: Region = SINGLE_DEVICE
+                ) -> torch.Tensor:
+        """``region``: tensor parallelism over d_inner (parallel/mamba_parallel.py): x/z,
+        conv, dt and the scan are per channel (local); x_proj and out_proj are
+        row-parallel, their partial sums reduced by ``region``."""
+        N, R, loc = self.d_state, self.dt_rank, self.local
+        xz = self._proj(self.in_proj, region.enter(x_BTD), route)
+        x, z = xz.chunk(2, dim=-1)  # the local channels of x and of z
+        x = F.silu(causal_conv1d(x, loc(self.conv_weight), loc(self.conv_bias), doc_ids_BT))
+        dbc = region.enter(region.exit(self._proj(self.x_proj, x, route)))
         dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
-        bias = self.dt_bias[0] if self.dt_bias.shape[0] == 1 else self.dt_bias[route.ids_BT]
+        dt_bias = loc(self.dt_bias)
+        bias = dt_bias[0] if dt_bias.shape[0] == 1 else dt_bias[route.ids_BT]
         delta = F.softplus(self._proj(self.dt_proj, dt, route).float() + bias.float())
         reset = None
         if doc_ids_BT is not None:
             reset = doc_ids_BT != _shift(doc_ids_BT, 1, -1)
-        A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, delta, A, Bm, Cm, self.D, reset, chunk=self.chunk)
-        return self._proj(self.out_proj, y * F.silu(z), route)
+        A = -torch.exp(loc(self.A_log).float())
+        y = selective_scan(x, delta, A, Bm, Cm, loc(self.D), reset, chunk=self.chunk)
+        return region.exit(self._proj(self.out_proj, y * F.silu(z), route))
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         di, N = self.d_inner, self.d_state
@@ -194,6 +202,11 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mixer = MambaMixer(cfg)
+        self.region: Region = SINGLE_DEVICE
 
     def forward(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None):
-        return x_BTD + self.mixer(self.norm(x_BTD), route, doc_ids_BT)
+        return x_BTD + self.mixer(self.norm(x_BTD), route, doc_ids_BT, self.region)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -126,15 +126,21 @@ class ModalityLinear(nn.Module):
     """``weight [M, in, out]`` (M = 1: shared by every modality); ``forward(x_N, route)``
     multiplies row ``n`` (grouped by modality) by its modality's matrix."""
 
-    def __init__(self, num: int, d_in: int, d_out: int, out_proj: bool = False):
+    def __init__(self, num: int, d_in: int, d_out: int, out_proj: bool = False,
+                 out_parts: int = 1):
+        """``out_parts`` > 1 stores the weight as ``[M, in, parts, out/parts]`` (flattened
+        in forward): tensor parallelism then splits every part, e.g. Mamba's x and z."""
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num, d_in, d_out))
+        shape = (num, d_in, d_out) if out_parts == 1 else (num, d_in, out_parts,
+                                                            d_out // out_parts)
+        self.weight = nn.Parameter(torch.empty(shape))
         self.out_proj = out_proj  # a block's output projection: initialised with out_std
         self.init_by_parent = False  # the owning module initialises it (Mamba's dt_proj)
         self.weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def local_weight(self) -> torch.Tensor:
-        return self.weight if self.weight_fn is None else self.weight_fn(self.weight)
+        w = self.weight if self.weight_fn is None else self.weight_fn(self.weight)
+        return w.flatten(2) if w.dim() == 4 else w
 
     def forward(self, x_ND: torch.Tensor, route: Optional[ModalityRoute]) -> torch.Tensor:
         w = self.local_weight()

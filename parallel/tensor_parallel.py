@@ -136,6 +136,7 @@ def apply_tensor_parallel(
     ):
         _make_tied_head_input_replicated(model.norm, tp_mesh)
 
+    from models.mamba import MambaBlock
     from models.mot import MoTBlock
 
     for block in model.layers.values():
@@ -143,6 +144,11 @@ def apply_tensor_parallel(
             from parallel.mot_parallel import apply_mot_tensor_parallel
 
             apply_mot_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
+            continue
+        if isinstance(block, MambaBlock):  # d_inner split: parallel/mamba_parallel.py
+            from parallel.mamba_parallel import apply_mamba_tensor_parallel
+
+            apply_mamba_tensor_parallel(block, tp_mesh)
             continue
         bplan: dict[str, object] = {
             "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)

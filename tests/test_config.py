@@ -65,6 +65,10 @@ def test_demo_experiment_composes():
          "needs model.mot.moe_modality"),
         (["data=digits_chameleon", "data.modalities=[text,speech]"],
          "data.modalities=['text', 'speech'] must be"),
+        (["model=mom_tiny", "data=digits_chameleon", "model.mamba.untie=[conv1d]"],
+         "model.mamba.untie=['conv1d']: ['conv1d'] not in"),
+        (["model=mom_tiny", "data=digits_chameleon", "model.mamba.layers=MAM"],
+         "model.mamba.layers='MAM' must be 4 letters"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, message):
@@ -100,6 +104,8 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
           "parallel.tp=2"], 2, "data.setting=transfusion supports DP/FSDP and CP; not "),
         (["model=mot_moe_tiny", "data=digits_chameleon", "parallel.cp=2"], 2,
          "MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; not"),
+        (["model=mom_tiny", "data=digits_chameleon", "parallel.cp=2", "trainer.seq_len=64"],
+         2, "model.arch=mom supports DP/FSDP, PP and TP (without sequence parallelism)"),
         (["parallel.pp=2", "parallel.vpp=2"], 2,
          "parallel.pp_schedule=1f1b runs one stage per rank; parallel.vpp=2 needs"),
         (["parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"], 1,

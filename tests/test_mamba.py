@@ -98,7 +98,7 @@ def naive_mixer(mx, x, ids):
     """The MoM mixer with every token through every modality's weights, then masked, and
     the scan as the recurrence above."""
     di, N, R = mx.d_inner, mx.d_state, mx.dt_rank
-    xz = _per_modality(x, mx.in_proj.weight, ids)
+    xz = _per_modality(x, mx.in_proj.weight.flatten(2), ids)  # stored [M, d, 2, di]
     xi, z = xz[..., :di], xz[..., di:]
     K = mx.conv_weight.shape[1]
     xi = F.silu(F.conv1d(F.pad(xi.transpose(1, 2), (K - 1, 0)), mx.conv_weight.unsqueeze(1),

@@ -44,6 +44,7 @@ LAYOUTS = [
     ("mot_moe_dp2_ep2", 2, "mot_moe", ["parallel.ep=2"]),
     ("mom_dp2_fsdp", 2, "mom", []),
     ("mom_pp2", 2, "mom", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    ("mom_tp2", 2, "mom", ["parallel.tp=2"]),
 ]
 COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",

@@ -360,9 +360,15 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
-    if cfg.model.arch == "mom" and (p.tp > 1 or p.cp > 1):
-        raise ConfigError(f"model.arch=mom supports DP/FSDP and PP; not parallel.tp={p.tp} / "
-                          f"parallel.cp={p.cp} yet")
+    if cfg.model.arch == "mom":
+        if p.cp > 1 or p.sequence_parallel:
+            raise ConfigError("model.arch=mom supports DP/FSDP, PP and TP (without sequence "
+                              f"parallelism); not parallel.cp={p.cp} / "
+                              f"parallel.sequence_parallel={p.sequence_parallel} yet")
+        di = cfg.model.mamba.expand * cfg.model.hidden_size
+        if di % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} does not divide the Mamba d_inner={di} "
+                              f"(valid: {divisors(di)})")
     if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
         raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; not "
                           f"parallel.tp={p.tp} / parallel.cp={p.cp} yet")

@@ -1,0 +1,52 @@
+"""Tensor parallelism for (Mixture-of-)Mamba blocks (models/mamba.py): d_inner is split
+across the TP ranks (as Megatron's Mamba layer does).
+
+- ``in_proj`` column-parallel: each rank gets its channels of x *and* of z (the weight is
+  stored ``[M, d, 2, d_inner]``; ``Shard(3)`` splits both parts);
+- the causal conv1d, dt bias, ``A_log``, ``D`` and the scan are per channel: local
+  (``Shard`` on their channel dim);
+- ``x_proj`` row-parallel (input channels split): its partial (dt, B, C) is all-reduced,
+  and since every rank then uses all of dt/B/C with its own channels, their gradient is
+  all-reduced on the way back (``region.enter(region.exit(...))``);
+- ``dt_proj`` column-parallel (output channels); ``out_proj`` row-parallel, its output
+  all-reduced (the block's ``region.exit``), its input gradient handled by ``enter``.
+
+Weights are DTensors on the tp mesh (checkpoints reshard across TP sizes); the mixer reads
+local shards through its ``local`` / ``ModalityLinear.weight_fn`` seams. Plain TP only:
+sequence parallelism is refused for Mamba blocks (their block norm runs before the region).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from models.mamba import MambaBlock
+from parallel.mot_parallel import TPRegion, _to_local
+
+__all__ = ["apply_mamba_tensor_parallel"]
+
+# parameter (relative to the mixer) -> the dim its channels are on
+_SHARDS = {
+    "in_proj.weight": 3, "x_proj.weight": 1, "dt_proj.weight": 2, "out_proj.weight": 1,
+    "dt_bias": 1, "conv_weight": 0, "conv_bias": 0, "A_log": 0, "D": 0,
+}
+
+
+def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh) -> None:
+    mixer = block.mixer
+    tp = tp_mesh.size()
+    if mixer.d_inner % tp:
+        raise ValueError(f"tensor parallel size tp={tp} must divide the Mamba d_inner="
+                         f"{mixer.d_inner} (model.mamba.expand * model.hidden_size)")
+    for name, dim in _SHARDS.items():
+        owner = mixer.get_submodule(name.rpartition(".")[0]) if "." in name else mixer
+        attr = name.rpartition(".")[2]
+        p = getattr(owner, attr)
+        w = distribute_tensor(p.detach(), tp_mesh, [Shard(dim)], src_data_rank=None)
+        setattr(owner, attr, nn.Parameter(w, requires_grad=p.requires_grad))
+    for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
+        lin.weight_fn = _to_local
+    mixer.local = _to_local
+    block.region = TPRegion(tp_mesh.get_group(), sequence_parallel=False)
