@@ -114,6 +114,24 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return out
 
 
+class SequenceScan:
+    """How a mixer runs its sequence-mixing parts over the tokens it holds: the causal
+    conv and the scan. On one device (this class) the tokens are the whole sequence;
+    context parallelism replaces it (``parallel.context_parallel.ContextParallelScan``:
+    conv halos and scan states passed between the ranks' chunks)."""
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        return causal_conv1d(x, weight, bias, doc_ids)
+
+    def scan(self, x, delta, A, B, C, D, doc_ids: Optional[torch.Tensor], chunk: int):
+        reset = None if doc_ids is None else doc_ids != _shift(doc_ids, 1, -1)
+        return selective_scan(x, delta, A, B, C, D, reset, chunk=chunk)
+
+
+WHOLE_SEQUENCE = SequenceScan()
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 mixer with modality-specific projections (Mixture-of-Mamba)."""
 
@@ -141,6 +159,7 @@ class MambaMixer(nn.Module):
         self.dt_min, self.dt_max = mc.dt_min, mc.dt_max
         # seam for tensor parallelism: the local shard of the per-channel parameters
         self.local: Callable[[torch.Tensor], torch.Tensor] = _identity
+        self.seq: SequenceScan = WHOLE_SEQUENCE  # seam for context parallelism
 
     def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
         """Per-modality projection in sequence order (sorted rows only when split)."""
@@ -158,17 +177,14 @@ class MambaMixer(nn.Module):
         N, R, loc = self.d_state, self.dt_rank, self.local
         xz = self._proj(self.in_proj, region.enter(x_BTD), route)
         x, z = xz.chunk(2, dim=-1)  # the local channels of x and of z
-        x = F.silu(causal_conv1d(x, loc(self.conv_weight), loc(self.conv_bias), doc_ids_BT))
+        x = F.silu(self.seq.conv(x, loc(self.conv_weight), loc(self.conv_bias), doc_ids_BT))
         dbc = region.enter(region.exit(self._proj(self.x_proj, x, route)))
         dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
         dt_bias = loc(self.dt_bias)
         bias = dt_bias[0] if dt_bias.shape[0] == 1 else dt_bias[route.ids_BT]
         delta = F.softplus(self._proj(self.dt_proj, dt, route).float() + bias.float())
-        reset = None
-        if doc_ids_BT is not None:
-            reset = doc_ids_BT != _shift(doc_ids_BT, 1, -1)
         A = -torch.exp(loc(self.A_log).float())
-        y = selective_scan(x, delta, A, Bm, Cm, loc(self.D), reset, chunk=self.chunk)
+        y = self.seq.scan(x, delta, A, Bm, Cm, loc(self.D), doc_ids_BT, self.chunk)
         return region.exit(self._proj(self.out_proj, y * F.silu(z), route))
 
     def init_params(self, init: Initializer, prefix: str) -> None:

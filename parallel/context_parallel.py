@@ -177,8 +177,10 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
     """Swap every attention core for the CP one and give the MoE layers the ``tp_cp``
     token group. Apply after tensor parallelism (it replaces TP's token group)."""
     from models.layers import Attention
+    from models.mamba import MambaMixer
     from models.moe import MoELayer
     from models.mot import MoTAttention
+    from parallel.ssm_context_parallel import ContextParallelScan
 
     cp_group = dims.group("cp")
     attn = ContextParallelAttention(cp_group)
@@ -190,6 +192,8 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
     for m in model.modules():
         if isinstance(m, (Attention, MoTAttention)):
             m.attn_fn = attn
+        elif isinstance(m, MambaMixer):  # conv halos and scan states between chunks
+            m.seq = ContextParallelScan(cp_group)
         elif isinstance(m, MoELayer):
             m.token_group = IndexedSeqGroup(dims.group("tp_cp"), index,
                                             dims.group("tp") if tp > 1 else None)

@@ -45,6 +45,8 @@ LAYOUTS = [
     ("mom_dp2_fsdp", 2, "mom", []),
     ("mom_pp2", 2, "mom", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     ("mom_tp2", 2, "mom", ["parallel.tp=2"]),
+    # CP: conv halos and scan states passed between the ranks' head/tail chunks
+    ("mom_cp2", 2, "mom", ["parallel.cp=2"]),
 ]
 COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",
