@@ -128,6 +128,14 @@ class DigitDocuments:
     def patch_dim(self) -> int:
         return PATCH * PATCH
 
+    def max_length(self) -> int:
+        """An upper bound on any document's length (tokens, EOD included)."""
+        words = max(len(t.format(w).split()) for t in CAPTIONS_BEFORE + CAPTIONS_AFTER
+                    for w in NUMBER_WORDS)
+        image = 64 if self.setting == "chameleon" else (8 // PATCH) ** 2
+        speech = max(len(c) for c in self.speech[0]) + 2 if self.speech is not None else 0
+        return words + image + 2 + speech + 1
+
     def _caption(self, rng: np.random.Generator, before: bool, digit: int) -> list[int]:
         templates = CAPTIONS_BEFORE if before else CAPTIONS_AFTER
         text = templates[rng.integers(len(templates))].format(NUMBER_WORDS[digit])
@@ -187,7 +195,7 @@ class MultimodalData:
         self.valid_ids, self.train_ids = perm[:n_valid], perm[n_valid:]
         self.seed = seed
         self._epochs: dict[tuple[str, int], list[list[int]]] = {}
-        longest = max(len(docs.document(i, 0)["tokens"]) for i in range(min(n, 64)))
+        longest = docs.max_length()
         if longest > seq_len + 1:
             raise ConfigError(
                 f"trainer.seq_len={seq_len} is shorter than a {docs.setting} document "
