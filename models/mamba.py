@@ -163,10 +163,7 @@ class MambaMixer(nn.Module):
 
     def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
         """Per-modality projection in sequence order (sorted rows only when split)."""
-        B, T, _ = x_BTD.shape
-        if lin.weight.shape[0] == 1:
-            return lin(x_BTD.reshape(B * T, -1), route).view(B, T, -1)
-        return route.unsort(lin(route.sort(x_BTD), route))
+        return route.tokens(lin(route.rows(x_BTD, lin.split), route), lin.split)
 
     def forward(self, x_BTD: torch.Tensor, route: ModalityRoute,
                 doc_ids_BT: Optional[torch.Tensor] = None, region: Region = SINGLE_DEVICE

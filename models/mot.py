@@ -59,7 +59,7 @@ class ModalityRoute:
     inverse_N: torch.Tensor
     counts_M: torch.Tensor
     sorted_ids_N: torch.Tensor
-    # MoT+MoE: the FFN's route, with the MoE modality's rows last (with_moe_modality)
+    # MoT+MoE: the FFN's route, with the MoE modality's rows last (``for_moe``)
     ffn: Optional[ModalityRoute] = None
     num_dense_rows: int = 0
 
@@ -72,10 +72,13 @@ class ModalityRoute:
         counts = torch.bincount(flat, minlength=num_modalities)[:num_modalities]
         return cls(ids_BT, order, inverse, counts, flat[order])
 
-    def with_moe_modality(self, moe_modality: int) -> ModalityRoute:
-        """Attach ``ffn``: rows of the other modalities first (grouped in id order), then
-        those of ``moe_modality``; its row count is read on the host once per forward
-        (the MoE layer's input size), as the dispatcher's split sizes are."""
+    def for_moe(self, moe_modality: int) -> ModalityRoute:
+        """The FFN's route under MoT+MoE, built on first use and shared by the layers:
+        rows of the other modalities first (grouped in id order), then those of
+        ``moe_modality``; its row count is read on the host once per forward (the MoE
+        layer's input size), as the dispatcher's split sizes are."""
+        if self.ffn is not None:
+            return self.ffn
         M = self.counts_M.shape[0]
         key = self.ids_BT - (self.ids_BT > moe_modality).long()  # dense index
         key = torch.where(self.ids_BT == moe_modality, M - 1, key)
@@ -83,7 +86,7 @@ class ModalityRoute:
         ffn.num_dense_rows = int(ffn.counts_M[: M - 1].sum())
         ffn.counts_M = ffn.counts_M[: M - 1]  # the dense weights' groups; MoE rows trail
         self.ffn = ffn
-        return self
+        return ffn
 
     def sort(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return x_BTD.reshape(-1, x_BTD.shape[-1])[self.order_N]
@@ -91,6 +94,15 @@ class ModalityRoute:
     def unsort(self, y_ND: torch.Tensor) -> torch.Tensor:
         B, T = self.ids_BT.shape
         return y_ND[self.inverse_N].view(B, T, -1)
+
+    def rows(self, x_BTD: torch.Tensor, split: bool) -> torch.Tensor:
+        """Rows for projections: grouped by modality when any weight is per modality
+        (``split``), else in sequence order (no gather)."""
+        return self.sort(x_BTD) if split else x_BTD.reshape(-1, x_BTD.shape[-1])
+
+    def tokens(self, y_ND: torch.Tensor, split: bool) -> torch.Tensor:
+        """Inverse of :meth:`rows`: [B, T, ...] in sequence order."""
+        return self.unsort(y_ND) if split else y_ND.view(*self.ids_BT.shape, -1)
 
 
 class Region:
@@ -137,6 +149,11 @@ class ModalityLinear(nn.Module):
         self.out_proj = out_proj  # a block's output projection: initialised with out_std
         self.init_by_parent = False  # the owning module initialises it (Mamba's dt_proj)
         self.weight_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def split(self) -> bool:
+        """Per modality (M > 1), as opposed to shared."""
+        return self.weight.shape[0] > 1
 
     def local_weight(self) -> torch.Tensor:
         w = self.weight if self.weight_fn is None else self.weight_fn(self.weight)
@@ -214,8 +231,8 @@ class MoTAttention(nn.Module):
 
     def forward(self, x_BTD, route, region, position_ids_BT, doc_ids_BT, block_ids_BT):
         B, T, _ = x_BTD.shape
-        split = self.wq.weight.shape[0] > 1
-        xs = route.sort(x_BTD) if split else x_BTD.reshape(B * T, -1)
+        split = self.wq.split
+        xs = route.rows(x_BTD, split)
         ids = route.sorted_ids_N if split else None
 
         def heads(proj: ModalityLinear, norm: Optional[ModalityRMSNorm]) -> torch.Tensor:
@@ -223,16 +240,13 @@ class MoTAttention(nn.Module):
             y = y.view(y.shape[0], -1, self.head_dim)
             if norm is not None:
                 y = norm(y, ids, region.shared_in)
-            y = route.unsort(y.flatten(1)) if split else y.reshape(B, T, -1)
-            return y.view(B, T, -1, self.head_dim)
+            return route.tokens(y.flatten(1), split).view(B, T, -1, self.head_dim)
 
         q, k, v = heads(self.wq, self.q_norm), heads(self.wk, self.k_norm), heads(self.wv, None)
         q, k = self.rope(q, position_ids_BT), self.rope(k, position_ids_BT)
         out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            doc_ids_BT, block_ids_BT).transpose(1, 2).reshape(B, T, -1)
-        if not split:
-            return self.wo(out.reshape(B * T, -1), route).view(B, T, -1)
-        return route.unsort(self.wo(route.sort(out), route))
+        return route.tokens(self.wo(route.rows(out, split), route), split)
 
 
 class MoTFeedForward(nn.Module):
@@ -252,18 +266,16 @@ class MoTFeedForward(nn.Module):
         self.w2 = ModalityLinear(num, hidden, dim, out_proj=True)  # down
 
     def forward(self, x_BTD: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
         if self.moe is not None:
-            r = route.ffn
+            r = route.for_moe(self.moe_modality)
             xs = r.sort(x_BTD)
             y = self.w2(F.silu(self.w1(xs, r)) * self.w3(xs, r), r)  # MoE rows: zeros
             n = r.num_dense_rows
             y_moe = self.moe(xs[n:].unsqueeze(0)).squeeze(0)
             return r.unsort(torch.cat([y[:n], y_moe]))
-        split = self.w1.weight.shape[0] > 1
-        xs = route.sort(x_BTD) if split else x_BTD.reshape(B * T, -1)
+        xs = route.rows(x_BTD, self.w1.split)
         y = self.w2(F.silu(self.w1(xs, route)) * self.w3(xs, route), route)
-        return route.unsort(y) if split else y.view(B, T, -1)
+        return route.tokens(y, self.w1.split)
 
 
 class MoTBlock(nn.Module):
@@ -301,7 +313,6 @@ class MoTTransformer(Transformer):
         nn.Module.__init__(self)
         rope = self._init_embedding(cfg)
         self.num_modalities = len(cfg.mot.modalities)
-        self.moe_modality = moe_modality(cfg)
         self.layers = nn.ModuleDict({str(i): self._block(cfg, rope, i, is_moe)
                                      for i, is_moe in enumerate(moe_layer_pattern(cfg))})
         self._init_head(cfg)
@@ -340,9 +351,6 @@ class MoTTransformer(Transformer):
         if modality_ids_BT is None:
             modality_ids_BT = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         route = ModalityRoute.build(modality_ids_BT, self.num_modalities)
-        if self.moe_modality >= 0 and any(getattr(getattr(blk, "ffn", None), "moe", None)
-                                          is not None for blk in self.layers.values()):
-            route.with_moe_modality(self.moe_modality)
         for layer in self.layers.values():
             h = layer(h, route, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is None:
