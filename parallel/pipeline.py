@@ -233,12 +233,10 @@ class PipelineRunner:
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``target``: ``label + group << 32`` where the loss mask is 1, -1 elsewhere."""
-        mask = target >= 0
-        G = self.objective.G
-        weights = torch.nn.functional.one_hot((target >> 32).clamp(0, G - 1), G) * \
-            mask.unsqueeze(-1)
-        lm = self.objective.lm_sums(logits, torch.where(mask, target & 0xFFFFFFFF, 0), weights)
-        sums = torch.cat([lm, lm.new_zeros(1)])
+        mask = target >= 0  # the micro-batch's loss fields, decoded for the objective
+        mb = {"labels": torch.where(mask, target & 0xFFFFFFFF, 0), "loss_mask": mask.float(),
+              "loss_modality": (target >> 32).clamp(min=0)}
+        sums = self.objective.sums(logits, mb)
         self._sums.append(sums.detach())
         return self.objective.value(sums, self._norm)
 
