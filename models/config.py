@@ -121,6 +121,18 @@ class ModelConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
+# architectures whose weights are per modality (models/mot.py, models/mamba.py)
+MODALITY_ARCHS = ("mot", "mom")
+
+
+def layer_kinds(model: ModelConfig) -> str:
+    """One letter per layer: ``M`` a Mamba block, ``A`` an attention block — the single
+    place that reads ``mamba.layers``."""
+    if model.arch != "mom":
+        return "A" * model.num_layers
+    return model.mamba.layers or "M" * model.num_layers
+
+
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """Which layers are MoE (True) — the single place that reads ``moe.layer_freq``.
 

@@ -11,7 +11,7 @@ without halving for the causal mask.
 
 from __future__ import annotations
 
-from models.config import ModelConfig, moe_layer_pattern
+from models.config import MODALITY_ARCHS, ModelConfig, layer_kinds, moe_layer_pattern
 
 
 def _head_dim(cfg: ModelConfig) -> int:
@@ -76,9 +76,8 @@ def _mamba_layer(cfg: ModelConfig) -> tuple[int, list[int]]:
 
 def _mot_counts(cfg: ModelConfig) -> tuple[int, list[int]]:
     total, active = 0, [0] * len(cfg.mot.modalities)
-    layers = (cfg.mamba.layers or "M" * cfg.num_layers) if cfg.arch == "mom" else ""
-    for i, is_moe in enumerate(moe_layer_pattern(cfg)):
-        t, a = _mamba_layer(cfg) if layers[i:i + 1] == "M" else _mot_layer(cfg, is_moe)
+    for kind, is_moe in zip(layer_kinds(cfg), moe_layer_pattern(cfg)):
+        t, a = _mamba_layer(cfg) if kind == "M" else _mot_layer(cfg, is_moe)
         total, active = total + t, [x + y for x, y in zip(active, a)]
     return total, active
 
@@ -88,7 +87,7 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     output head is counted once."""
     d = cfg.hidden_size
     embed = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    if cfg.arch in ("mot", "mom"):  # active: averaged over the modalities
+    if cfg.arch in MODALITY_ARCHS:  # active: averaged over the modalities
         total, active = _mot_counts(cfg)
         P = cfg.diffusion.patch_dim
         io = 2 * P * d + 2 * d * d + 2 * d if P else 0  # patch in/out, timestep MLP
@@ -103,15 +102,14 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
 
 def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """MoT: training FLOPs per token of each modality (they differ with MoT+MoE)."""
-    layers = (cfg.mamba.layers or "M" * cfg.num_layers) if cfg.arch == "mom" else ""
-    n_attn = cfg.num_layers - layers.count("M")
+    n_mamba = layer_kinds(cfg).count("M")
+    n_attn = cfg.num_layers - n_mamba
     norms = 2 * cfg.hidden_size * n_attn  # not matmul parameters
     qk = 2 * _head_dim(cfg) * n_attn if cfg.mot.qk_norm else 0
-    if layers.count("M"):
+    if n_mamba:
         mc, di = cfg.mamba, cfg.mamba.expand * cfg.hidden_size
         # conv, A_log, D, dt bias, norm: elementwise, not matmuls
-        norms += layers.count("M") * (di * mc.d_conv + di + di * mc.d_state + 2 * di
-                                      + cfg.hidden_size)
+        norms += n_mamba * (di * mc.d_conv + di + di * mc.d_state + 2 * di + cfg.hidden_size)
     attention = 12 * n_attn * cfg.num_heads * _head_dim(cfg) * seq_len
     head = cfg.vocab_size * cfg.hidden_size
     _, active = _mot_counts(cfg)
@@ -122,7 +120,7 @@ def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, flo
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token (see the module docstring for the convention);
     MoT: the mean over modalities (:func:`flops_per_token_by_modality`)."""
-    if cfg.arch in ("mot", "mom"):
+    if cfg.arch in MODALITY_ARCHS:
         per = flops_per_token_by_modality(cfg, seq_len)
         return sum(per.values()) / len(per)
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)

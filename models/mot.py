@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig, moe_layer_pattern
+from models.config import ModelConfig, layer_kinds, moe_layer_pattern
 from models.diffusion import PatchIO
 from models.grouped_gemm import grouped_mm
 from models.layers import Initializer, RotaryEmbedding, causal_attention
@@ -313,17 +313,18 @@ class MoTTransformer(Transformer):
         nn.Module.__init__(self)
         rope = self._init_embedding(cfg)
         self.num_modalities = len(cfg.mot.modalities)
-        self.layers = nn.ModuleDict({str(i): self._block(cfg, rope, i, is_moe)
-                                     for i, is_moe in enumerate(moe_layer_pattern(cfg))})
+        self.layers = nn.ModuleDict({
+            str(i): self._block(cfg, rope, kind, is_moe)
+            for i, (kind, is_moe) in enumerate(zip(layer_kinds(cfg), moe_layer_pattern(cfg)))})
         self._init_head(cfg)
         self.patch_io: Optional[PatchIO] = None
         if cfg.diffusion.patch_dim > 0:
             self.patch_io = PatchIO(cfg.diffusion.patch_dim, cfg.hidden_size)
 
-    def _block(self, cfg: ModelConfig, rope: RotaryEmbedding, index: int, is_moe: bool):
-        """Layer ``index``: a MoT block; ``arch: mom`` puts Mamba blocks where
-        ``model.mamba.layers`` says (models/mamba.py)."""
-        if cfg.arch == "mom" and (cfg.mamba.layers or "M" * cfg.num_layers)[index] == "M":
+    def _block(self, cfg: ModelConfig, rope: RotaryEmbedding, kind: str, is_moe: bool):
+        """A MoT block, or a Mamba block (models/mamba.py) where ``kind`` is ``M``
+        (``models.config.layer_kinds``)."""
+        if kind == "M":
             from models.mamba import MambaBlock
 
             return MambaBlock(cfg)

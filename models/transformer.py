@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig, moe_layer_pattern
+from models.config import MODALITY_ARCHS, ModelConfig, moe_layer_pattern
 from models.layers import (
     Attention,
     FeedForward,
@@ -131,7 +131,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transfo
     ``init_weights`` later). Otherwise the weights are initialised from the current torch
     RNG, so the result equals meta build + to_empty + init_weights under the same seed."""
     with torch.device("meta"):
-        if cfg.arch in ("mot", "mom"):
+        if cfg.arch in MODALITY_ARCHS:
             from models.mot import MoTTransformer
 
             model = MoTTransformer(cfg)

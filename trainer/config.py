@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from models.config import ModelConfig, MoEConfig
+from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig
 from models.config import moe_layer_pattern as _moe_layer_pattern
 from parallel.dims import divisors
 from trainer.errors import ConfigError
@@ -168,7 +168,7 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
     _choice("model.arch", m.arch, ("llm", "mot", "mom"))
-    if m.arch in ("mot", "mom"):
+    if m.arch in MODALITY_ARCHS:
         _validate_mot(m)
     if m.arch == "mom":
         _validate_mamba(m)
@@ -280,18 +280,18 @@ def _validate_multimodal(cfg: Config) -> None:
     mods = list(d.modalities)
     if mods not in (list(MODALITIES[:2]), list(MODALITIES)):
         raise ConfigError(f"data.modalities={mods} must be [text, image] or [text, image, speech]")
-    if m.arch in ("mot", "mom") and list(m.mot.modalities) != mods:
+    if m.arch in MODALITY_ARCHS and list(m.mot.modalities) != mods:
         raise ConfigError(f"model.mot.modalities={list(m.mot.modalities)} must equal "
                           f"data.modalities={mods}")
     if d.setting == "transfusion":
-        if m.arch not in ("mot", "mom") or not m.diffusion.patch_dim:
+        if m.arch not in MODALITY_ARCHS or not m.diffusion.patch_dim:
             raise ConfigError("data.setting=transfusion needs a model with a diffusion head "
                               "(model.arch=mot or mom, model.diffusion.patch_dim=4)")
         p = cfg.parallel
         if p.tp > 1 or p.pp > 1:
             raise ConfigError("data.setting=transfusion supports DP/FSDP and CP; not "
                               f"parallel.tp={p.tp} / parallel.pp={p.pp} yet")
-    elif m.arch in ("mot", "mom") and m.diffusion.patch_dim:
+    elif m.arch in MODALITY_ARCHS and m.diffusion.patch_dim:
         raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} needs "
                           "data.setting=transfusion")
     if not 0 <= d.caption_first <= 1 or not 0 < d.valid_fraction < 1:
@@ -322,7 +322,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _choice("data.source", d.source, ("builtin", "indexed", "multimodal"))
     if d.source == "multimodal":
         _validate_multimodal(cfg)
-    elif cfg.model.arch in ("mot", "mom") and cfg.model.diffusion.patch_dim:
+    elif cfg.model.arch in MODALITY_ARCHS and cfg.model.diffusion.patch_dim:
         raise ConfigError("model.diffusion.patch_dim > 0 needs data=digits_transfusion")
     if d.source == "indexed" and not d.blend:
         raise ConfigError("data.source=indexed needs data.blend=[<prefix>] or [w1,p1,w2,p2,...]")
@@ -334,7 +334,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 def m_arch_moe(cfg: Config) -> bool:
-    return cfg.model.arch in ("mot", "mom") and bool(cfg.model.mot.moe_modality)
+    return cfg.model.arch in MODALITY_ARCHS and bool(cfg.model.mot.moe_modality)
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from models.config import MODALITY_ARCHS
 from models.loss import lm_loss_sum
 
 # batch key -> model forward keyword; the first stage also takes "tokens" positionally
@@ -30,7 +31,7 @@ _MOT_INPUTS = {"modality_ids": "modality_ids_BT", "patches": "patches_BTP",
 
 def model_kwargs(mb: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
     """The micro-batch tensors the model's forward takes besides the tokens."""
-    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch in ("mot", "mom") else {})}
+    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch in MODALITY_ARCHS else {})}
     return {kw: mb[k] for k, kw in keys.items() if k in mb}
 
 

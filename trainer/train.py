@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from models.config import MODALITY_ARCHS
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
@@ -100,7 +101,7 @@ class Trainer:
         diffusion = cfg.model.diffusion
         self.objective = Objective(
             self.modalities or ["text"],
-            diffusion.loss_weight if cfg.model.arch in ("mot", "mom") and diffusion.patch_dim
+            diffusion.loss_weight if cfg.model.arch in MODALITY_ARCHS and diffusion.patch_dim
             else None,
             tp=self.dims.tp > 1,
             no_lm=("image",) if cfg.data.get("setting") == "transfusion" else ())
@@ -160,7 +161,7 @@ class Trainer:
             f"{self.flops_per_token / 1e6:.1f} MFLOP/token; peak {peak / 1e12:.2f} TFLOP/s "
             f"({peak_src}); device {self.device}"
         )
-        if cfg.model.arch in ("mot", "mom"):
+        if cfg.model.arch in MODALITY_ARCHS:
             from models.flops import flops_per_token_by_modality
 
             per = flops_per_token_by_modality(model_cfg, t.seq_len)
