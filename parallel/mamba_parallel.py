@@ -18,12 +18,10 @@ sequence parallelism is refused for Mamba blocks (their block norm runs before t
 
 from __future__ import annotations
 
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
 
 from models.mamba import MambaBlock
-from parallel.mot_parallel import TPRegion, _to_local
+from parallel.mot_parallel import TPRegion, _to_local, shard_parameter
 
 __all__ = ["apply_mamba_tensor_parallel"]
 
@@ -41,11 +39,7 @@ def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh) -> None:
         raise ValueError(f"tensor parallel size tp={tp} must divide the Mamba d_inner="
                          f"{mixer.d_inner} (model.mamba.expand * model.hidden_size)")
     for name, dim in _SHARDS.items():
-        owner = mixer.get_submodule(name.rpartition(".")[0]) if "." in name else mixer
-        attr = name.rpartition(".")[2]
-        p = getattr(owner, attr)
-        w = distribute_tensor(p.detach(), tp_mesh, [Shard(dim)], src_data_rank=None)
-        setattr(owner, attr, nn.Parameter(w, requires_grad=p.requires_grad))
+        shard_parameter(mixer, name, tp_mesh, dim)
     for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
         lin.weight_fn = _to_local
     mixer.local = _to_local

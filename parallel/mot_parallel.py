@@ -32,7 +32,7 @@ from models.mot import ModalityLinear, MoTBlock, Region
 from parallel.dispatch import _AllGather, _ReduceScatter
 from parallel.token_group import _SumBackward, _SumForward
 
-__all__ = ["TPRegion", "apply_mot_tensor_parallel"]
+__all__ = ["TPRegion", "apply_mot_tensor_parallel", "shard_parameter"]
 
 _COLUMN = ("attention.wq", "attention.wk", "attention.wv", "ffn.w1", "ffn.w3")
 _ROW = ("attention.wo", "ffn.w2")
@@ -74,14 +74,22 @@ def _to_local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local()
 
 
+def shard_parameter(module: nn.Module, name: str, tp_mesh: DeviceMesh, dim: int) -> None:
+    """Replace parameter ``name`` (dotted, under ``module``) by a ``Shard(dim)`` DTensor cut
+    from the full, identically initialised tensor every rank holds (no communication)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    p = getattr(owner, attr)
+    w = distribute_tensor(p.detach(), tp_mesh, [Shard(dim)], src_data_rank=None)
+    setattr(owner, attr, nn.Parameter(w, requires_grad=p.requires_grad))
+
+
 def apply_mot_tensor_parallel(block: MoTBlock, tp_mesh: DeviceMesh, *,
                               sequence_parallel: bool) -> None:
-    """Shard one MoT block over the 1-D ``tp_mesh`` in place (from the full, identically
-    initialised weights every rank holds: no communication)."""
+    """Shard one MoT block over the 1-D ``tp_mesh`` in place."""
     for names, dim in ((_COLUMN, 2), (_ROW, 1)):
         for name in names:
+            shard_parameter(block, f"{name}.weight", tp_mesh, dim)
             lin: ModalityLinear = block.get_submodule(name)
-            w = distribute_tensor(lin.weight.detach(), tp_mesh, [Shard(dim)], src_data_rank=None)
-            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
             lin.weight_fn = _to_local
     block.region = TPRegion(tp_mesh.get_group(), sequence_parallel)
