@@ -90,20 +90,26 @@ class Objective:
             out = out + norm[self.G] / patch_dim
         return out
 
+    def _lm(self, sums: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        return sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)
+
+    def _diffusion(self, sums: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        return sums[self.G] / norm[self.G].clamp_min(1)
+
     def value(self, sums: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """The objective's contribution of ``sums`` given the global normalisers."""
-        loss = sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)
+        loss = self._lm(sums, norm)
         if self.diffusion_weight is not None:
-            loss = loss + self.diffusion_weight * sums[self.G] / norm[self.G].clamp_min(1)
+            loss = loss + self.diffusion_weight * self._diffusion(sums, norm)
         return loss
 
     def metrics(self, sums: torch.Tensor, norm: torch.Tensor, prefix: str = "") -> dict:
         """``lm_loss``, ``diffusion_loss`` and one ``loss_<group>`` per group (tensors)."""
-        out = {f"{prefix}lm_loss": sums[: self.G].sum() / norm[: self.G].sum().clamp_min(1)}
+        out = {f"{prefix}lm_loss": self._lm(sums, norm)}
         if self.G > 1:
             for g, name in enumerate(self.groups):
                 if name not in self.no_lm:
                     out[f"{prefix}loss_{name}"] = sums[g] / norm[g].clamp_min(1)
         if self.diffusion_weight is not None:
-            out[f"{prefix}diffusion_loss"] = sums[self.G] / norm[self.G].clamp_min(1)
+            out[f"{prefix}diffusion_loss"] = self._diffusion(sums, norm)
         return out
