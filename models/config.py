@@ -85,7 +85,7 @@ class MambaConfig:
     # layer types, one letter per layer: M = Mamba, A = attention (a MoT block, untied by
     # model.mot.untie); "" = all Mamba. Hybrid stacks, e.g. "MMAM".
     layers: str = ""
-    scan_chunk: int = 128  # steps per chunk of the reference selective scan (bench_scan.py)
+    scan_chunk: int = 16  # steps per chunk of the reference selective scan (bench_scan.py)
 
 
 @dataclass

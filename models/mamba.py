@@ -4,11 +4,12 @@ Selective scan (Gu & Dao, 2023), per channel d and state n::
 
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t,      y_t = C_t · h_t + D u_t
 
-:func:`selective_scan` is the reference: chunks of ``chunk`` steps, each scanned with a
-log-depth (Hillis-Steele) associative scan of the pairs (exp(ΔA), ΔBu) — a handful of
-vectorised ops per doubling, never a Python loop over time steps — and the state carried
-from chunk to chunk. It is exact (no exp of positive sums: only products of decays ≤ 1)
-and equals the step-by-step recurrence (tests/test_mamba.py).
+:func:`selective_scan` is the reference: the sequence is cut into chunks of ``chunk``
+steps, all chunks are scanned in lockstep (a loop over the few positions of a chunk, each
+step one fused multiply-add over every chunk at once, never a loop over T), and the
+chunks' states are then joined by a log-depth (Hillis-Steele) associative scan across
+chunks. It is exact (no exp of positive sums: only products of decays ≤ 1) and equals the
+step-by-step recurrence (tests/test_mamba.py).
 
 A document boundary resets the state (the decay into a document's first token is 0) and
 the causal conv1d never reads across it, so packed documents stay independent, as the
@@ -50,8 +51,8 @@ def _shift(x: torch.Tensor, k: int, fill: float) -> torch.Tensor:
 
 
 def _scan_chunk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan of h_t = a_t h_{t-1} + b_t (h_{-1} = 0) along dim 1, log-depth.
-    Returns (h, prod_{s<=t} a_s)."""
+    """Inclusive scan of h_k = a_k h_{k-1} + b_k (h_{-1} = 0) along dim 1, log-depth.
+    Returns (h, prod_{j<=k} a_j)."""
     k = 1
     while k < a.shape[1]:
         b = b + a * _shift(b, k, 0.0)
@@ -62,27 +63,53 @@ def _scan_chunk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: torch.Tensor, reset: Optional[torch.Tensor] = None,
-                   h0: Optional[torch.Tensor] = None, chunk: int = 64,
+                   h0: Optional[torch.Tensor] = None, chunk: int = 16,
                    return_state: bool = False):
     """u, delta [Bt, T, Dn]; A [Dn, N]; B, C [Bt, T, N]; D [Dn]; ``reset`` [Bt, T] bool
     (the state is zeroed before these steps: document starts); ``h0`` [Bt, Dn, N].
-    Computed in fp32; returns y [Bt, T, Dn] in u's dtype (and the final state)."""
+    Computed in fp32; returns y [Bt, T, Dn] in u's dtype (and the final state).
+
+    The sequence is cut into ``T/chunk`` chunks of ``chunk`` steps. (1) Every chunk is
+    scanned from a zero state, all chunks in lockstep: a loop over the ``chunk`` positions
+    whose every step is one fused multiply-add over ``[Bt, T/chunk, Dn, N]``. (2) The
+    chunks' (total decay, final state) pairs are scanned across chunks in log depth, giving
+    the state entering each chunk. (3) ``h_t += P_t ⊙ h_in`` with P_t the decay from the
+    chunk start (exp of a cumulative sum of ΔA ≤ 0: no overflow). Work is linear in T."""
     dtype = u.dtype
-    u, delta, B, C = u.float(), delta.float(), B.float(), C.float()
-    a = torch.exp(delta.unsqueeze(-1) * A.float())  # [Bt, T, Dn, N], in (0, 1]
+    Bt, T, Dn = u.shape
+    c = max(1, min(chunk, T))
+    n = -(-T // c)
+
+    def by_step(t: torch.Tensor) -> torch.Tensor:
+        """[Bt, T, ...] -> [c, Bt, n, ...]: row i holds step i of every chunk (the tail
+        padded with zeros: Δ = 0 there, so the padded steps keep the state unchanged)."""
+        t = t.float()
+        if n * c > T:
+            t = torch.cat([t, t.new_zeros(Bt, n * c - T, *t.shape[2:])], 1)
+        return t.view(Bt, n, c, *t.shape[2:]).movedim(2, 0).contiguous()
+
+    u_, dt_, B_, C_ = by_step(u), by_step(delta), by_step(B), by_step(C)
+    dA = dt_.unsqueeze(-1) * A.float()  # [c, Bt, n, Dn, N], <= 0
+    a, P = torch.exp(dA), torch.exp(torch.cumsum(dA, 0))
     if reset is not None:
-        a = a.masked_fill(reset[:, :, None, None], 0.0)
-    b = (delta * u).unsqueeze(-1) * B.unsqueeze(2)
-    h = h0.float() if h0 is not None else None
-    ys = []
-    for lo in range(0, u.shape[1], chunk):
-        hs, decay = _scan_chunk(a[:, lo:lo + chunk], b[:, lo:lo + chunk])
-        if h is not None:
-            hs = hs + decay * h.unsqueeze(1)
-        ys.append(torch.einsum("btdn,btn->btd", hs, C[:, lo:lo + chunk]))
-        h = hs[:, -1]
-    y = torch.cat(ys, 1) + u * D.float()
-    return (y.to(dtype), h) if return_state else y.to(dtype)
+        r = by_step(reset) > 0
+        a = a.masked_fill(r[..., None, None], 0.0)
+        P = P.masked_fill((torch.cumsum(r.long(), 0) > 0)[..., None, None], 0.0)
+    b = (dt_ * u_).unsqueeze(-1) * B_.unsqueeze(-2)
+    a_steps, b_steps = a.unbind(0), b.unbind(0)  # one backward for all steps, not c
+    hs = [b_steps[0]]
+    for i in range(1, c):  # a loop over the positions of a chunk, never over T
+        hs.append(torch.addcmul(b_steps[i], a_steps[i], hs[-1]))
+    ends, decay = _scan_chunk(P[-1], hs[-1])  # [Bt, n, Dn, N]: chunk-final states
+    if h0 is not None:
+        ends = ends + decay * h0.float().unsqueeze(1)
+        h_in = torch.cat([h0.float().unsqueeze(1), ends[:, :-1]], 1)
+    else:
+        h_in = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1)
+    h = torch.addcmul(torch.stack(hs), P, h_in.unsqueeze(0))
+    y = torch.einsum("ibkdn,ibkn->ibkd", h, C_) + u_ * D.float()
+    y = y.movedim(0, 2).reshape(Bt, n * c, Dn)[:, :T].to(dtype)
+    return (y, ends[:, -1]) if return_state else y
 
 
 def selective_scan_naive(u, delta, A, B, C, D, reset=None, h0=None):

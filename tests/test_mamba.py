@@ -38,7 +38,7 @@ def _inputs(Bt=2, T=37, Dn=6, N=4, seed=0):
     return [x.requires_grad_() for x in (u, delta, A, B, C, D)]
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16, 64])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 8, 16, 64])  # 5: resets at a chunk start
 def test_chunked_scan_equals_recurrence_outputs_and_gradients(chunk):
     args = _inputs()
     reset = torch.zeros(2, 37, dtype=torch.bool)
