@@ -83,7 +83,8 @@ class MambaConfig:
     # modality-specific projections (the rest is shared); [] = the dense Mamba baseline
     untie: list = field(default_factory=lambda: ["in_proj", "x_proj", "dt_proj", "out_proj"])
     # layer types, one letter per layer: M = Mamba, A = attention (a MoT block, untied by
-    # model.mot.untie); "" = all Mamba. Hybrid stacks, e.g. "MMAM".
+    # model.mot.untie), E = attention whose model.mot.moe_modality FFN is a routed MoE
+    # (``moe``); "" = all Mamba. Hybrid stacks, e.g. "MMAM", "MEMA" (Jamba-like).
     layers: str = ""
     scan_chunk: int = 16  # steps per chunk of the reference selective scan (bench_scan.py)
 
@@ -126,15 +127,16 @@ MODALITY_ARCHS = ("mot", "mom")
 
 
 def layer_kinds(model: ModelConfig) -> str:
-    """One letter per layer: ``M`` a Mamba block, ``A`` an attention block — the single
-    place that reads ``mamba.layers``."""
+    """One letter per layer: ``M`` a Mamba block, ``A`` an attention block, ``E`` an
+    attention block with a routed-MoE FFN — the single place that reads ``mamba.layers``."""
     if model.arch != "mom":
         return "A" * model.num_layers
     return model.mamba.layers or "M" * model.num_layers
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
-    """Which layers are MoE (True) — the single place that reads ``moe.layer_freq``.
+    """Which layers are MoE (True) — the single place that reads ``moe.layer_freq`` (for
+    ``arch: mom``, the ``E`` letters of ``mamba.layers``).
 
     Raises ``ValueError`` for a malformed ``layer_freq``; the trainer's validation turns
     that into a one-line ``ConfigError``.
@@ -143,6 +145,8 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     n = model.num_layers
     if moe.num_experts == 0:
         return [False] * n
+    if model.arch == "mom":  # hybrid stacks name their MoE layers: E in mamba.layers
+        return [kind == "E" for kind in layer_kinds(model)]
     freq = moe.layer_freq
     if isinstance(freq, int):
         if freq < 1:

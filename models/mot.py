@@ -261,11 +261,15 @@ class MoTFeedForward(nn.Module):
         super().__init__()
         self.moe, self.moe_modality = moe, moe_modality
         num -= moe is not None
-        self.w1 = ModalityLinear(num, dim, hidden)  # gate
-        self.w3 = ModalityLinear(num, dim, hidden)  # up
-        self.w2 = ModalityLinear(num, hidden, dim, out_proj=True)  # down
+        self.dense = num > 0  # False: one modality, and its FFN is the MoE
+        if self.dense:
+            self.w1 = ModalityLinear(num, dim, hidden)  # gate
+            self.w3 = ModalityLinear(num, dim, hidden)  # up
+            self.w2 = ModalityLinear(num, hidden, dim, out_proj=True)  # down
 
     def forward(self, x_BTD: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
+        if not self.dense:  # every token is the MoE modality's: the plain MoE layer
+            return self.moe(x_BTD)
         if self.moe is not None:
             r = route.for_moe(self.moe_modality)
             xs = r.sort(x_BTD)

@@ -69,6 +69,12 @@ def test_demo_experiment_composes():
          "model.mamba.untie=['conv1d']: ['conv1d'] not in"),
         (["model=mom_tiny", "data=digits_chameleon", "model.mamba.layers=MAM"],
          "model.mamba.layers='MAM' must be 4 letters"),
+        (["model=mom_tiny", "data=digits_chameleon", "model.mamba.layers=MEMA"],
+         "model.mamba.layers='MEMA' has MoE layers (E) but model.moe.num_experts=0"),
+        (["model=mom_moe_tiny", "data=digits_chameleon", "model.mamba.layers=MAMA"],
+         "places its MoE layers with the letter E in model.mamba.layers"),
+        (["model=mom_moe_tiny", "data=digits_chameleon", "model.moe.layer_freq=2"],
+         "model.arch=mom picks its MoE layers by the E letters"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides, message):

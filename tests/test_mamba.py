@@ -167,3 +167,26 @@ def test_hybrid_stack_and_documents():
     packed = model(tokens, pos, doc, modality_ids_BT=ids)
     alone = model(tokens[:, 10:], pos[:, 10:], modality_ids_BT=ids[:, 10:])
     torch.testing.assert_close(packed[:, 10:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_hybrid_moe_layers_are_the_E_letters():
+    """Jamba-like stacks: E layers are attention blocks whose MoE modality's FFN is the
+    routed MoE; with one modality that FFN is the plain MoE layer (no empty dense part)."""
+    from models.config import MoEConfig
+    from models.moe import MoELayer
+
+    cfg = _cfg(modalities=("text",), layers="ME")
+    cfg.num_layers, cfg.mot.moe_modality = 2, "text"
+    cfg.moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ffn = model.layers["1"].ffn
+    assert isinstance(ffn.moe, MoELayer) and not ffn.dense and not hasattr(ffn, "w1")
+    x = torch.randn(2, 12, 32)
+    from models.mot import ModalityRoute
+
+    route = ModalityRoute.build(torch.zeros(2, 12, dtype=torch.long), 1)
+    torch.testing.assert_close(ffn(x, route), ffn.moe(x))
+    tokens = torch.randint(0, 96, (2, 12))
+    model(tokens).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -34,6 +34,8 @@ SETTINGS = {
     # Mixture-of-Mamba (hybrid: one MoT attention layer), packed documents reset the scan
     "mom": ["model=mom_tiny", "data=digits_chameleon", "trainer.seq_len=160",
             "model.mamba.layers=MMAM"],
+    # hybrid MoM + MoE: Mamba, attention with a routed-MoE text FFN, Mamba, attention
+    "mom_moe": ["model=mom_moe_tiny", "data=digits_chameleon", "trainer.seq_len=160"],
 }
 LAYOUTS = [
     ("dp2_fsdp", 2, "chameleon3", ["parallel.dp_engine=fsdp"]),
@@ -47,6 +49,8 @@ LAYOUTS = [
     ("mom_tp2", 2, "mom", ["parallel.tp=2"]),
     # CP: conv halos and scan states passed between the ranks' head/tail chunks
     ("mom_cp2", 2, "mom", ["parallel.cp=2"]),
+    ("mom_moe_ep2_pp2", 4, "mom_moe", ["parallel.ep=2", "parallel.pp=2",
+                                        "parallel.pp_schedule=1f1b"]),
 ]
 COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
           f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "logger.console=plain",
@@ -55,7 +59,8 @@ COMMON = ["trainer.micro_batch_size=1", "trainer.global_batch_size=8",
 KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_norm"),
         "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm"),
         "mot_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm"),
-        "mom": ("loss", "loss_text", "loss_image", "grad_norm")}
+        "mom": ("loss", "loss_text", "loss_image", "grad_norm"),
+        "mom_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")

@@ -243,7 +243,7 @@ def _validate_mot(m: ModelConfig) -> None:
             raise ConfigError(f"model.mot.moe_modality needs the FFN untied (model.mot.untie="
                               f"{m.mot.untie!r}; valid: ffn, ffn_qkv, all)")
     elif m.moe.num_experts:
-        raise ConfigError("model.arch=mot with model.moe.num_experts > 0 needs "
+        raise ConfigError(f"model.arch={m.arch} with model.moe.num_experts > 0 needs "
                           "model.mot.moe_modality=<the modality whose FFN is the MoE>")
     if m.diffusion.patch_dim < 0:
         raise ConfigError(f"model.diffusion.patch_dim={m.diffusion.patch_dim} must be >= 0")
@@ -262,14 +262,24 @@ def _validate_mamba(m: ModelConfig) -> None:
     bad = [p for p in mc.untie if p not in PROJECTIONS]
     if bad:
         raise ConfigError(f"model.mamba.untie={list(mc.untie)}: {bad} not in {list(PROJECTIONS)}")
-    if mc.layers and (len(mc.layers) != m.num_layers or set(mc.layers) - {"M", "A"}):
+    if mc.layers and (len(mc.layers) != m.num_layers or set(mc.layers) - {"M", "A", "E"}):
         raise ConfigError(f"model.mamba.layers={mc.layers!r} must be {m.num_layers} letters "
-                          "of M (Mamba) / A (attention), or empty (all Mamba)")
+                          "of M (Mamba) / A (attention) / E (attention + MoE), or empty "
+                          "(all Mamba)")
     if not 0 < mc.dt_min <= mc.dt_max:
         raise ConfigError(f"model.mamba.dt_min={mc.dt_min} / dt_max={mc.dt_max} need "
                           "0 < dt_min <= dt_max")
-    if m.mot.moe_modality:
-        raise ConfigError("model.mot.moe_modality with model.arch=mom is not supported yet")
+    if m.moe.num_experts and "E" not in mc.layers:
+        raise ConfigError("model.arch=mom with model.moe.num_experts > 0 places its MoE "
+                          "layers with the letter E in model.mamba.layers (e.g. MEMA); "
+                          f"got layers={mc.layers!r}")
+    if "E" in mc.layers and not m.moe.num_experts:
+        raise ConfigError(f"model.mamba.layers={mc.layers!r} has MoE layers (E) but "
+                          "model.moe.num_experts=0")
+    if m.moe.num_experts and (m.moe.layer_freq != 1 or m.moe.first_k_dense):
+        raise ConfigError("model.arch=mom picks its MoE layers by the E letters of "
+                          "model.mamba.layers; leave model.moe.layer_freq=1 and "
+                          f"first_k_dense=0 (got {m.moe.layer_freq}, {m.moe.first_k_dense})")
 
 
 def _validate_multimodal(cfg: Config) -> None:
