@@ -73,10 +73,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """``shared``: applied to the weight first (``models.mot.Region.shared_out``: its
+        gradient summed over the ranks that hold other tokens)."""
+        w = self.weight if shared is None else shared(self.weight)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * w.float()).to(x.dtype)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         with torch.no_grad():

@@ -197,12 +197,13 @@ class MambaMixer(nn.Module):
                 ) -> torch.Tensor:
         """``region``: tensor parallelism over d_inner (parallel/mamba_parallel.py): x/z,
         conv, dt and the scan are per channel (local); x_proj and out_proj are
-        row-parallel, their partial sums reduced by ``region``."""
+        row-parallel, their partial sums reduced by ``region`` (under sequence parallelism
+        ``enter`` gathers the sequence and ``exit`` scatters it again)."""
         N, R, loc = self.d_state, self.dt_rank, self.local
         xz = self._proj(self.in_proj, region.enter(x_BTD), route)
         x, z = xz.chunk(2, dim=-1)  # the local channels of x and of z
         x = F.silu(self.seq.conv(x, loc(self.conv_weight), loc(self.conv_bias), doc_ids_BT))
-        dbc = region.enter(region.exit(self._proj(self.x_proj, x, route)))
+        dbc = region.all_reduce(self._proj(self.x_proj, x, route))
         dt, Bm, Cm = dbc[..., :R], dbc[..., R:R + N], dbc[..., R + N:]
         dt_bias = loc(self.dt_bias)
         bias = dt_bias[0] if dt_bias.shape[0] == 1 else dt_bias[route.ids_BT]
@@ -236,7 +237,8 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """``out = x + mixer(RMSNorm(x))`` (the norm is shared by the modalities)."""
+    """``out = x + mixer(RMSNorm(x))`` (the norm is shared by the modalities; under
+    sequence parallelism it runs on the rank's tokens, its gradient summed over TP)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -245,7 +247,8 @@ class MambaBlock(nn.Module):
         self.region: Region = SINGLE_DEVICE
 
     def forward(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None):
-        return x_BTD + self.mixer(self.norm(x_BTD), route, doc_ids_BT, self.region)
+        r = self.region
+        return x_BTD + self.mixer(self.norm(x_BTD, r.shared_out), route, doc_ids_BT, r)
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

@@ -130,6 +130,11 @@ class Region:
     def shared_in(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
+    def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """A partial sum every rank then uses in full (Mamba's dt/B/C): summed over TP
+        forward, and its gradient summed backward."""
+        return y
+
 
 SINGLE_DEVICE = Region()
 

@@ -7,13 +7,19 @@ across the TP ranks (as Megatron's Mamba layer does).
   (``Shard`` on their channel dim);
 - ``x_proj`` row-parallel (input channels split): its partial (dt, B, C) is all-reduced,
   and since every rank then uses all of dt/B/C with its own channels, their gradient is
-  all-reduced on the way back (``region.enter(region.exit(...))``);
+  all-reduced on the way back (``region.all_reduce``);
 - ``dt_proj`` column-parallel (output channels); ``out_proj`` row-parallel, its output
   all-reduced (the block's ``region.exit``), its input gradient handled by ``enter``.
 
+Sequence parallelism: the residual stream stays sharded on the sequence; the block norm
+runs on the rank's tokens (its weight's gradient summed over TP), ``enter`` all-gathers
+the normed sequence for in_proj, ``exit`` reduce-scatters out_proj's partial output — the
+same region as MoT blocks. With context parallelism the gathered sequence is the CP rank's
+head+tail chunks, which the CP scan (parallel/ssm_context_parallel.py) expects; its
+all-gathers run over the cp group, among ranks holding the same channels.
+
 Weights are DTensors on the tp mesh (checkpoints reshard across TP sizes); the mixer reads
-local shards through its ``local`` / ``ModalityLinear.weight_fn`` seams. Plain TP only:
-sequence parallelism is refused for Mamba blocks (their block norm runs before the region).
+local shards through its ``local`` / ``ModalityLinear.weight_fn`` seams.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ _SHARDS = {
 }
 
 
-def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh) -> None:
+def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh, *,
+                                sequence_parallel: bool) -> None:
     mixer = block.mixer
     tp = tp_mesh.size()
     if mixer.d_inner % tp:
@@ -43,4 +50,4 @@ def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh) -> None:
     for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
         lin.weight_fn = _to_local
     mixer.local = _to_local
-    block.region = TPRegion(tp_mesh.get_group(), sequence_parallel=False)
+    block.region = TPRegion(tp_mesh.get_group(), sequence_parallel)

@@ -69,6 +69,9 @@ class TPRegion(Region):
     def shared_in(self, w: torch.Tensor) -> torch.Tensor:
         return _SumBackward.apply(w, self.group) if w.requires_grad else w
 
+    def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
+        return _SumBackward.apply(_SumForward.apply(y, self.group), self.group)
+
 
 def _to_local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local()

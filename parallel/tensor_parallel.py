@@ -148,7 +148,7 @@ def apply_tensor_parallel(
         if isinstance(block, MambaBlock):  # d_inner split: parallel/mamba_parallel.py
             from parallel.mamba_parallel import apply_mamba_tensor_parallel
 
-            apply_mamba_tensor_parallel(block, tp_mesh)
+            apply_mamba_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
             continue
         bplan: dict[str, object] = {
             "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)

@@ -46,9 +46,11 @@ LAYOUTS = [
     ("mot_moe_dp2_ep2", 2, "mot_moe", ["parallel.ep=2"]),
     ("mom_dp2_fsdp", 2, "mom", []),
     ("mom_pp2", 2, "mom", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
-    ("mom_tp2", 2, "mom", ["parallel.tp=2"]),
-    # CP: conv halos and scan states passed between the ranks' head/tail chunks
-    ("mom_cp2", 2, "mom", ["parallel.cp=2"]),
+    # d_inner split; SP: the norm on the rank's tokens, the sequence gathered for the mixer
+    ("mom_tp2_sp", 2, "mom", ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # CP: conv halos and scan states passed between the ranks' head/tail chunks, on the
+    # ranks' d_inner shards (plain TP)
+    ("mom_cp2_tp2", 4, "mom", ["parallel.cp=2", "parallel.tp=2"]),
     ("mom_moe_ep2_pp2", 4, "mom_moe", ["parallel.ep=2", "parallel.pp=2",
                                         "parallel.pp_schedule=1f1b"]),
 ]

@@ -371,11 +371,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             + (f" (valid: {divisors(n_exp)})" if n_exp else "")
         )
     if cfg.model.arch == "mom":
-        if (p.cp > 1 and p.tp > 1) or p.sequence_parallel:
-            raise ConfigError("model.arch=mom supports DP/FSDP, PP, TP (without sequence "
-                              "parallelism) and CP, not CP and TP together yet "
-                              f"(parallel.cp={p.cp}, parallel.tp={p.tp}, "
-                              f"parallel.sequence_parallel={p.sequence_parallel})")
         di = cfg.model.mamba.expand * cfg.model.hidden_size
         if di % p.tp:
             raise ConfigError(f"parallel.tp={p.tp} does not divide the Mamba d_inner={di} "
