@@ -87,6 +87,9 @@ class MambaConfig:
     # (``moe``); "" = all Mamba. Hybrid stacks, e.g. "MMAM", "MEMA" (Jamba-like).
     layers: str = ""
     scan_chunk: int = 16  # steps per chunk of the reference selective scan (bench_scan.py)
+    # auto: on CUDA use mamba_ssm's selective scan / causal_conv1d when installed (the
+    # moefold[mamba] extra; models/mamba_kernels.py); torch: always the reference
+    kernels: str = "auto"
 
 
 @dataclass

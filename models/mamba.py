@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import mamba_kernels
 from models.config import ModelConfig
 from models.layers import Initializer, RMSNorm
 from models.mot import SINGLE_DEVICE, ModalityLinear, ModalityRoute, Region
@@ -144,19 +145,27 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 class SequenceScan:
     """How a mixer runs its sequence-mixing parts over the tokens it holds: the causal
     conv and the scan. On one device (this class) the tokens are the whole sequence;
-    context parallelism replaces it (``parallel.context_parallel.ContextParallelScan``:
-    conv halos and scan states passed between the ranks' chunks)."""
+    context parallelism replaces it (``parallel.ssm_context_parallel.ContextParallelScan``:
+    conv halos and scan states passed between the ranks' chunks). ``kernels``: use the
+    optional CUDA kernels where they apply (models/mamba_kernels.py)."""
+
+    def __init__(self, kernels: bool = False):
+        self.kernels = kernels
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        fn = mamba_kernels.conv_kernel(x) if self.kernels else None
+        if fn is not None:
+            return mamba_kernels.kernel_conv(fn, x, weight, bias, doc_ids)
         return causal_conv1d(x, weight, bias, doc_ids)
 
     def scan(self, x, delta, A, B, C, D, doc_ids: Optional[torch.Tensor], chunk: int):
+        fn = mamba_kernels.scan_kernel(x) if self.kernels and doc_ids is None else None
+        if fn is not None:  # Mamba-1's kernel cannot reset the state at a document start
+            return mamba_kernels.kernel_scan(fn, x, delta, A, B, C, D)
         reset = None if doc_ids is None else doc_ids != _shift(doc_ids, 1, -1)
         return selective_scan(x, delta, A, B, C, D, reset, chunk=chunk)
 
-
-WHOLE_SEQUENCE = SequenceScan()
 
 
 class MambaMixer(nn.Module):
@@ -186,7 +195,8 @@ class MambaMixer(nn.Module):
         self.dt_min, self.dt_max = mc.dt_min, mc.dt_max
         # seam for tensor parallelism: the local shard of the per-channel parameters
         self.local: Callable[[torch.Tensor], torch.Tensor] = _identity
-        self.seq: SequenceScan = WHOLE_SEQUENCE  # seam for context parallelism
+        # seam for context parallelism
+        self.seq = SequenceScan(kernels=mc.kernels == "auto")
 
     def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
         """Per-modality projection in sequence order (sorted rows only when split)."""

@@ -190,3 +190,84 @@ def test_hybrid_moe_layers_are_the_E_letters():
     tokens = torch.randint(0, 96, (2, 12))
     model(tokens).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def _fake_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+    """Stand-in for mamba_ssm's selective_scan_fn with its documented contract: u, delta
+    [B, D, L]; variable B, C [B, N, L] in u's dtype; A [D, N] and D fp32."""
+    assert u.dim() == 3 and B.shape == (u.shape[0], A.shape[1], u.shape[2])
+    assert u.stride(-1) == 1 and B.stride(-1) == 1 and delta.dtype == B.dtype == u.dtype
+    assert A.dtype == D.dtype == torch.float32 and z is None and delta_bias is None
+    assert not delta_softplus
+    y, _ = recurrence(*(t.transpose(1, 2) for t in (u, delta)), A, B.transpose(1, 2),
+                      C.transpose(1, 2), D)
+    return y.transpose(1, 2)
+
+
+def _fake_conv(x, weight, bias=None, seq_idx=None, activation=None):
+    """Stand-in for causal_conv1d_fn: x [B, D, L] channel-last (the layout that takes
+    ``seq_idx``); a tap reads only positions with the same seq_idx."""
+    assert x.stride(1) == 1 and activation is None
+    assert seq_idx is None or (seq_idx.dtype == torch.int32 and seq_idx.shape == (x.shape[0],
+                                                                                 x.shape[2]))
+    K, T = weight.shape[1], x.shape[2]
+    out = []
+    for t in range(T):  # direct definition, one position at a time
+        acc = bias.unsqueeze(0).expand(x.shape[0], -1)
+        for k in range(K):
+            if t - k < 0:
+                continue
+            tap = x[:, :, t - k] * weight[:, K - 1 - k]
+            if seq_idx is not None:
+                tap = tap * (seq_idx[:, t - k] == seq_idx[:, t]).unsqueeze(-1)
+            acc = acc + tap
+        out.append(acc)
+    return torch.stack(out, 2)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_kernel_adapters_follow_the_kernels_contract(monkeypatch, docs):
+    """The CUDA kernel path (models/mamba_kernels.py) gives the reference's outputs and
+    gradients when the kernels keep their documented contract; with packed documents the
+    conv kernel gets them as seq_idx and the scan stays on the reference (no reset)."""
+    from models import mamba_kernels
+    from models.mot import ModalityRoute
+
+    used = []
+    monkeypatch.setattr(mamba_kernels, "scan_kernel", lambda x: used.append("scan") or _fake_scan)
+    monkeypatch.setattr(mamba_kernels, "conv_kernel", lambda x: used.append("conv") or _fake_conv)
+    torch.manual_seed(0)
+    mixer = build_model(_cfg()).layers["0"].mixer
+    ref = copy.deepcopy(mixer)
+    ref.seq.kernels = False
+    assert mixer.seq.kernels  # model.mamba.kernels=auto
+    x = torch.randn(2, 14, 32)
+    route = ModalityRoute.build(torch.randint(0, 3, (2, 14)), 3)
+    doc = torch.tensor([[0] * 6 + [1] * 8, [0] * 14]) if docs else None
+    out, expect = mixer(x, route, doc), ref(x, route, doc)
+    assert used == (["conv"] if docs else ["conv", "scan"])
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (expect * w).sum().backward()
+    for (n, p), (_, r) in zip(mixer.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and moefold[mamba]")
+def test_cuda_kernels_equal_the_reference():
+    from models import mamba_kernels
+    from models.mamba import SequenceScan
+
+    if mamba_kernels._load("scan") is None or mamba_kernels._load("conv") is None:
+        pytest.skip("mamba_ssm / causal_conv1d not installed")
+    args = [a.detach().cuda().requires_grad_() for a in _inputs(T=300, Dn=64, N=16)]
+    u, delta, A, B, C, D = args
+    kern, ref = SequenceScan(kernels=True), SequenceScan(kernels=False)
+    y = kern.scan(u, delta, A, B, C, D, None, 16)
+    y_ref = ref.scan(u, delta, A, B, C, D, None, 16)
+    torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)
+    w, b = torch.randn(64, 4, device="cuda"), torch.randn(64, device="cuda")
+    doc = torch.cat([torch.zeros(2, 100), torch.ones(2, 200)], 1).long().cuda()
+    torch.testing.assert_close(kern.conv(u, w, b, doc), ref.conv(u, w, b, doc),
+                               rtol=1e-4, atol=1e-4)

@@ -259,6 +259,7 @@ def _validate_mamba(m: ModelConfig) -> None:
     mc = m.mamba
     for key in ("d_state", "d_conv", "expand", "scan_chunk"):
         _positive(f"model.mamba.{key}", getattr(mc, key))
+    _choice("model.mamba.kernels", mc.kernels, ("auto", "torch"))
     bad = [p for p in mc.untie if p not in PROJECTIONS]
     if bad:
         raise ConfigError(f"model.mamba.untie={list(mc.untie)}: {bad} not in {list(PROJECTIONS)}")
