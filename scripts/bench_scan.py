@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models.mamba import selective_scan, selective_scan_naive
+from trainer.perf import reuse_freed_cpu_memory
 
 
 def _inputs(B: int, T: int, Dn: int, N: int, grad: bool):
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reuse_freed_cpu_memory()  # as the trainer does on CPU (trainer/perf.py)
     print(f"batch {args.batch}, d_inner {args.d_inner}, d_state {args.d_state}, "
           f"{args.threads} threads; tokens/s (median of {args.repeats})")
     print("| seq | pass | naive recurrence | " + " | ".join(

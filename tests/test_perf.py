@@ -118,3 +118,13 @@ def test_peak_memory_cpu_rss():
     assert x.sum().item() == 64 * 2**20
     assert after >= before and after >= 0.25
     perf.reset_peak_memory("cpu")  # no-op on CPU, must not fail
+
+
+def test_cpu_allocator_keeps_freed_memory_on_glibc():
+    import platform
+    import sys
+
+    from trainer.perf import reuse_freed_cpu_memory
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert reuse_freed_cpu_memory() is expected

@@ -9,6 +9,7 @@ a short matmul benchmark instead (an achievable peak, which makes MFU look highe
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 import resource
@@ -20,6 +21,7 @@ import torch
 
 __all__ = [
     "GPU_PEAK_TFLOPS",
+    "reuse_freed_cpu_memory",
     "Throughput",
     "gpu_peak_flops",
     "measure_matmul_flops",
@@ -27,6 +29,27 @@ __all__ = [
     "peak_memory",
     "reset_peak_memory",
 ]
+
+
+def reuse_freed_cpu_memory(limit: int = 1 << 30) -> bool:
+    """Keep freed CPU tensors' memory in the process (glibc only; True if set).
+
+    By default glibc serves blocks above a dynamic mmap threshold (at most 32 MiB) with
+    mmap and unmaps them on free. A training step's large activations are then unmapped and
+    page-faulted back, zero-filled, on every step. On CPU that doubles the Mamba scan's
+    time (``scripts/bench_scan.py``) and costs the MoE default ~12% tokens/s. Raising the
+    mmap and trim thresholds to ``limit`` makes freed blocks reusable. The process keeps
+    its peak heap; memory does not grow from step to step.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...): leave the allocator alone
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, limit))
 
 # Dense (non-sparse) datasheet peaks in TFLOP/s per device: (bf16, fp16, tf32, fp32).
 # bf16/fp16/tf32 are tensor-core (matrix-core) numbers with fp32 accumulation; fp32 is

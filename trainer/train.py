@@ -53,7 +53,7 @@ class Trainer:
         from parallel.parallelize import parallelize
         from trainer.data import build_data
         from trainer.optim import build_optimizer, build_scheduler
-        from trainer.perf import Throughput, peak_flops_per_device
+        from trainer.perf import Throughput, peak_flops_per_device, reuse_freed_cpu_memory
         from trainer.run_logger import RunLogger
 
         self.cfg = cfg
@@ -61,6 +61,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.device = _device(cfg)
+        if self.device.type == "cpu":
+            reuse_freed_cpu_memory()  # no unmap/page-fault of big activations every step
         self.amp_dtype = _autocast_dtype(cfg, self.device)
         self.run_dir = Path(cfg.run_dir)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, rank=self.rank)
