@@ -34,6 +34,11 @@ SETTINGS = {
     # Mixture-of-Mamba (hybrid: one MoT attention layer), packed documents reset the scan
     "mom": ["model=mom_tiny", "data=digits_chameleon", "trainer.seq_len=160",
             "model.mamba.layers=MMAM"],
+    # MoM in the Transfusion setting: Mamba layers see the noisy patches causally, the
+    # attention layer bidirectionally within each image
+    "mom_transfusion": ["model=mom_tiny", "data=digits_transfusion",
+                        "model.diffusion.patch_dim=4", "model.mamba.layers=MMAM",
+                        "trainer.seq_len=64"],
     # hybrid MoM + MoE: Mamba, attention with a routed-MoE text FFN, Mamba, attention
     "mom_moe": ["model=mom_moe_tiny", "data=digits_chameleon", "trainer.seq_len=160"],
 }
@@ -51,6 +56,7 @@ LAYOUTS = [
     # CP: conv halos and scan states passed between the ranks' head/tail chunks, on the
     # ranks' d_inner shards (plain TP)
     ("mom_cp2_tp2", 4, "mom", ["parallel.cp=2", "parallel.tp=2"]),
+    ("mom_transfusion_cp2", 2, "mom_transfusion", ["parallel.cp=2"]),
     ("mom_moe_ep2_pp2", 4, "mom_moe", ["parallel.ep=2", "parallel.pp=2",
                                         "parallel.pp_schedule=1f1b"]),
 ]
@@ -62,7 +68,8 @@ KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_n
         "transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm"),
         "mot_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm"),
         "mom": ("loss", "loss_text", "loss_image", "grad_norm"),
-        "mom_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm")}
+        "mom_moe": ("loss", "loss_text", "loss_image", "aux_loss", "grad_norm"),
+        "mom_transfusion": ("loss", "loss_text", "diffusion_loss", "grad_norm")}
 
 
 @pytest.fixture(scope="module")
