@@ -110,6 +110,15 @@ def naive_mixer(mx, x, ids):
     return _per_modality(y * F.silu(z), mx.out_proj.weight, ids)
 
 
+def _assert_same_outputs_and_grads(out, expect, module, ref):
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (expect * w).sum().backward()
+    for (n, p), (_, r) in zip(module.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("untie", [PROJECTIONS, ("in_proj", "out_proj"), ("dt_proj",), ()])
 def test_mom_mixer_equals_naive_reference(untie):
     torch.manual_seed(0)
@@ -122,12 +131,7 @@ def test_mom_mixer_equals_naive_reference(untie):
 
     out = mixer(x, ModalityRoute.build(ids, 3))
     expect = naive_mixer(ref, x, ids)
-    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    (expect * w).sum().backward()
-    for (n, p), (_, r) in zip(mixer.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_outputs_and_grads(out, expect, mixer, ref)
 
 
 def test_single_modality_mom_equals_dense_mamba():
@@ -246,12 +250,7 @@ def test_kernel_adapters_follow_the_kernels_contract(monkeypatch, docs):
     doc = torch.tensor([[0] * 6 + [1] * 8, [0] * 14]) if docs else None
     out, expect = mixer(x, route, doc), ref(x, route, doc)
     assert used == (["conv"] if docs else ["conv", "scan"])
-    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    (expect * w).sum().backward()
-    for (n, p), (_, r) in zip(mixer.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, r.grad, rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same_outputs_and_grads(out, expect, mixer, ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and moefold[mamba]")
