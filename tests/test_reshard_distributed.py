@@ -25,14 +25,13 @@ def _ok(proc):
 
 
 KV4 = ["model.num_kv_heads=4"]  # lets TP4 split the tiny model's heads
-# (name, model overrides, save layout, resume layout); a layout is (processes, overrides)
+# (name, model overrides, save layout, resume layout); a layout is (processes, overrides).
+# EP->single, TP+SP->single and single->TP were dropped for CI time: PP2xEP2->single,
+# CP2xEP2->single, TP2->TP4+SP and single->PP2xVPP2 cover those paths.
 CASES = [
-    ("ep4_to_single", [], (4, ["parallel.ep=4"]), (1, [])),
     ("ep4_to_ep2xedp2", [], (4, ["parallel.ep=4"]), (4, ["parallel.ep=2"])),  # FSDP experts
     ("dp2fsdp_to_ep2ddp", [], (2, ["parallel.dp_engine=fsdp"]),
      (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
-    ("tp2sp_to_single", [], (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]), (1, [])),
-    ("single_to_tp2xdp2", [], (1, []), (4, ["parallel.tp=2", "parallel.dp_engine=ddp"])),
     ("tp2xdp2fsdp_to_ep2", [],
      (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
      (2, ["parallel.ep=2", "parallel.dp_engine=ddp"])),
