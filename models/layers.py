@@ -65,6 +65,12 @@ def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool
     return module
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x)`` over the last dim, in fp32 (the weight is applied by the caller)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, returned in the input dtype."""
 
@@ -78,9 +84,7 @@ class RMSNorm(nn.Module):
         """``shared``: applied to the weight first (``models.mot.Region.shared_out``: its
         gradient summed over the ranks that hold other tokens)."""
         w = self.weight if shared is None else shared(self.weight)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * w.float()).to(x.dtype)
+        return (rms_normalize(x, self.eps) * w.float()).to(x.dtype)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         with torch.no_grad():

@@ -19,27 +19,24 @@ CUDA against the reference where the packages are installed (tests/test_mamba.py
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-_MISSING = object()
-_cache: dict[str, object] = {}
 
-
+@functools.cache
 def _load(name: str) -> Optional[Callable]:
-    fn = _cache.get(name, _MISSING)
-    if fn is _MISSING:
-        try:
-            if name == "scan":
-                from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
-            else:
-                from causal_conv1d import causal_conv1d_fn as fn
-        except ImportError:
-            fn = None
-        _cache[name] = fn
-    return fn  # type: ignore[return-value]
+    """The kernel ``scan`` or ``conv`` if its package imports, else None (tried once)."""
+    try:
+        if name == "scan":
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+            return selective_scan_fn
+        from causal_conv1d import causal_conv1d_fn
+        return causal_conv1d_fn
+    except ImportError:
+        return None
 
 
 def scan_kernel(x: torch.Tensor) -> Optional[Callable]:

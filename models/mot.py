@@ -36,7 +36,7 @@ from torch import nn
 from models.config import ModelConfig, layer_kinds, moe_layer_pattern
 from models.diffusion import PatchIO
 from models.grouped_gemm import grouped_mm
-from models.layers import Initializer, RotaryEmbedding, causal_attention
+from models.layers import Initializer, RotaryEmbedding, causal_attention, rms_normalize
 from models.transformer import Transformer
 
 UNTIE = ("none", "ffn", "ffn_qkv", "all")
@@ -194,9 +194,7 @@ class ModalityRMSNorm(nn.Module):
         w = w[0] if w.shape[0] == 1 else w[ids]
         while w.dim() < x.dim():
             w = w.unsqueeze(-2)
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * w).to(x.dtype)
+        return (rms_normalize(x, self.eps) * w).to(x.dtype)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         with torch.no_grad():
