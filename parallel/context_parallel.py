@@ -39,7 +39,22 @@ from models.layers import mask_from_ids
 from parallel.dispatch import _AllGather
 from parallel.token_group import SeqChunkGroup, _SumBackward, gather_seq
 
-__all__ = ["IndexedSeqGroup", "apply_context_parallel", "cp_index", "shard_batch"]
+__all__ = [
+    "IndexedSeqGroup",
+    "apply_context_parallel",
+    "check_context_parallel",
+    "cp_index",
+    "shard_batch",
+]
+
+
+def check_context_parallel(seq_len: int, cp: int, tp: int) -> None:
+    """Raise ``ValueError`` when ``seq_len`` cannot be cut into the ``2*cp`` chunks of the
+    load-balanced layout, each split again over the ``tp`` ranks."""
+    if cp > 1 and seq_len % (2 * cp * tp):
+        raise ValueError(
+            f"trainer.seq_len={seq_len} must be a multiple of 2*parallel.cp*parallel.tp="
+            f"{2 * cp * tp} (each CP rank holds a head and a tail chunk, split over TP)")
 
 
 def cp_index(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:

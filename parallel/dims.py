@@ -18,8 +18,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
-
-from trainer.errors import ConfigError
+import torch.distributed as dist
 
 ORDER = "tp-cp-ep-dp-pp"  # fastest-varying first, as Megatron-Core's default
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
@@ -71,21 +70,21 @@ class ParallelDims:
     def from_config(cls, parallel_cfg: Any, world_size: int, rank: int = 0) -> ParallelDims:
         """Validate ``parallel.{tp,cp,pp,ep,etp}`` against ``world_size`` and derive dp, edp.
 
-        Raises ``ConfigError`` with one line naming the key, its value and the valid values.
+        Raises ``ValueError`` with one line naming the key, its value and the valid values.
         """
         if not isinstance(world_size, int) or world_size < 1:
-            raise ConfigError(f"world size {world_size!r} must be a positive integer")
+            raise ValueError(f"world size {world_size!r} must be a positive integer")
         sizes = {}
         for key in ("tp", "cp", "pp", "ep", "etp"):
             v = getattr(parallel_cfg, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"parallel.{key}={v!r} must be a positive integer")
+                raise ValueError(f"parallel.{key}={v!r} must be a positive integer")
             sizes[key] = v
 
         def fit(key: str, room: int, given: str) -> None:
             if room % sizes[key]:
                 with_ = f" with {given}" if given else ""
-                raise ConfigError(
+                raise ValueError(
                     f"parallel.{key}={sizes[key]} does not fit world size {world_size}{with_} "
                     f"(valid {key}: {divisors(room)})"
                 )
@@ -114,7 +113,7 @@ class ParallelDims:
             self.pp * self.dp * self.cp * self.tp != W
             or self.pp * self.edp * self.ep * self.etp != W
         ):
-            raise ConfigError(f"parallel sizes {self!r} do not multiply to world size {W}")
+            raise ValueError(f"parallel sizes {self!r} do not multiply to world size {W}")
         # Folding only works because both sides cut the world into the same pipeline stages.
         if sorted(self._groups("dense", ("pp",))) != sorted(self._groups("expert", ("pp",))):
             raise RuntimeError(f"pp groups of the dense and expert sides differ for {self!r}")
@@ -264,6 +263,15 @@ class ParallelDims:
     def group(self, name: str) -> Any:
         """ProcessGroup of a group kind, for this rank."""
         return self._need(name).get_group()
+
+    def all_reduce_sum(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``x`` summed over this rank's group of kind ``name`` (a new tensor; ``x`` itself
+        when the group has one rank). The one place the trainer-facing code all-reduces."""
+        if self.size(name) == 1:
+            return x
+        x = x.clone()
+        dist.all_reduce(x, group=self.group(name))
+        return x
 
     # ---------------------------------------------------------------- human view
     def describe(self, max_rows: int = 16) -> str:

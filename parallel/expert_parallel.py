@@ -21,12 +21,37 @@ import torch.distributed as dist
 from torch import nn
 
 from models.moe import LocalDispatcher, MoELayer
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, divisors
 from parallel.dispatch import make_dispatcher
 from parallel.etp_dispatch import ETPDispatcher
-from trainer.errors import ConfigError
 
-__all__ = ["apply_expert_parallel", "gather_expert_weights", "local_expert_range", "moe_layers"]
+__all__ = [
+    "DISPATCHERS",
+    "apply_expert_parallel",
+    "check_expert_parallel",
+    "gather_expert_weights",
+    "local_expert_range",
+    "moe_layers",
+]
+
+DISPATCHERS = ("alltoall", "allgather")
+
+
+def check_expert_parallel(num_experts: int, expert_ffn: int, ep: int, etp: int,
+                          dispatcher: str) -> None:
+    """Raise ``ValueError`` (one line naming the keys) when the routed experts cannot be
+    split ``ep`` ways (whole experts) and ``etp`` ways (the expert FFN dim)."""
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"parallel.dispatcher={dispatcher!r} is not one of "
+                         f"{', '.join(map(repr, DISPATCHERS))}")
+    if ep > 1 and (num_experts == 0 or num_experts % ep):
+        raise ValueError(f"parallel.ep={ep} does not divide model.moe.num_experts={num_experts}"
+                         + (f" (valid: {divisors(num_experts)})" if num_experts else ""))
+    if etp > 1 and (num_experts == 0 or expert_ffn % etp):
+        raise ValueError(
+            f"parallel.etp={etp} does not divide model.moe.expert_ffn_hidden_size={expert_ffn}"
+            + (f" (valid: {divisors(expert_ffn)})" if num_experts else
+               " (the model has no experts)"))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -44,26 +69,14 @@ def apply_expert_parallel(
     ``dispatcher``: alltoall | allgather (over the EP group); ``dedup`` applies to
     alltoall. Works on an initialised model (the real weights are sliced and copied) and
     on a meta-device one. With ``ep == etp == 1`` nothing changes. Returns the layers.
+    The sizes must pass :func:`check_expert_parallel` (config validation runs it).
     """
-    if dispatcher not in ("alltoall", "allgather"):
-        raise ConfigError(
-            f"parallel.dispatcher={dispatcher!r} is not valid (valid: alltoall, allgather)"
-        )
     layers = moe_layers(model)
     ep, etp = dims.ep, dims.etp
     for layer in layers:
-        E, F = layer.experts.w1.shape[0], layer.experts.w1.shape[2]
-        if getattr(layer.experts, "ep_size", 1) != 1 or E != layer.moe.num_experts:
+        if getattr(layer.experts, "ep_size", 1) != 1 or (
+                layer.experts.w1.shape[0] != layer.moe.num_experts):
             raise RuntimeError("apply_expert_parallel was already applied to this model")
-        if E % ep:
-            valid = ", ".join(str(d) for d in range(1, E + 1) if E % d == 0)
-            raise ConfigError(
-                f"parallel.ep={ep} does not divide model.moe.num_experts={E} (valid ep: {valid})"
-            )
-        if F % etp:
-            raise ConfigError(
-                f"parallel.etp={etp} does not divide model.moe.expert_ffn_hidden_size={F}"
-            )
     if ep == 1 and etp == 1:
         return layers
 

@@ -41,10 +41,6 @@ _SHARDS = {
 def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh, *,
                                 sequence_parallel: bool) -> None:
     mixer = block.mixer
-    tp = tp_mesh.size()
-    if mixer.d_inner % tp:
-        raise ValueError(f"tensor parallel size tp={tp} must divide the Mamba d_inner="
-                         f"{mixer.d_inner} (model.mamba.expand * model.hidden_size)")
     for name, dim in _SHARDS.items():
         shard_parameter(mixer, name, tp_mesh, dim)
     for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):

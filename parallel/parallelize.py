@@ -15,40 +15,89 @@ Order (each step is a module of this package; the model file stays single-device
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from models import build_model
+from models.loss import lm_loss_sum
+from parallel.activation_checkpoint import apply_activation_checkpointing
+from parallel.context_parallel import apply_context_parallel, shard_batch
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.moe_stats import MoEStats
+from parallel.pipeline import (
+    SCHEDULES,
+    PipelineRunner,
+    PipelineSplit,
+    pipeline_report,
+    stage_chunks,
+    stage_module,
+)
+from parallel.runner import MicroBatchLoop, StepRunner
+from parallel.tensor_parallel import apply_tensor_parallel, tp_cross_entropy_sum
 
 __all__ = ["ParallelModel", "parallelize"]
 
 
 @dataclass
 class ParallelModel:
+    """This rank's model and everything the trainer needs from the layout, behind seams
+    that hide it: ``loss_sum`` (vocab-parallel under TP), ``shard_batch`` (this rank's
+    part of a micro-batch under CP), ``step_runner`` (a plain micro-batch loop or a
+    pipeline schedule), ``moe`` (the MoE statistics and their reductions) and ``dp``
+    (gradient reduction and clipping)."""
+
     model: nn.Module  # this rank's (stage) module: optimizer, checkpoints, MoE layers
     chunks: list[nn.Module]  # what runs: [model], or one module per local pipeline stage
     dp: DataParallel
-    moe_layer_ids: list[int]  # global layer index of every MoE layer of the model
-    moe_local_pos: list[int]  # position in moe_layer_ids of each local MoE layer
-    pp_split: Optional[Any] = None  # pipeline.PipelineSplit under PP
+    dims: ParallelDims
+    moe: MoEStats
+    arch: str
+    num_micro: int
+    pp_schedule: str
+    device: torch.device
+    pp_split: Optional[PipelineSplit] = None
     pp_report: str = ""
+
+    def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+                 ) -> torch.Tensor:
+        """Per-group LM cross-entropy sums ``[G]`` (``models.loss.lm_loss_sum``); under TP
+        the logits stay vocab-sharded and are never gathered."""
+        if self.dims.tp > 1:
+            return tp_cross_entropy_sum(logits, labels, weights)
+        return lm_loss_sum(logits, labels, weights)
+
+    def shard_batch(self, mb: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch: under CP its positions of every sequence
+        (parallel/context_parallel.py), else the micro-batch itself."""
+        if self.dims.cp == 1:
+            return mb
+        return shard_batch(mb, self.dims.cp, self.dims.coords()["cp"])
+
+    def step_runner(self, objective: Any, autocast: Callable[[], AbstractContextManager]
+                    ) -> StepRunner:
+        """The runner of one step's micro-batches for this layout (parallel/runner.py)."""
+        if self.pp_split is None:
+            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe)
+        return PipelineRunner(self.model, self.chunks, self.pp_split,
+                              schedule=self.pp_schedule, n_microbatches=self.num_micro,
+                              objective=objective, arch=self.arch, autocast=autocast,
+                              moe=self.moe, dims=self.dims, device=self.device)
 
 
 def parallelize(
     model_cfg: Any, pcfg: Any, dims: ParallelDims, *, device: torch.device, seed: int,
     seq_len: int, num_micro: int, moe_pattern: list[bool],
 ) -> ParallelModel:
-    from models import build_model
-
     model = build_model(model_cfg, device="meta")
     split, report = None, ""
     if dims.pp > 1:
-        from parallel.pipeline import SCHEDULES, PipelineSplit, pipeline_report, stage_module
-
         split = PipelineSplit(
             model_cfg.num_layers, dims.pp, dims.pp_rank,
             list(pcfg.pp_layers) if pcfg.pp_layers else None,
@@ -56,11 +105,7 @@ def parallelize(
         )
         report = pipeline_report(model, split, pcfg.pp_schedule, num_micro)
         model = stage_module(model, split)
-    moe_layer_ids = [i for i, moe in enumerate(moe_pattern) if moe]
-    moe_local_pos = [moe_layer_ids.index(int(k)) for k in model.layers if moe_pattern[int(k)]]
     if dims.ep * dims.etp > 1:
-        from parallel.expert_parallel import apply_expert_parallel
-
         apply_expert_parallel(model, dims, pcfg.dispatcher)
     model.to_empty(device=device)
     torch.manual_seed(seed)
@@ -68,23 +113,18 @@ def parallelize(
     if dims.tp > 1:
         # TP shards the already-initialised full weights (identical on every rank, so no
         # broadcast). Known limit: each rank briefly holds the whole dense model.
-        from parallel.tensor_parallel import apply_tensor_parallel
-
         apply_tensor_parallel(model, dims.mesh("tp"), sequence_parallel=pcfg.sequence_parallel,
                               src_data_rank=None)
     if dims.cp > 1:
-        from parallel.context_parallel import apply_context_parallel
-
         apply_context_parallel(model, dims, seq_len)
     if pcfg.activation_checkpointing:
-        from parallel.activation_checkpoint import apply_activation_checkpointing
-
         apply_activation_checkpointing(model)
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
-        from parallel.pipeline import stage_chunks
-
         chunks = stage_chunks(model, split)
     dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks)
-    return ParallelModel(model=model, chunks=chunks, dp=dp, moe_layer_ids=moe_layer_ids,
-                         moe_local_pos=moe_local_pos, pp_split=split, pp_report=report)
+    moe = MoEStats(model, dims, moe_pattern, model_cfg.moe.num_experts, num_micro, device)
+    return ParallelModel(model=model, chunks=chunks, dp=dp, dims=dims, moe=moe,
+                         arch=model_cfg.arch, num_micro=num_micro,
+                         pp_schedule=pcfg.pp_schedule, device=device, pp_split=split,
+                         pp_report=report)

@@ -22,7 +22,8 @@ same objective as without PP. MoE aux losses need nothing special: they enter th
 through an identity autograd function on each MoE layer's output (models/moe.py), so the
 stage backward — full, or split into input and weight halves by the zero-bubble
 schedules — delivers their gradients to that stage's routers whatever order the schedule
-runs it in; their logged values are summed over the pipeline ranks by the trainer.
+runs it in; their logged values are summed over the pipeline ranks by
+``parallel.moe_stats.MoEStats``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from models.inputs import model_kwargs
+from parallel.moe_stats import MoEStats
+
 __all__ = [
     "SCHEDULES",
     "PipelineRunner",
@@ -41,6 +45,7 @@ __all__ = [
     "bubble_fraction",
     "build_schedule",
     "check_microbatches",
+    "check_pipeline",
     "split_layers",
     "stage_chunks",
     "stage_module",
@@ -88,6 +93,19 @@ def check_microbatches(schedule: str, pp: int, vpp: int, n_microbatches: int) ->
                 f"({n_microbatches}) to be a multiple of {rounds} (rounds of pp={pp}); "
                 f"use a multiple of parallel.pp"
             )
+
+
+def check_pipeline(pp: int, vpp: int, schedule: str, n_microbatches: int, num_layers: int,
+                   pp_layers: Optional[list[int]], tie_embeddings: bool) -> None:
+    """Everything a pipeline layout needs, as one-line ``ValueError``s naming the keys."""
+    if pp == 1 and (vpp > 1 or pp_layers):
+        raise ValueError(f"parallel.vpp={vpp} / parallel.pp_layers need parallel.pp > 1")
+    if pp == 1:
+        return
+    if tie_embeddings:
+        raise ValueError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
+    check_microbatches(schedule, pp, vpp, n_microbatches)
+    split_layers(num_layers, pp * vpp, pp_layers)
 
 
 def split_layers(num_layers: int, stages: int, split: Optional[list[int]] = None) -> list[range]:
@@ -145,9 +163,8 @@ class PipelineSplit:
 def stage_module(model: nn.Module, split: PipelineSplit) -> nn.Module:
     """``model`` (best built on the meta device) reduced to this rank's stages: a module of
     its class holding the rank's layers, the embedding if it holds stage 0 and the head if
-    it holds the last stage (shared with ``model``, which the caller drops)."""
-    if getattr(model, "tie_embeddings", False) and split.pp > 1:
-        raise ValueError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
+    it holds the last stage (shared with ``model``, which the caller drops). The layout must
+    pass :func:`check_pipeline` (config validation runs it)."""
     return _chunk(model, split.layers, split.has_first, split.has_last)
 
 
@@ -187,10 +204,10 @@ def build_schedule(
     device: torch.device,
     group,
 ):
-    """The ``torch.distributed.pipelining`` schedule for this rank's stages."""
+    """The ``torch.distributed.pipelining`` schedule for this rank's stages (the sizes must
+    pass :func:`check_microbatches`)."""
     import torch.distributed.pipelining as pipelining
 
-    check_microbatches(schedule, split.pp, split.vpp, n_microbatches)
     info = SCHEDULES[schedule]
     cls = getattr(pipelining.schedules, info.torch_class)
     stages = [
@@ -202,24 +219,27 @@ def build_schedule(
 
 
 class PipelineRunner:
-    """One schedule over a step's micro-batches, as the trainer needs it.
+    """The ``StepRunner`` (parallel/runner.py) of a pipelined model: one schedule over a
+    step's micro-batches.
 
-    ``objective`` (trainer/objective.py) turns the last stage's logits into per-group
-    loss sums and those into the objective given the step's normalisers (set per call),
-    so the gradients are those of the global objective. The loss group of each token
-    travels in the schedule's target tensor (``label + group << 32``; -1 = no loss). ``discard()`` is called
-    after the first, throw-away pass: torch.distributed.pipelining infers the inter-stage
-    shapes by running a real forward/backward (and the loss function) inside the first
-    ``step()``, which would leak into the MoE statistics and the logged loss; the runner
-    runs that pass once on the first batch and the trainer discards its effects
-    (gradients zeroed, statistics popped).
+    ``objective`` turns the last stage's logits into per-group loss sums and those into
+    the objective given the step's normalisers (set per call), so the gradients are those
+    of the global objective. The loss group of each token travels in the schedule's target
+    tensor (``label + group << 32``; -1 = no loss).
+
+    torch.distributed.pipelining infers the inter-stage shapes by running a real
+    forward/backward (and the loss function) inside the first ``step()``, which would leak
+    into the gradients, the MoE statistics and the logged loss: the runner runs that pass
+    once on the first batch and discards its effects itself (the stage module's gradients
+    set to None, the MoE statistics reset).
     """
 
-    def __init__(self, chunks: list[nn.Module], split: PipelineSplit, *, schedule: str,
-                 n_microbatches: int, objective, arch: str, discard: Callable[[], None],
-                 device: torch.device, group):
-        self.split, self.objective, self.discard, self.device = split, objective, discard, device
-        self.arch = arch
+    def __init__(self, model: nn.Module, chunks: list[nn.Module], split: PipelineSplit, *,
+                 schedule: str, n_microbatches: int, objective, arch: str,
+                 autocast: Callable[[], contextlib.AbstractContextManager], moe: MoEStats,
+                 dims, device: torch.device):
+        self.model, self.split, self.objective, self.device = model, split, objective, device
+        self.arch, self.autocast, self.moe, self.dims = arch, autocast, moe, dims
         self._sums: list[torch.Tensor] = []
         self._norm = torch.ones(objective.G + 1, device=device)
         self._primed = False
@@ -229,7 +249,12 @@ class PipelineRunner:
         self._eval_by_step = SCHEDULES[schedule].zero_bubble
         self.schedule = build_schedule(chunks, split, schedule=schedule,
                                        n_microbatches=n_microbatches, loss_fn=self._loss,
-                                       device=device, group=group)
+                                       device=device, group=dims.group("pp"))
+
+    def _discard(self) -> None:
+        """Undo a pass whose results must not count."""
+        self.model.zero_grad(set_to_none=True)
+        self.moe.reset()
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``target``: ``label + group << 32`` where the loss mask is 1, -1 elsewhere."""
@@ -240,17 +265,19 @@ class PipelineRunner:
         self._sums.append(sums.detach())
         return self.objective.value(sums, self._norm)
 
-    def run(self, mbs: list[dict[str, torch.Tensor]], norm: torch.Tensor, *,
-            train: bool, autocast) -> torch.Tensor:
-        """One pass over ``mbs``; returns this rank's objective sums [G + 1] (non-zero only
-        on the rank holding the last stage). ``norm``: the step's normalisers."""
-        from trainer.objective import model_kwargs
+    def run(self, micro_batches: list[dict[str, torch.Tensor]], normaliser: torch.Tensor,
+            train: bool) -> torch.Tensor:
+        """One pass over the micro-batches; returns the objective sums [G + 1] summed over
+        the pipeline ranks (only the last stage computes them)."""
+        return self.dims.all_reduce_sum(self._run(micro_batches, normaliser, train), "pp")
 
+    def _run(self, mbs: list[dict[str, torch.Tensor]], norm: torch.Tensor,
+             train: bool) -> torch.Tensor:
         if not self._primed:
             self._primed = True
             with torch.enable_grad():  # also when the first pass is a validation one
-                self.run(mbs, norm, train=True, autocast=autocast)
-            self.discard()
+                self._run(mbs, norm, train=True)
+            self._discard()
         cat = {k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}
         group = cat["loss_modality"] if "loss_modality" in cat else torch.zeros_like(
             cat["labels"])
@@ -259,15 +286,17 @@ class PipelineRunner:
         kwargs = model_kwargs(cat, self.arch)
         self._sums, self._norm = [], norm
         by_step = not train and self._eval_by_step
-        with autocast(), torch.enable_grad() if by_step else contextlib.nullcontext():
+        with self.autocast(), torch.enable_grad() if by_step else contextlib.nullcontext():
             (self.schedule.step if train or by_step else self.schedule.eval)(
                 *args, target=target, losses=[], return_outputs=False, **kwargs)
         if by_step:
-            self.discard()
+            self._discard()
         elif not train:
             # Switching back from eval() makes torch re-run its shape inference (a real
             # forward/backward) inside the next step(): prime again before it.
             self._primed = False
+        else:  # the dispatchers keep the last micro-batch's bytes: an estimate under PP
+            self.moe.count_dispatch(len(mbs))
         if not self._sums:
             return torch.zeros_like(self._norm)
         return torch.stack(self._sums).sum(0)

@@ -56,30 +56,62 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from models.layers import Attention, FeedForward
+from models.layers import FeedForward
 from models.loss import lm_loss_sum, weighted_sum
 from models.moe import MoELayer
+from parallel.dims import divisors
 from parallel.token_group import SeqChunkGroup
 
-__all__ = ["apply_tensor_parallel", "check_tensor_parallel", "tp_cross_entropy_sum"]
+__all__ = [
+    "apply_tensor_parallel",
+    "check_heads",
+    "check_tensor_parallel",
+    "tp_cross_entropy_sum",
+]
 
 
-def check_tensor_parallel(model: nn.Module, tp: int) -> None:
-    """Raise ``ValueError`` naming the values when ``model`` cannot be split over ``tp``
-    ranks (heads are never split, so both head counts must be multiples of tp)."""
-    from models.mot import MoTAttention
-
-    for name, module in model.named_modules():
-        if not isinstance(module, (Attention, MoTAttention)):
-            continue
-        h, hkv = module.num_heads, module.num_kv_heads
-        if h % tp or hkv % tp:
-            valid = ", ".join(str(d) for d in range(1, hkv + 1) if hkv % d == 0 and h % d == 0)
+def check_heads(num_heads: int, num_kv_heads: int, tp: int, max_tp: int) -> None:
+    """Heads are never split and GQA kv heads never replicated: both counts must be
+    multiples of ``tp`` (``max_tp`` bounds the valid sizes named in the error)."""
+    for key, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if n % tp:
+            valid = [d for d in range(1, max_tp + 1)
+                     if num_heads % d == 0 and num_kv_heads % d == 0]
             raise ValueError(
-                f"tensor parallel size tp={tp} must divide model.num_heads={h} and "
-                f"model.num_kv_heads={hkv} ({name}: GQA kv heads are split across tp ranks, "
-                f"never replicated; valid tp: {valid})"
-            )
+                f"parallel.tp={tp} does not divide model.{key}={n} (valid tp: "
+                f"{', '.join(map(str, valid))}); model.num_heads={num_heads} and "
+                f"model.num_kv_heads={num_kv_heads} are both split across the TP ranks")
+
+
+def check_tensor_parallel(model_cfg, tp: int, *, seq_len: int, sequence_parallel: bool,
+                          world_size: int) -> None:
+    """Raise ``ValueError`` (one line naming the keys and the valid values) when a model of
+    ``model_cfg`` (``models.config.ModelConfig``) cannot be split over ``tp`` ranks: heads
+    are never split (query and GQA kv head counts must be multiples of tp), the vocabulary
+    is split evenly, MoE layers and SP split every sequence, Mamba splits d_inner."""
+    m = model_cfg
+    if sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if tp == 1:
+        return
+    check_heads(m.num_heads, m.num_kv_heads, tp, max_tp=world_size)
+    if m.vocab_size % tp:
+        padded = -(-m.vocab_size // tp) * tp
+        raise ValueError(
+            f"model.vocab_size={m.vocab_size} is not a multiple of parallel.tp={tp}: the "
+            f"vocabulary is split evenly across TP ranks; pad it (e.g. "
+            f"model.vocab_size={padded}; ids past the tokenizer's are never targets)")
+    if m.moe.num_experts and seq_len % tp:
+        raise ValueError(f"trainer.seq_len={seq_len} must be a multiple of parallel.tp={tp}: "
+                         "MoE layers split every sequence across the TP ranks")
+    if sequence_parallel and seq_len % tp:
+        raise ValueError(f"trainer.seq_len={seq_len} must be a multiple of parallel.tp={tp} "
+                         "with parallel.sequence_parallel=true")
+    if m.arch == "mom":
+        di = m.mamba.expand * m.hidden_size
+        if di % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide the Mamba d_inner={di} "
+                             f"(valid: {divisors(di)})")
 
 
 def apply_tensor_parallel(
@@ -105,7 +137,7 @@ def apply_tensor_parallel(
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
     tp = tp_mesh.size()
-    check_tensor_parallel(model, tp)
+    check_heads(model.cfg.num_heads, model.cfg.num_kv_heads, tp, max_tp=tp_mesh.size())
     sp = sequence_parallel
     # The residual stream between TP regions: sequence-sharded local tensors (SP) or full
     # tensors, identical on every TP rank (plain TP).

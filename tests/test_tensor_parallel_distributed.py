@@ -203,10 +203,13 @@ def test_tp4_and_sp_match_single_device():
 
 
 def test_check_tensor_parallel_names_valid_sizes():
-    model = build_model(_cfg("dense", heads=8, kv_heads=2), device="meta")
-    check_tensor_parallel(model, 2)  # fine
-    with pytest.raises(ValueError, match=r"tp=4 .*num_heads=8.*num_kv_heads=2.*valid tp: 1, 2"):
-        check_tensor_parallel(model, 4)
+    cfg = _cfg("dense", heads=8, kv_heads=2)
+    kw = dict(seq_len=32, sequence_parallel=False, world_size=8)
+    check_tensor_parallel(cfg, 2, **kw)  # fine
+    with pytest.raises(ValueError, match=r"tp=4 .*num_kv_heads=2 \(valid tp: 1, 2\).*num_heads=8"):
+        check_tensor_parallel(cfg, 4, **kw)
+    with pytest.raises(ValueError, match=r"seq_len=33 must be a multiple of parallel.tp=2"):
+        check_tensor_parallel(cfg, 2, **{**kw, "seq_len": 33, "sequence_parallel": True})
 
 
 def test_cross_entropy_sum_plain_fallback_matches_formula():

@@ -349,101 +349,44 @@ def m_arch_moe(cfg: Config) -> bool:
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
+    """The layout: ``parallel/``'s own ``check_*`` functions (one-line ``ValueError``s,
+    turned into ``ConfigError`` here) plus what only the whole config can tell."""
+    from parallel.context_parallel import check_context_parallel
     from parallel.dims import ParallelDims  # the one source of truth for layouts
+    from parallel.expert_parallel import check_expert_parallel
+    from parallel.pipeline import SCHEDULES, check_pipeline
+    from parallel.tensor_parallel import check_tensor_parallel
 
-    p = cfg.parallel
+    p, m, t = cfg.parallel, cfg.model, cfg.trainer
     _positive("parallel.vpp", p.vpp)
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
-    from parallel.pipeline import SCHEDULES
-
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
-    _choice("parallel.dispatcher", p.dispatcher, ("alltoall", "allgather"))
-    dims = ParallelDims.from_config(p, world_size)
-    t = cfg.trainer
-    if t.global_batch_size % (t.micro_batch_size * dims.dp):
-        raise ConfigError(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dims.dp}"
-        )
-    n_exp = cfg.model.moe.num_experts
-    if p.ep > 1 and (n_exp == 0 or n_exp % p.ep):
-        raise ConfigError(
-            f"parallel.ep={p.ep} does not divide model.moe.num_experts={n_exp}"
-            + (f" (valid: {divisors(n_exp)})" if n_exp else "")
-        )
-    if cfg.model.arch == "mom":
-        di = cfg.model.mamba.expand * cfg.model.hidden_size
-        if di % p.tp:
-            raise ConfigError(f"parallel.tp={p.tp} does not divide the Mamba d_inner={di} "
-                              f"(valid: {divisors(di)})")
-    if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
-        raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; not "
-                          f"parallel.tp={p.tp} / parallel.cp={p.cp} yet")
-    if p.cp > 1:
-        if t.seq_len % (2 * p.cp * p.tp):
+    try:
+        dims = ParallelDims.from_config(p, world_size)
+        if t.global_batch_size % (t.micro_batch_size * dims.dp):
             raise ConfigError(
-                f"trainer.seq_len={t.seq_len} must be a multiple of 2*parallel.cp*parallel.tp="
-                f"{2 * p.cp * p.tp} (each CP rank holds a head and a tail chunk, split over TP)"
-            )
-    m = cfg.model
-    if p.pp > 1 or p.vpp > 1 or p.pp_layers:
-        _validate_pipeline(cfg, dims)
-    if p.etp > 1:
-        ffn = m.moe.expert_ffn_hidden_size
-        if n_exp == 0 or ffn % p.etp:
-            raise ConfigError(
-                f"parallel.etp={p.etp} does not divide model.moe.expert_ffn_hidden_size={ffn}"
-                + (f" (valid: {divisors(ffn)})" if n_exp else " (the model has no experts)")
-            )
-    if p.tp > 1:
-        for key in ("num_heads", "num_kv_heads"):
-            if getattr(m, key) % p.tp:
-                valid = [d for d in range(1, world_size + 1)
-                         if m.num_heads % d == 0 and m.num_kv_heads % d == 0]
-                raise ConfigError(
-                    f"parallel.tp={p.tp} does not divide model.{key}={getattr(m, key)} "
-                    f"(valid tp: {', '.join(map(str, valid))})"
-                )
-        if m.vocab_size % p.tp:
-            padded = -(-m.vocab_size // p.tp) * p.tp
-            raise ConfigError(
-                f"model.vocab_size={m.vocab_size} is not a multiple of parallel.tp={p.tp}: the "
-                f"vocabulary is split evenly across TP ranks; pad it (e.g. "
-                f"model.vocab_size={padded}; ids past the tokenizer's are never targets)"
-            )
-        if n_exp and t.seq_len % p.tp:
-            raise ConfigError(
-                f"trainer.seq_len={t.seq_len} must be a multiple of parallel.tp={p.tp}: MoE "
-                "layers split every sequence across the TP ranks"
-            )
-    if p.sequence_parallel:
-        if p.tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-        if t.seq_len % p.tp:
-            raise ConfigError(
-                f"trainer.seq_len={t.seq_len} must be a multiple of parallel.tp={p.tp} "
-                "with parallel.sequence_parallel=true"
-            )
+                f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dims.dp}")
+        check_expert_parallel(m.moe.num_experts, m.moe.expert_ffn_hidden_size, p.ep, p.etp,
+                              p.dispatcher)
+        if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
+            raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; "
+                              f"not parallel.tp={p.tp} / parallel.cp={p.cp} yet")
+        check_context_parallel(t.seq_len, p.cp, p.tp)
+        check_pipeline(p.pp, p.vpp, p.pp_schedule, t.global_batch_size // (
+            t.micro_batch_size * dims.dp), m.num_layers, list(p.pp_layers or []) or None,
+            m.tie_embeddings)
+        check_tensor_parallel(m, p.tp, seq_len=t.seq_len,
+                              sequence_parallel=p.sequence_parallel, world_size=world_size)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the documented one-line errors of the check_* functions
+        raise ConfigError(str(e)) from None
     if p.dp_engine == "none" and (dims.dp * dims.cp > 1 or dims.edp > 1):
         raise ConfigError(
             f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "
             "replicas (valid: fsdp, ddp)"
         )
-
-def _validate_pipeline(cfg: Config, dims) -> None:
-    from parallel.pipeline import check_microbatches, split_layers
-
-    p, m, t = cfg.parallel, cfg.model, cfg.trainer
-    if p.pp == 1:
-        raise ConfigError(f"parallel.vpp={p.vpp} / parallel.pp_layers need parallel.pp > 1")
-    if m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true cannot be pipelined (parallel.pp > 1)")
-    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    try:
-        check_microbatches(p.pp_schedule, p.pp, p.vpp, n_micro)
-        split_layers(m.num_layers, p.pp * p.vpp, list(p.pp_layers) if p.pp_layers else None)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 __all__ = [

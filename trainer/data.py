@@ -234,7 +234,7 @@ def build_data(
     global_batch_size: int,
     train_samples: int,
     valid_samples: int,
-    model_vocab_size: int,
+    model_cfg: Any,
     rank: int = 0,
     world_size: int = 1,
 ) -> PretrainData:
@@ -246,10 +246,13 @@ def build_data(
     # Every rank builds the datasets (the DP layout is chosen per call of
     # train_microbatches); with torch.distributed initialised, rank 0 builds caches first.
     del rank, world_size
+    if cfg_data.source == "multimodal":  # TEMPORARY until the data package lands
+        from trainer.multimodal import build_multimodal
+        return build_multimodal(cfg_data, seq_len=seq_len, seed=seed,
+                                global_batch_size=global_batch_size, model_cfg=model_cfg)
+    model_vocab_size = model_cfg.vocab_size
     cache_dir = resolve_cache_dir(cfg_data.cache_dir)
     tokenizer_model = str(cfg_data.tokenizer_model or "")
-    if cfg_data.source == "multimodal":
-        raise ConfigError("data.source=multimodal is built by trainer.multimodal.build_multimodal")
     if cfg_data.source == "builtin":
         vocab = int(cfg_data.builtin_vocab_size)
         if not tokenizer_model and vocab > model_vocab_size:  # fail before building

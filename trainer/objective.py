@@ -14,6 +14,7 @@ or ranks. ``LM_g / N_g`` are the per-modality losses that are logged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -22,29 +23,45 @@ import torch.nn.functional as F
 from models.config import MODALITY_ARCHS
 from models.loss import lm_loss_sum
 
-# batch key -> model forward keyword; the first stage also takes "tokens" positionally
-_MODEL_INPUTS = {"position_ids": "position_ids_BT", "doc_ids": "doc_ids_BT",
-                 "block_ids": "block_ids_BT"}
-_MOT_INPUTS = {"modality_ids": "modality_ids_BT", "patches": "patches_BTP",
-               "timesteps": "timesteps_BT"}
-
-
-def model_kwargs(mb: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """The micro-batch tensors the model's forward takes besides the tokens."""
-    keys = {**_MODEL_INPUTS, **(_MOT_INPUTS if arch in MODALITY_ARCHS else {})}
-    return {kw: mb[k] for k, kw in keys.items() if k in mb}
+LossSum = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Objective:
     """``groups``: names of the LM loss groups (the modalities; ``["text"]`` for LLMs);
-    ``diffusion_weight``: lambda (Transfusion), None without a diffusion head."""
+    ``diffusion_weight``: lambda (Transfusion), None without a diffusion head;
+    ``loss_sum(logits, labels, weights [..., G]) -> [G]``: the CE sums (the parallel
+    model's, vocab-parallel under TP; ``models.loss.lm_loss_sum`` by default)."""
 
-    def __init__(self, groups: list[str], diffusion_weight: Optional[float], tp: bool,
-                 no_lm: tuple[str, ...] = ()):
+    def __init__(self, groups: list[str], diffusion_weight: Optional[float],
+                 loss_sum: LossSum = lm_loss_sum, no_lm: tuple[str, ...] = ()):
         """``no_lm``: groups without LM targets (Transfusion's images), not logged."""
-        self.groups, self.diffusion_weight, self.tp = list(groups), diffusion_weight, tp
+        self.groups, self.diffusion_weight = list(groups), diffusion_weight
+        self.loss_sum = loss_sum
         self.G = len(groups)
         self.no_lm = set(no_lm)
+
+    @classmethod
+    def from_config(cls, cfg: Any, loss_sum: LossSum = lm_loss_sum) -> Objective:
+        """The run's objective: one LM group per data modality (``text`` for text data), the
+        diffusion term for a model with a diffusion head, no LM loss on Transfusion's
+        (continuous) images."""
+        multimodal = cfg.data.source == "multimodal"
+        diffusion = cfg.model.diffusion
+        weight = None
+        if cfg.model.arch in MODALITY_ARCHS and diffusion.patch_dim:
+            weight = diffusion.loss_weight
+        no_lm = ("image",) if multimodal and cfg.data.setting == "transfusion" else ()
+        return cls(list(cfg.data.modalities) if multimodal else ["text"], weight, loss_sum,
+                   no_lm)
+
+    def modality_tokens(self, mbs: list[dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """This rank's input positions per modality (tokens/s per modality); None for
+        text-only data."""
+        if "modality_ids" not in mbs[0]:
+            return None
+        M = self.G
+        return sum(torch.bincount(mb["modality_ids"].flatten(), minlength=M)[:M]
+                   for mb in mbs).float()
 
     def group_weights(self, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, T, G]: the loss mask split by the predicted token's group."""
@@ -64,19 +81,11 @@ class Objective:
             out.append(torch.cat([c.float(), d.float().view(1)]))
         return torch.stack(out).sum(0)
 
-    def lm_sums(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor):
-        """[G] CE sums; vocab-sharded logits (TP) never gathered."""
-        if self.tp:
-            from parallel.tensor_parallel import tp_cross_entropy_sum
-
-            return tp_cross_entropy_sum(logits, labels, weights)
-        return lm_loss_sum(logits, labels, weights)
-
     def sums(self, out: Any, mb: dict[str, torch.Tensor]) -> torch.Tensor:
         """[G + 1] sums of one micro-batch from the model output (logits, or
         ``(logits, eps)`` with a diffusion head)."""
         logits, eps = out if isinstance(out, tuple) else (out, None)
-        lm = self.lm_sums(logits, mb["labels"], self.group_weights(mb))
+        lm = self.loss_sum(logits, mb["labels"], self.group_weights(mb))
         if eps is None:
             return torch.cat([lm, lm.new_zeros(1)])
         is_patch = (mb["timesteps"] >= 0).unsqueeze(-1)

@@ -1,0 +1,94 @@
+"""``MoEStats``: the step's MoE statistics, reduced over the right rank groups.
+
+Every MoE layer accumulates its routing statistics on the device (models/moe.py:
+``pop_stats``). Which ranks must add them up is a question of the layout, answered here
+and nowhere else:
+
+- the router already sums its statistics over its *token group* (the TP ranks that split
+  a micro-batch's sequence, and the CP ranks), so every member holds the group's totals;
+- the data-parallel replicas (``dp``) hold different micro-batches: their tables add up;
+- pipeline ranks (``pp``) hold different layers: each fills its own rows of the
+  ``[num MoE layers, E + stats]`` table, and the sum over ``pp`` assembles it.
+
+So one all-reduce over ``dp`` and one over ``pp`` per step, whatever the layout. The same
+object owns what the layout decides about the aux losses and the dispatchers: the scale
+that makes ``d(objective)/d(aux)`` independent of the micro-batch split, the aux-loss-free
+expert-bias update from the reduced counts, and the activation bytes the dispatchers sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.moe import MoELayer
+from parallel.dims import ParallelDims
+
+__all__ = ["MoEStats"]
+
+_KEYS = ("dropped", "assignments", "aux_loss", "seq_aux_loss", "z_loss")
+
+
+class MoEStats:
+    """``moe_pattern``: which layers of the whole model are MoE; ``model``: this rank's
+    (stage) module, holding some of them (``model.layers`` keeps the global keys)."""
+
+    def __init__(self, model: nn.Module, dims: ParallelDims, moe_pattern: list[bool],
+                 num_experts: int, num_micro: int, device: torch.device):
+        self.dims, self.num_experts, self.device = dims, num_experts, device
+        self.layer_ids = [i for i, moe in enumerate(moe_pattern) if moe]
+        self.layers: list[MoELayer] = list(model.moe_layers())
+        # the table row of each local MoE layer (model.moe_layers() is in layer order)
+        self.rows = [self.layer_ids.index(int(k)) for k in model.layers if moe_pattern[int(k)]]
+        if len(self.rows) != len(self.layers):
+            raise RuntimeError(f"{len(self.layers)} MoE layers but MoE blocks {self.rows}")
+        # The objective is a sum over micro-batches and dp ranks of per-micro-batch terms
+        # normalised by the global batch: each micro-batch's aux losses weigh 1/(m * dp).
+        for layer in self.layers:
+            layer.aux_loss_scale = 1.0 / (num_micro * dims.dp_size)
+        self._bytes_sent = 0  # host int: no device sync
+
+    def count_dispatch(self, micro_batches: int = 1) -> None:
+        """Add the bytes the dispatchers sent in the last micro-batch (``micro_batches``
+        times: under PP they keep only the last micro-batch's count, an estimate)."""
+        self._bytes_sent += micro_batches * sum(
+            layer.dispatcher.bytes_sent for layer in self.layers)
+
+    def reset(self) -> None:
+        """Forget the statistics since the last pop (validation routing, a discarded pass)."""
+        for layer in self.layers:
+            layer.pop_stats()
+        self._bytes_sent = 0
+
+    def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:
+        """The step's statistics (tensors, on every rank) and, by default, the expert-bias
+        update from the globally reduced counts; then reset. ``counts_LE``: routed tokens per
+        (MoE layer, expert)."""
+        sent, self._bytes_sent = self._bytes_sent, 0
+        if not self.layer_ids:
+            return {"aux_loss": 0.0, "dispatch_mb_sent": sent / 2**20}
+        E = self.num_experts
+        table = torch.zeros(len(self.layer_ids), E + len(_KEYS), device=self.device)
+        for row, layer in zip(self.rows, self.layers):
+            s = layer.pop_stats()
+            table[row] = torch.cat([s["counts"], torch.stack([s[k].float() for k in _KEYS])])
+        table = self.dims.all_reduce_sum(self.dims.all_reduce_sum(table, "dp"), "pp")
+        counts = table[:, :E]
+        col = {k: table[:, E + i] for i, k in enumerate(_KEYS)}
+        if update_expert_bias:
+            for row, layer in zip(self.rows, self.layers):
+                layer.update_expert_bias(counts[row])
+        per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        return {
+            "dispatch_mb_sent": sent / 2**20,
+            "aux_loss": (col["aux_loss"] + col["seq_aux_loss"] + col["z_loss"]).sum(),
+            "load_balance_loss": col["aux_loss"].sum(),
+            "seq_aux_loss": col["seq_aux_loss"].sum(),
+            "z_loss": col["z_loss"].sum(),
+            "expert_load_max": per_layer_max_over_mean.max(),
+            "expert_load_mean_max": per_layer_max_over_mean.mean(),
+            "dropped_frac": col["dropped"].sum() / col["assignments"].sum().clamp_min(1),
+            "counts_LE": counts,
+        }

@@ -1,0 +1,53 @@
+"""Where the run executes: the device, the autocast precision, the process group."""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.errors import UserError
+
+__all__ = ["autocast_factory", "init_distributed", "pick_device"]
+
+
+def pick_device(trainer_cfg: Any) -> torch.device:
+    """``trainer.device``: auto (CUDA when available) | cpu | cuda; one GPU per local rank."""
+    want = trainer_cfg.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("trainer.device=cuda but torch.cuda.is_available() is False")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def autocast_dtype(trainer_cfg: Any, device: torch.device) -> torch.dtype | None:
+    """``trainer.precision``: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32 (None)."""
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast_factory(device: torch.device, dtype: torch.dtype | None
+                     ) -> partial[AbstractContextManager]:
+    """A callable returning the forward's autocast context (a no-op for fp32)."""
+    if dtype is None:
+        return partial(nullcontext)
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def init_distributed(device: torch.device) -> None:
+    """NCCL on CUDA, gloo on CPU: the same code path either way. An existing default
+    process group (a launcher's or a test harness's) is used as it is."""
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
