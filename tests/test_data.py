@@ -11,15 +11,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import numpy as np
 import pytest
 import torch
 
 from scripts.preprocess_data import main as preprocess_main
-from trainer import corpus as C
 from trainer import data as D
 from trainer.config import DataConfig
+from trainer.data import corpus as C
 from trainer.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +63,14 @@ def _indexed_cfg(cache: Path, blend: list, model: str, split: str = "90,10,0") -
     )
 
 
-def _build(cfg: DataConfig, **kw) -> D.PretrainData:
+def _build(cfg: DataConfig, model_vocab_size: int = 2048, **kw) -> D.PretrainData:
     args = dict(
         seq_len=16,
         seed=1234,
         global_batch_size=8,
         train_samples=400,
         valid_samples=16,
-        model_vocab_size=2048,
+        model_cfg=NS(vocab_size=model_vocab_size),
     )
     args.update(kw)
     return D.build_data(cfg, **args)
@@ -395,12 +396,13 @@ def test_parse_blend():
 _DIST_WORKER = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
+    from types import SimpleNamespace as NS
     from trainer.config import DataConfig
     from trainer.data import build_data
     rank, world, store, cache, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     data = build_data(DataConfig(cache_dir=cache), seq_len=24, seed=7, global_batch_size=8,
-                      train_samples=64, valid_samples=8, model_vocab_size=2048,
+                      train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
                       rank=rank, world_size=world)
     mbs = data.train_microbatches(8, 2, rank, world)
     torch.save([mb["tokens"] for mb in mbs], out)
@@ -430,7 +432,7 @@ def test_build_with_distributed_initialised(tmp_path, builtin):
     # Same samples as the single-process reference, partitioned over the two DP ranks.
     data = D.build_data(
         DataConfig(cache_dir=str(builtin["cache"])), seq_len=24, seed=7, global_batch_size=8,
-        train_samples=64, valid_samples=8, model_vocab_size=2048,
+        train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
     )  # fmt: skip
     ref = torch.cat([mb["tokens"] for mb in data.train_microbatches(8, 2, 0, 1)])
     got = torch.cat([t for i in range(2) for t in (ranks[0][i], ranks[1][i])])

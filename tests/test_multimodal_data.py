@@ -1,4 +1,4 @@
-"""The embedded multimodal data (trainer/multimodal.py): vocabulary ranges, packing,
+"""The embedded multimodal data (trainer/data/multimodal.py): vocabulary ranges, packing,
 layout-independent batches, and the Transfusion inputs."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from models.diffusion import add_noise, cosine_alphas_cumprod
+from trainer.data.multimodal import NUMBER_WORDS, build_multimodal
 from trainer.errors import ConfigError
-from trainer.multimodal import NUMBER_WORDS, build_multimodal
 
 
 def _data(setting="chameleon", modalities=("text", "image"), seq_len=128, gbs=8):

@@ -78,24 +78,17 @@ class Trainer:
         valid_batches = 0
         if t.eval_every:
             valid_batches = (t.max_steps // t.eval_every + 1) * t.eval_iters
-        if cfg.data.source == "multimodal":
-            from trainer.multimodal import build_multimodal
-
-            self.data = build_multimodal(cfg.data, seq_len=t.seq_len, seed=t.seed,
-                                         global_batch_size=t.global_batch_size,
-                                         model_cfg=cfg.model)
-        else:
-            self.data = build_data(
-                cfg.data,
-                seq_len=t.seq_len,
-                seed=t.seed,
-                global_batch_size=t.global_batch_size,
-                train_samples=t.max_steps * t.global_batch_size,
-                valid_samples=valid_batches * t.global_batch_size,
-                model_vocab_size=cfg.model.vocab_size,
-                rank=self.rank,
-                world_size=self.world_size,
-            )
+        self.data = build_data(
+            cfg.data,
+            seq_len=t.seq_len,
+            seed=t.seed,
+            global_batch_size=t.global_batch_size,
+            train_samples=t.max_steps * t.global_batch_size,
+            valid_samples=valid_batches * t.global_batch_size,
+            model_cfg=cfg.model,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         from trainer.objective import Objective
 
         multimodal = cfg.data.source == "multimodal"

@@ -1,6 +1,6 @@
 """Embedded multimodal data: captioned handwritten digits (and spoken digit names).
 
-Sources, shipped in ``trainer/assets`` (no download):
+Sources, shipped in ``trainer/data/assets`` (no download):
 - ``digits.csv.gz``: the 1,797 8x8 handwritten digits (pixels 0..16) of the UCI "Optical
   Recognition of Handwritten Digits" test set, as bundled by scikit-learn (BSD-3);
 - ``speech_digits.npz``: the words "zero".."nine" spoken by espeak-ng in 36 voice/rate/
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from models.diffusion import add_noise, cosine_alphas_cumprod
+from trainer.data.protocol import microbatch_ranges
 from trainer.errors import ConfigError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -184,7 +185,7 @@ class DigitDocuments:
 
 class MultimodalData:
     """Packed samples of :class:`DigitDocuments`, served as the trainer's micro-batches
-    (the ``PretrainData`` interface: ``train_microbatches`` / ``valid_microbatches``)."""
+    (a ``trainer.data.TrainData``: ``train_microbatches`` / ``valid_microbatches``)."""
 
     def __init__(self, docs: DigitDocuments, *, seq_len: int, global_batch_size: int,
                  valid_fraction: float, seed: int):
@@ -289,8 +290,6 @@ class MultimodalData:
         return batch
 
     def _micro(self, split: str, start: int, mbs: int, dp_rank: int, dp_size: int):
-        from trainer.data import microbatch_ranges
-
         return [self._collate([self._sample(split, i) for i in r])
                 for r in microbatch_ranges(start, self.global_batch_size, mbs, dp_rank, dp_size)]
 
@@ -305,7 +304,12 @@ class MultimodalData:
 
 
 def build_multimodal(cfg_data: Any, *, seq_len: int, seed: int, global_batch_size: int,
-                     model_cfg: Any) -> MultimodalData:
+                     model_cfg: Any, train_samples: int = 0, valid_samples: int = 0,
+                     rank: int = 0, world_size: int = 1) -> MultimodalData:
+    """``data.source=multimodal``. Epochs repeat without end and the validation packing
+    wraps, so ``train_samples``/``valid_samples`` are not needed; every rank builds the
+    same (cheap, in-memory) documents, so neither are ``rank``/``world_size``."""
+    del train_samples, valid_samples, rank, world_size
     setting = str(cfg_data.setting)
     if setting not in SETTINGS:
         raise ConfigError(f"data.setting={setting!r} is not one of {SETTINGS}")
