@@ -383,6 +383,25 @@ def test_config_errors(tmp_path, builtin):
         _build(_indexed_cfg(tmp_path, [small], builtin["model"], split="98,2,0"))
 
 
+def test_build_data_picks_by_source(builtin):
+    data = _build(DataConfig(cache_dir=str(builtin["cache"])))
+    assert isinstance(data, D.PretrainData) and isinstance(data, D.TrainData)
+    assert D.BUILDERS["builtin"] is D.BUILDERS["indexed"] is D.build_indexed
+
+
+def test_unknown_source_is_the_config_error(tmp_path):
+    from tests.helpers import compose_config
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError) as err:
+        _build(NS(source="web", cache_dir=str(tmp_path)))
+    assert str(err.value) == "data.source='web' is not one of 'builtin', 'indexed', 'multimodal'"
+    # trainer.config.validate accepts exactly the sources build_data can build
+    with pytest.raises(ConfigError) as validated:
+        validate(compose_config(["data.source=web"]), world_size=1)
+    assert str(validated.value) == str(err.value)
+
+
 def test_parse_blend():
     assert D.parse_blend(["/a"]) == (["/a"], None)
     assert D.parse_blend(["/a", "/b"]) == (["/a", "/b"], None)
