@@ -1,7 +1,7 @@
-"""Build the shipped speech-token asset ``trainer/assets/speech_digits.npz``.
+"""Build the shipped speech-token asset ``trainer/data/assets/speech_digits.npz``.
 
     pip install espeakng-loader        # build-time only, never a moefold dependency
-    python -m scripts.prepare_speech_tokens --out trainer/assets/speech_digits.npz
+    python -m scripts.prepare_speech_tokens --out trainer/data/assets/speech_digits.npz
 
 The toy three-modality dataset (text, image, speech) needs a "speech" view of the
 digit names "zero" .. "nine". This script makes one without any download of audio:
@@ -261,7 +261,7 @@ def build(codes: int, seed: int) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("trainer/assets/speech_digits.npz"))
+    parser.add_argument("--out", type=Path, default=Path("trainer/data/assets/speech_digits.npz"))
     parser.add_argument("--codes", type=int, default=64, help="k-means codebook size")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
     args = parser.parse_args(argv)

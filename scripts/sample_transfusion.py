@@ -23,7 +23,7 @@ from models import build_model
 from models.config import ModelConfig
 from models.diffusion import cosine_alphas_cumprod, sample_images
 from trainer.checkpoint import read_meta
-from trainer.multimodal import NUMBER_WORDS, PATCH, DigitDocuments
+from trainer.data.multimodal import NUMBER_WORDS, PATCH, DigitDocuments
 
 
 def load_model(ckpt: Path) -> tuple[torch.nn.Module, ModelConfig]:

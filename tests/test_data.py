@@ -11,15 +11,16 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import numpy as np
 import pytest
 import torch
 
 from scripts.preprocess_data import main as preprocess_main
-from trainer import corpus as C
 from trainer import data as D
 from trainer.config import DataConfig
+from trainer.data import corpus as C
 from trainer.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +63,14 @@ def _indexed_cfg(cache: Path, blend: list, model: str, split: str = "90,10,0") -
     )
 
 
-def _build(cfg: DataConfig, **kw) -> D.PretrainData:
+def _build(cfg: DataConfig, model_vocab_size: int = 2048, **kw) -> D.PretrainData:
     args = dict(
         seq_len=16,
         seed=1234,
         global_batch_size=8,
         train_samples=400,
         valid_samples=16,
-        model_vocab_size=2048,
+        model_cfg=NS(vocab_size=model_vocab_size),
     )
     args.update(kw)
     return D.build_data(cfg, **args)
@@ -382,6 +383,25 @@ def test_config_errors(tmp_path, builtin):
         _build(_indexed_cfg(tmp_path, [small], builtin["model"], split="98,2,0"))
 
 
+def test_build_data_picks_by_source(builtin):
+    data = _build(DataConfig(cache_dir=str(builtin["cache"])))
+    assert isinstance(data, D.PretrainData) and isinstance(data, D.TrainData)
+    assert D.BUILDERS["builtin"] is D.BUILDERS["indexed"] is D.build_indexed
+
+
+def test_unknown_source_is_the_config_error(tmp_path):
+    from tests.helpers import compose_config
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError) as err:
+        _build(NS(source="web", cache_dir=str(tmp_path)))
+    assert str(err.value) == "data.source='web' is not one of 'builtin', 'indexed', 'multimodal'"
+    # trainer.config.validate accepts exactly the sources build_data can build
+    with pytest.raises(ConfigError) as validated:
+        validate(compose_config(["data.source=web"]), world_size=1)
+    assert str(validated.value) == str(err.value)
+
+
 def test_parse_blend():
     assert D.parse_blend(["/a"]) == (["/a"], None)
     assert D.parse_blend(["/a", "/b"]) == (["/a", "/b"], None)
@@ -395,12 +415,13 @@ def test_parse_blend():
 _DIST_WORKER = textwrap.dedent(
     """
     import sys, torch, torch.distributed as dist
+    from types import SimpleNamespace as NS
     from trainer.config import DataConfig
     from trainer.data import build_data
     rank, world, store, cache, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     data = build_data(DataConfig(cache_dir=cache), seq_len=24, seed=7, global_batch_size=8,
-                      train_samples=64, valid_samples=8, model_vocab_size=2048,
+                      train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
                       rank=rank, world_size=world)
     mbs = data.train_microbatches(8, 2, rank, world)
     torch.save([mb["tokens"] for mb in mbs], out)
@@ -430,7 +451,7 @@ def test_build_with_distributed_initialised(tmp_path, builtin):
     # Same samples as the single-process reference, partitioned over the two DP ranks.
     data = D.build_data(
         DataConfig(cache_dir=str(builtin["cache"])), seq_len=24, seed=7, global_batch_size=8,
-        train_samples=64, valid_samples=8, model_vocab_size=2048,
+        train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
     )  # fmt: skip
     ref = torch.cat([mb["tokens"] for mb in data.train_microbatches(8, 2, 0, 1)])
     got = torch.cat([t for i in range(2) for t in (ranks[0][i], ranks[1][i])])

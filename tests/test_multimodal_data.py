@@ -1,4 +1,4 @@
-"""The embedded multimodal data (trainer/multimodal.py): vocabulary ranges, packing,
+"""The embedded multimodal data (trainer/data/multimodal.py): vocabulary ranges, packing,
 layout-independent batches, and the Transfusion inputs."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from models.diffusion import add_noise, cosine_alphas_cumprod
+from trainer.data import MultimodalData, TrainData, build_data
+from trainer.data.multimodal import NUMBER_WORDS, build_multimodal
 from trainer.errors import ConfigError
-from trainer.multimodal import NUMBER_WORDS, build_multimodal
 
 
 def _data(setting="chameleon", modalities=("text", "image"), seq_len=128, gbs=8):
@@ -90,3 +91,15 @@ def test_captions_name_the_digit_and_short_sequences_are_refused():
     assert NUMBER_WORDS[int(d.docs.labels[5])] in words
     with pytest.raises(ConfigError, match="trainer.seq_len=32 is shorter"):
         _data(seq_len=32)
+
+
+def test_build_data_builds_multimodal_by_source():
+    ref = _data()
+    cfg = NS(source="multimodal", name="t", setting="chameleon", modalities=["text", "image"],
+             caption_first=0.8, valid_fraction=0.1)
+    model = NS(vocab_size=256, diffusion=NS(num_timesteps=1000, patch_dim=4))
+    got = build_data(cfg, seq_len=128, seed=3, global_batch_size=8, train_samples=0,
+                     valid_samples=0, model_cfg=model)
+    assert isinstance(got, MultimodalData) and isinstance(got, TrainData)
+    for a, b in zip(ref.train_microbatches(8, 2, 1, 2), got.train_microbatches(8, 2, 1, 2)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ASSET = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "speech_digits.npz"
+ASSET = Path(__file__).resolve().parents[1] / "trainer" / "data" / "assets" / "speech_digits.npz"
 
 
 @pytest.fixture(scope="module")

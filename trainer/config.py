@@ -37,7 +37,7 @@ class DataConfig:
     # positions per document; off = Megatron's default (attention across documents)
     document_mask: bool = False
     cache_dir: str = "${oc.env:MOEFOLD_CACHE,${oc.env:HOME}/.cache/moefold}"
-    # source=multimodal (trainer/multimodal.py): the embedded captioned digits
+    # source=multimodal (trainer/data/multimodal.py): the embedded captioned digits
     setting: str = "chameleon"  # chameleon | transfusion
     modalities: list = field(default_factory=lambda: ["text", "image"])  # + speech
     caption_first: float = 0.8  # fraction of documents whose caption precedes the image
@@ -284,7 +284,7 @@ def _validate_mamba(m: ModelConfig) -> None:
 
 
 def _validate_multimodal(cfg: Config) -> None:
-    from trainer.multimodal import MODALITIES, SETTINGS
+    from trainer.data.multimodal import MODALITIES, SETTINGS
 
     d, m = cfg.data, cfg.model
     _choice("data.setting", d.setting, SETTINGS)

@@ -1,18 +1,17 @@
 """Pretraining data for the trainer: Megatron-Core GPT datasets (indexed, blended) cut
-into the micro-batches of one data-parallel rank.
+into the micro-batches of one data-parallel rank (``data.source`` builtin / indexed).
 
 The datasets come from ``megatron.core.datasets`` (used as a library): the
 document/sample/shuffle indices and the blending are Megatron's. What this module adds:
 
 - ``parse_blend``: ``data.blend`` -> (prefixes, weights).
-- ``build_data`` -> ``PretrainData``: checks files and vocab sizes with user-facing errors,
-  builds the train/valid datasets, and serves the global batch that starts at a given
-  number of consumed samples (Megatron's pretraining-sampler order), so resuming needs
-  nothing but ``consumed_samples``.
+- ``build_indexed`` -> ``PretrainData``: checks files and vocab sizes with user-facing
+  errors, builds the train/valid datasets, and serves the global batch that starts at a
+  given number of consumed samples (Megatron's pretraining-sampler order), so resuming
+  needs nothing but ``consumed_samples``.
 
-The tokenizer lives in ``trainer.tokenizer``, the on-disk datasets and the builtin corpus
-in ``trainer.corpus``; their public names are re-exported here (``__all__``), so
-``from trainer.data import Tokenizer, prepare_builtin_corpus, ...`` keeps working.
+The tokenizer lives in ``trainer.data.tokenizer``, the on-disk datasets and the builtin
+corpus in ``trainer.data.corpus``.
 """
 
 from __future__ import annotations
@@ -28,18 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.corpus import (
-    FORMAT_VERSION,
-    _mcore_datasets,
-    builtin_documents,
-    check_indexed_dataset,
-    document_lines,
-    prepare_builtin_corpus,
-    resolve_cache_dir,
-    write_indexed_dataset,
-)
+from trainer.data.corpus import check_indexed_dataset, prepare_builtin_corpus, resolve_cache_dir
+from trainer.data.mcore import mcore_datasets
+from trainer.data.protocol import microbatch_ranges
+from trainer.data.tokenizer import Tokenizer
 from trainer.errors import ConfigError
-from trainer.tokenizer import SPECIAL_IDS, Tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +68,7 @@ def parse_blend(blend: Sequence[Any]) -> tuple[list[str], list[float] | None]:
 
 
 def _split_matrix(split: str) -> list[tuple[float, float] | None]:
-    cfg_mod = _mcore_datasets()[1]
+    cfg_mod = mcore_datasets().blended_megatron_dataset_config
     bad = ConfigError(f"data.split={split!r} must be 'train,valid,test' weights, e.g. '98,2,0'")
     try:
         with np.errstate(all="ignore"):
@@ -131,22 +123,6 @@ def _rank0_first(fn):
         torch.distributed.barrier()
         result = fn()
     return result
-
-
-def microbatch_ranges(start: int, g: int, mbs: int, dp_rank: int, dp_size: int) -> list[range]:
-    """Sample indices of each micro-batch of DP rank ``dp_rank`` in the global batch of
-    ``g`` samples starting at ``start``: micro-batch ``i`` holds samples
-    ``start + (i*dp + r)*mbs ... + mbs`` (Megatron's pretraining-sampler order)."""
-    if mbs <= 0 or dp_size <= 0 or g % (mbs * dp_size):
-        raise ValueError(
-            f"global batch {g} is not a multiple of micro_batch_size*dp_size={mbs}*{dp_size}"
-        )
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank={dp_rank} not in [0, {dp_size})")
-    return [
-        range(start + (i * dp_size + dp_rank) * mbs, start + (i * dp_size + dp_rank + 1) * mbs)
-        for i in range(g // (mbs * dp_size))
-    ]
 
 
 # -- the data object ----------------------------------------------------------------------
@@ -226,7 +202,7 @@ class PretrainData:
         ]
 
 
-def build_data(
+def build_indexed(
     cfg_data: Any,
     *,
     seq_len: int,
@@ -238,7 +214,8 @@ def build_data(
     rank: int = 0,
     world_size: int = 1,
 ) -> PretrainData:
-    """Resolve ``cfg.data`` (a DataConfig or its DictConfig) into train/valid datasets.
+    """Resolve ``cfg.data`` (a DataConfig or its DictConfig; source builtin or indexed)
+    into train/valid datasets. Of ``model_cfg`` only ``vocab_size`` is read.
 
     Works in a single process (torch.distributed not initialised) and in every rank of an
     initialised job; index caches are built by rank 0 first, the others load them.
@@ -246,10 +223,6 @@ def build_data(
     # Every rank builds the datasets (the DP layout is chosen per call of
     # train_microbatches); with torch.distributed initialised, rank 0 builds caches first.
     del rank, world_size
-    if cfg_data.source == "multimodal":  # TEMPORARY until the data package lands
-        from trainer.multimodal import build_multimodal
-        return build_multimodal(cfg_data, seq_len=seq_len, seed=seed,
-                                global_batch_size=global_batch_size, model_cfg=model_cfg)
     model_vocab_size = model_cfg.vocab_size
     cache_dir = resolve_cache_dir(cfg_data.cache_dir)
     tokenizer_model = str(cfg_data.tokenizer_model or "")
@@ -298,7 +271,8 @@ def build_data(
                 )
 
     document_mask = bool(getattr(cfg_data, "document_mask", False))
-    builder_mod, _, gpt_mod, _ = _mcore_datasets()
+    mcore = mcore_datasets()
+    builder_mod, gpt_mod = mcore.blended_megatron_dataset_builder, mcore.gpt_dataset
     config = gpt_mod.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
@@ -345,20 +319,3 @@ def build_data(
         seq_len,
     )
     return data
-
-
-__all__ = [
-    "FORMAT_VERSION",
-    "SPECIAL_IDS",
-    "PretrainData",
-    "Tokenizer",
-    "build_data",
-    "builtin_documents",
-    "check_indexed_dataset",
-    "document_lines",
-    "parse_blend",
-    "prepare_builtin_corpus",
-    "resolve_cache_dir",
-    "train_tokenizer",
-    "write_indexed_dataset",
-]

@@ -1,6 +1,6 @@
 """Embedded multimodal data: captioned handwritten digits (and spoken digit names).
 
-Sources, shipped in ``trainer/assets`` (no download):
+Sources, shipped in ``trainer/data/assets`` (no download):
 - ``digits.csv.gz``: the 1,797 8x8 handwritten digits (pixels 0..16) of the UCI "Optical
   Recognition of Handwritten Digits" test set, as bundled by scikit-learn (BSD-3);
 - ``speech_digits.npz``: the words "zero".."nine" spoken by espeak-ng in 36 voice/rate/
@@ -39,17 +39,27 @@ import numpy as np
 import torch
 
 from models.diffusion import add_noise, cosine_alphas_cumprod
+from trainer.data.protocol import microbatch_ranges
 from trainer.errors import ConfigError
 
 ASSETS = Path(__file__).parent / "assets"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS_BEFORE = (
-    "a handwritten digit {}", "the number {} written by hand", "an image of the digit {}",
-    "a scanned {}", "here is a {}", "a small picture of a {}", "someone wrote a {}",
+    "a handwritten digit {}",
+    "the number {} written by hand",
+    "an image of the digit {}",
+    "a scanned {}",
+    "here is a {}",
+    "a small picture of a {}",
+    "someone wrote a {}",
     "digit {} in low resolution",
 )
-CAPTIONS_AFTER = ("this is a {}", "the image shows a {}", "that was the number {}",
-                  "above is a handwritten {}")
+CAPTIONS_AFTER = (
+    "this is a {}",
+    "the image shows a {}",
+    "that was the number {}",
+    "above is a handwritten {}",
+)
 SPECIALS = ("<pad>", "<eod>", "<boi>", "<eoi>", "<bos_speech>", "<eos_speech>")
 PIXEL_LEVELS = 17
 PATCH = 2  # transfusion: 2x2 patches of the 8x8 image
@@ -96,7 +106,7 @@ def load_speech() -> tuple[list[np.ndarray], np.ndarray, int]:
     except OSError as e:
         raise ConfigError(f"cannot read the embedded speech tokens {path}: {e}") from None
     off = z["offsets"]
-    clips = [z["tokens"][off[i]:off[i + 1]].astype(np.int64) for i in range(len(off) - 1)]
+    clips = [z["tokens"][off[i] : off[i + 1]].astype(np.int64) for i in range(len(off) - 1)]
     return clips, z["digit"], int(z["codebook_size"])
 
 
@@ -108,13 +118,21 @@ class DigitDocuments:
     """Builds document ``i`` of the embedded set for one setting (deterministic in
     (seed, epoch, i): caption template, order, speech clip, diffusion t and noise)."""
 
-    def __init__(self, setting: str, modalities: list[str], seed: int, num_timesteps: int,
-                 caption_first: float):
+    def __init__(
+        self,
+        setting: str,
+        modalities: list[str],
+        seed: int,
+        num_timesteps: int,
+        caption_first: float,
+    ):
         self.setting, self.modalities, self.seed = setting, list(modalities), seed
         self.caption_first = caption_first
         self.images, self.labels = load_digits()
-        words = sorted({w for t in CAPTIONS_BEFORE + CAPTIONS_AFTER for w in t.split()
-                        if w != "{}"} | set(NUMBER_WORDS))
+        words = sorted(
+            {w for t in CAPTIONS_BEFORE + CAPTIONS_AFTER for w in t.split() if w != "{}"}
+            | set(NUMBER_WORDS)
+        )
         self.speech = None
         codes = 0
         if "speech" in self.modalities:
@@ -130,8 +148,9 @@ class DigitDocuments:
 
     def max_length(self) -> int:
         """An upper bound on any document's length (tokens, EOD included)."""
-        words = max(len(t.format(w).split()) for t in CAPTIONS_BEFORE + CAPTIONS_AFTER
-                    for w in NUMBER_WORDS)
+        words = max(
+            len(t.format(w).split()) for t in CAPTIONS_BEFORE + CAPTIONS_AFTER for w in NUMBER_WORDS
+        )
         image = 64 if self.setting == "chameleon" else (8 // PATCH) ** 2
         speech = max(len(c) for c in self.speech[0]) + 2 if self.speech is not None else 0
         return words + image + 2 + speech + 1
@@ -157,8 +176,16 @@ class DigitDocuments:
         if self.speech is not None:
             clips, by_digit = self.speech
             clip = clips[by_digit[digit][rng.integers(len(by_digit[digit]))]]
-            parts.append(("speech", [v.ids["<bos_speech>"], *(v.speech_start + clip).tolist(),
-                                     v.ids["<eos_speech>"]]))
+            parts.append(
+                (
+                    "speech",
+                    [
+                        v.ids["<bos_speech>"],
+                        *(v.speech_start + clip).tolist(),
+                        v.ids["<eos_speech>"],
+                    ],
+                )
+            )
             if rng.random() < 0.5:
                 parts.reverse()
         caption = ("text", self._caption(rng, caption_first, digit))
@@ -167,8 +194,8 @@ class DigitDocuments:
         modality = v.modality_of(tokens)
         # markers belong to the text modality (Chameleon's BOI/EOI are text-vocab specials)
         is_patch = np.zeros(len(tokens), dtype=bool)
-        start = sum(len(p) for name, p in parts[:[n for n, _ in parts].index("image")])
-        is_patch[start + 1:start + 1 + len(img_tokens)] = True
+        start = sum(len(p) for name, p in parts[: [n for n, _ in parts].index("image")])
+        is_patch[start + 1 : start + 1 + len(img_tokens)] = True
         doc = {"tokens": tokens, "modality": modality, "is_image": is_patch}
         if self.setting == "transfusion":
             x0 = (img.astype(np.float32) / 16.0) * 2 - 1  # [-1, 1]
@@ -176,18 +203,29 @@ class DigitDocuments:
             x0 = x0.reshape(-1, PATCH * PATCH)  # patches left-to-right, top-to-bottom
             t = int(rng.integers(self.num_timesteps))
             noise = rng.standard_normal(x0.shape).astype(np.float32)
-            xt = add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.tensor(t),
-                           torch.from_numpy(self.alphas_cumprod)).numpy()
+            xt = add_noise(
+                torch.from_numpy(x0),
+                torch.from_numpy(noise),
+                torch.tensor(t),
+                torch.from_numpy(self.alphas_cumprod),
+            ).numpy()
             doc.update(x0=x0, xt=xt, noise=noise, t=t)
         return doc
 
 
 class MultimodalData:
     """Packed samples of :class:`DigitDocuments`, served as the trainer's micro-batches
-    (the ``PretrainData`` interface: ``train_microbatches`` / ``valid_microbatches``)."""
+    (a ``trainer.data.TrainData``: ``train_microbatches`` / ``valid_microbatches``)."""
 
-    def __init__(self, docs: DigitDocuments, *, seq_len: int, global_batch_size: int,
-                 valid_fraction: float, seed: int):
+    def __init__(
+        self,
+        docs: DigitDocuments,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        valid_fraction: float,
+        seed: int,
+    ):
         self.docs, self.seq_len, self.global_batch_size = docs, seq_len, global_batch_size
         n = len(docs.labels)
         perm = _rng(seed, 11).permutation(n)
@@ -199,7 +237,8 @@ class MultimodalData:
         if longest > seq_len + 1:
             raise ConfigError(
                 f"trainer.seq_len={seq_len} is shorter than a {docs.setting} document "
-                f"({longest - 1} tokens + 1); use seq_len >= {longest}")
+                f"({longest - 1} tokens + 1); use seq_len >= {longest}"
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -209,8 +248,9 @@ class MultimodalData:
         key = (split, epoch)
         if key not in self._epochs:
             ids = self.train_ids if split == "train" else self.valid_ids
-            order = ids[_rng(self.seed, epoch, 13).permutation(len(ids))] if split == "train" \
-                else ids
+            order = (
+                ids[_rng(self.seed, epoch, 13).permutation(len(ids))] if split == "train" else ids
+            )
             samples, cur, used = [], [], 0
             for i in order.tolist():
                 n = len(self.docs.document(i, epoch)["tokens"])
@@ -233,8 +273,9 @@ class MultimodalData:
             while index >= len(packs := self._packing("train", epoch)):
                 index -= len(packs)
                 epoch += 1
-        return self._assemble([self.docs.document(i, epoch)
-                               for i in self._packing(split, epoch)[index]])
+        return self._assemble(
+            [self.docs.document(i, epoch) for i in self._packing(split, epoch)[index]]
+        )
 
     def _assemble(self, docs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         L, v = self.seq_len + 1, self.docs.vocab
@@ -284,39 +325,73 @@ class MultimodalData:
             "loss_modality": s["modality"][:, 1:],
         }
         if self.docs.setting == "transfusion":
-            batch.update(block_ids=s["block"][:, :-1], patches=s["xt"][:, :-1],
-                         noise=s["noise"][:, :-1], timesteps=s["t"][:, :-1])
+            batch.update(
+                block_ids=s["block"][:, :-1],
+                patches=s["xt"][:, :-1],
+                noise=s["noise"][:, :-1],
+                timesteps=s["t"][:, :-1],
+            )
         return batch
 
     def _micro(self, split: str, start: int, mbs: int, dp_rank: int, dp_size: int):
-        from trainer.data import microbatch_ranges
+        return [
+            self._collate([self._sample(split, i) for i in r])
+            for r in microbatch_ranges(start, self.global_batch_size, mbs, dp_rank, dp_size)
+        ]
 
-        return [self._collate([self._sample(split, i) for i in r])
-                for r in microbatch_ranges(start, self.global_batch_size, mbs, dp_rank, dp_size)]
-
-    def train_microbatches(self, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                           dp_size: int) -> list[dict[str, torch.Tensor]]:
+    def train_microbatches(
+        self, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> list[dict[str, torch.Tensor]]:
         return self._micro("train", consumed_samples, micro_batch_size, dp_rank, dp_size)
 
-    def valid_microbatches(self, iteration: int, micro_batch_size: int, dp_rank: int,
-                           dp_size: int) -> list[dict[str, torch.Tensor]]:
-        return self._micro("valid", iteration * self.global_batch_size, micro_batch_size,
-                           dp_rank, dp_size)
+    def valid_microbatches(
+        self, iteration: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> list[dict[str, torch.Tensor]]:
+        return self._micro(
+            "valid", iteration * self.global_batch_size, micro_batch_size, dp_rank, dp_size
+        )
 
 
-def build_multimodal(cfg_data: Any, *, seq_len: int, seed: int, global_batch_size: int,
-                     model_cfg: Any) -> MultimodalData:
+def build_multimodal(
+    cfg_data: Any,
+    *,
+    seq_len: int,
+    seed: int,
+    global_batch_size: int,
+    model_cfg: Any,
+    train_samples: int = 0,
+    valid_samples: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> MultimodalData:
+    """``data.source=multimodal``. Epochs repeat without end and the validation packing
+    wraps, so ``train_samples``/``valid_samples`` are not needed; every rank builds the
+    same (cheap, in-memory) documents, so neither are ``rank``/``world_size``."""
+    del train_samples, valid_samples, rank, world_size
     setting = str(cfg_data.setting)
     if setting not in SETTINGS:
         raise ConfigError(f"data.setting={setting!r} is not one of {SETTINGS}")
-    docs = DigitDocuments(setting, list(cfg_data.modalities), seed,
-                          int(model_cfg.diffusion.num_timesteps), float(cfg_data.caption_first))
+    docs = DigitDocuments(
+        setting,
+        list(cfg_data.modalities),
+        seed,
+        int(model_cfg.diffusion.num_timesteps),
+        float(cfg_data.caption_first),
+    )
     if docs.vocab.size > model_cfg.vocab_size:
-        raise ConfigError(f"data {cfg_data.name} has {docs.vocab.size} tokens but "
-                          f"model.vocab_size={model_cfg.vocab_size}")
+        raise ConfigError(
+            f"data {cfg_data.name} has {docs.vocab.size} tokens but "
+            f"model.vocab_size={model_cfg.vocab_size}"
+        )
     if setting == "transfusion" and model_cfg.diffusion.patch_dim != docs.patch_dim:
-        raise ConfigError(f"data.setting=transfusion has {docs.patch_dim}-value patches but "
-                          f"model.diffusion.patch_dim={model_cfg.diffusion.patch_dim}")
-    return MultimodalData(docs, seq_len=seq_len, global_batch_size=global_batch_size,
-                          valid_fraction=float(cfg_data.valid_fraction), seed=seed)
-
+        raise ConfigError(
+            f"data.setting=transfusion has {docs.patch_dim}-value patches but "
+            f"model.diffusion.patch_dim={model_cfg.diffusion.patch_dim}"
+        )
+    return MultimodalData(
+        docs,
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        valid_fraction=float(cfg_data.valid_fraction),
+        seed=seed,
+    )

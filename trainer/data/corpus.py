@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -26,33 +25,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from trainer.data.mcore import mcore_datasets
+from trainer.data.tokenizer import Tokenizer, train_tokenizer
 from trainer.errors import ConfigError, DataError
-from trainer.tokenizer import Tokenizer, train_tokenizer
 
 # Bump when the builtin corpus, the tokenizer training options or the on-disk layout
 # change: it is part of every cache key.
 FORMAT_VERSION = 1
-
-
-def _mcore_datasets():
-    """megatron.core.datasets, imported on first use (slow, and noisy without TE/Apex)."""
-    mcore_log = logging.getLogger("megatron.core.datasets")
-    if mcore_log.level == logging.NOTSET:  # its per-file INFO chatter, unless asked for
-        mcore_log.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import (
-            blended_megatron_dataset_builder,
-            blended_megatron_dataset_config,
-            gpt_dataset,
-            indexed_dataset,
-        )
-    return (
-        blended_megatron_dataset_builder,
-        blended_megatron_dataset_config,
-        gpt_dataset,
-        indexed_dataset,
-    )
 
 
 def document_lines(docs: Iterable[str]) -> Iterator[str]:
@@ -71,7 +50,7 @@ def write_indexed_dataset(
 
     Writes exactly these paths (callers handle temp names). Returns (documents, tokens).
     """
-    indexed = _mcore_datasets()[3]
+    indexed = mcore_datasets().indexed_dataset
     dtype = indexed.DType.optimal_dtype(vocab_size)
     builder = indexed.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
     n_docs = n_tokens = 0
@@ -97,7 +76,7 @@ def check_indexed_dataset(prefix: str) -> int:
             )
     if os.path.getsize(bin_path) == 0:
         raise DataError(f"{bin_path} is empty (expected the token data of {idx_path})")
-    indexed = _mcore_datasets()[3]
+    indexed = mcore_datasets().indexed_dataset
     try:
         ds = indexed.IndexedDataset(prefix, mmap=True)
         lengths = ds.index.sequence_lengths
