@@ -19,6 +19,7 @@ another (DCP reshards).
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import random
 import re
@@ -259,7 +260,7 @@ def load(
             f"could not read checkpoint {path}: a shard is missing or corrupt "
             f"({type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''})"
         ) from None
-    except Exception as e:
+    except (OSError, EOFError, pickle.UnpicklingError) as e:  # unreadable files, not bugs
         first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
             f"could not read checkpoint {path}: {type(e).__name__}: {first}"
