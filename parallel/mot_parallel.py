@@ -28,7 +28,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from models.mot import ModalityLinear, MoTBlock, Region
+from models.modality import ModalityLinear, Region
+from models.mot import MoTBlock
 from parallel.dispatch import _AllGather, _ReduceScatter
 from parallel.token_group import _SumBackward, _SumForward
 
