@@ -52,6 +52,12 @@ import torch.distributed as dist
 
 from models.moe import Dispatcher
 from models.router import Routing
+from parallel.collectives import (
+    all_gather_autograd,
+    all_to_all,
+    all_to_all_autograd,
+    reduce_scatter_autograd,
+)
 
 __all__ = [
     "AllGatherContext",
@@ -61,64 +67,6 @@ __all__ = [
     "SlotMap",
     "make_dispatcher",
 ]
-
-
-# ---------------------------------------------------------------- collectives with autograd
-def _all_to_all(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
-    n = x.shape[0] if out_splits is None else sum(out_splits)
-    out = x.new_empty((n, *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.args = (in_splits, out_splits, group)
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_to_all(g, *ctx.args), None, None, None
-
-
-# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn).
-_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-    _GATHER(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    _SCATTER(out, x.contiguous(), group=group)
-    return out
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group), None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group), None
 
 
 # ---------------------------------------------------------------- deterministic gathers
@@ -296,7 +244,7 @@ class AllToAllDispatcher(Dispatcher):
         else:
             per_expert = torch.bincount(torch.where(kept, idx, E).flatten(), minlength=E + 1)
             send_c = torch.cat([counts.unsqueeze(1), per_expert[:E].view(P, El)], 1)
-            recv_c = _all_to_all(send_c, None, None, self.group)  # row p: from source p
+            recv_c = all_to_all(send_c, None, None, self.group)  # row p: from source p
             tokens_per_expert = recv_c[:, 1:].sum(0)
             # The one device->host sync: everything above is already queued.
             host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1)])
@@ -318,8 +266,8 @@ class AllToAllDispatcher(Dispatcher):
             meta = torch.cat([meta, w.view(n_send, S)], 1)
 
         x_send = _Gather.apply(x_TD, src_map)
-        x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
-        meta_recv = _AllToAll.apply(meta, recv_splits, send_splits, self.group)
+        x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, self.group)
+        meta_recv = all_to_all_autograd(meta, recv_splits, send_splits, self.group)
 
         if pad:
             src_U = torch.arange(n_recv, device=dev) // U
@@ -341,7 +289,7 @@ class AllToAllDispatcher(Dispatcher):
     def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         w_dst = ctx.weights if self.dedup else None
         part = _Reduce.apply(y_ND, w_dst, ctx.dst_map, y_ND.dtype)
-        back = _AllToAll.apply(part, ctx.send_splits, ctx.recv_splits, self.group)
+        back = all_to_all_autograd(part, ctx.send_splits, ctx.recv_splits, self.group)
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self.bytes_sent += ctx.off_recv * row_bytes
         self.bytes_received += ctx.off_send * row_bytes
@@ -381,8 +329,8 @@ class AllGatherDispatcher(Dispatcher):
         dev = idx.device
         gid = idx if routing.kept_TK is None else torch.where(routing.kept_TK, idx, -1)
         meta = torch.cat([gid.float(), routing.weights_TK.float()], 1)
-        x_all = _AllGather.apply(x_TD, self.group)
-        meta_all = _AllGather.apply(meta, self.group)
+        x_all = all_gather_autograd(x_TD, self.group)
+        meta_all = all_gather_autograd(meta, self.group)
         gid_all = meta_all[:, :k].long()
         lid = gid_all - self.rank * El
         lid = torch.where((gid_all >= 0) & (lid >= 0) & (lid < El), lid, -1)
@@ -405,7 +353,7 @@ class AllGatherDispatcher(Dispatcher):
 
     def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:
         part = _Reduce.apply(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)
-        out = _ReduceScatter.apply(part, self.group)
+        out = reduce_scatter_autograd(part, self.group)
         T = out.shape[0]
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self.bytes_sent += (self.ep - 1) * T * row_bytes
