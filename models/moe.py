@@ -41,11 +41,16 @@ class Dispatcher:
     expert (expert e owns ``tokens_per_expert[e]`` consecutive rows; rows past their sum
     are padding the experts must map to zero). ``combine(y_ND, ctx) -> y_TD``: the
     routing-weighted sum over each token's assignments, accumulated in fp32, returned in
-    x's dtype. ``bytes_sent`` / ``bytes_received``: what the last call moved between ranks.
+    x's dtype.
+
+    Traffic of the last dispatch + combine (0 for a dispatcher that sends nothing):
+    ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks;
+    ``meta_bytes_sent``: the routing metadata sent alongside them (expert ids, weights).
     """
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    meta_bytes_sent: int = 0
 
     def dispatch(
         self, x_TD: torch.Tensor, routing: Routing
@@ -95,9 +100,10 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts as three [E, ...] tensors; computes only the rows it is given.
 
     Expert parallelism shards dim 0 and sets ``expert_offset`` (the global id of local
-    expert 0); expert tensor parallelism shards the FFN dim (``w1``/``w3`` columns, ``w2``
-    rows: the output is then a partial sum) and sets ``ffn_offset`` / ``ffn_full``. Either
-    way each local slice initialises exactly as in the unsharded model.
+    expert 0), ``ep_size`` and ``num_global_experts``; expert tensor parallelism shards the
+    FFN dim (``w1``/``w3`` columns, ``w2`` rows: the output is then a partial sum) and sets
+    ``ffn_offset`` / ``ffn_full`` and ``etp_size``. Either way each local slice initialises
+    exactly as in the unsharded model.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -107,6 +113,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
         self.expert_offset = 0
         self.ffn_offset, self.ffn_full = 0, hidden
+        # set by parallel/expert_parallel.py when it shards the experts
+        self.ep_size, self.etp_size = 1, 1
+        self.num_global_experts = num_experts
         self.grouped_mm_impl = "auto"  # auto | fused | loop
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class ETPDispatcher(Dispatcher):
 
     @property
     def meta_bytes_sent(self) -> int:
-        return getattr(self.inner, "meta_bytes_sent", 0)
+        return self.inner.meta_bytes_sent
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         x_ND, tpe_E, inner_ctx = self.inner.dispatch(x_TD, routing)

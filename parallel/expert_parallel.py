@@ -53,7 +53,7 @@ def apply_expert_parallel(
     ep, etp = dims.ep, dims.etp
     for layer in layers:
         E, F = layer.experts.w1.shape[0], layer.experts.w1.shape[2]
-        if getattr(layer.experts, "ep_size", 1) != 1 or E != layer.moe.num_experts:
+        if layer.experts.ep_size != 1 or E != layer.moe.num_experts:
             raise RuntimeError("apply_expert_parallel was already applied to this model")
         if E % ep:
             valid = ", ".join(str(d) for d in range(1, E + 1) if E % d == 0)
