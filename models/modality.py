@@ -40,8 +40,12 @@ UNTIE = ("none", "ffn", "ffn_qkv", "all")
 
 def untied_parts(untie: str) -> set[str]:
     """Which block parts are modality-specific: subset of {"ffn", "attn", "norms"}."""
-    return {"none": set(), "ffn": {"ffn"}, "ffn_qkv": {"ffn", "attn"},
-            "all": {"ffn", "attn", "norms"}}[untie]
+    return {
+        "none": set(),
+        "ffn": {"ffn"},
+        "ffn_qkv": {"ffn", "attn"},
+        "all": {"ffn", "attn", "norms"},
+    }[untie]
 
 
 @dataclass
@@ -139,13 +143,11 @@ class ModalityLinear(nn.Module):
     """``weight [M, in, out]`` (M = 1: shared by every modality); ``forward(x_N, route)``
     multiplies row ``n`` (grouped by modality) by its modality's matrix."""
 
-    def __init__(self, num: int, d_in: int, d_out: int, out_proj: bool = False,
-                 out_parts: int = 1):
+    def __init__(self, num: int, d_in: int, d_out: int, out_proj: bool = False, out_parts: int = 1):
         """``out_parts`` > 1 stores the weight as ``[M, in, parts, out/parts]`` (flattened
         in forward): tensor parallelism then splits every part, e.g. Mamba's x and z."""
         super().__init__()
-        shape = (num, d_in, d_out) if out_parts == 1 else (num, d_in, out_parts,
-                                                            d_out // out_parts)
+        shape = (num, d_in, d_out) if out_parts == 1 else (num, d_in, out_parts, d_out // out_parts)
         self.weight = nn.Parameter(torch.empty(shape))
         self.out_proj = out_proj  # a block's output projection: initialised with out_std
         self.init_by_parent = False  # the owning module initialises it (Mamba's dt_proj)
@@ -182,8 +184,12 @@ class ModalityRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(num, dim))
 
-    def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor],
-                shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ids: Optional[torch.Tensor],
+        shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> torch.Tensor:
         """``ids``: modality per row of ``x`` (``x.shape[:-1]`` or its leading dims);
         ``shared``: a ``Region.shared_*`` for the weight."""
         w = (self.weight if shared is None else shared(self.weight)).float()
