@@ -2,10 +2,11 @@
 parallel/). ``build_model`` is the entry point; parallel/ fills the seams the modules
 expose: ``MoELayer.dispatcher``, ``Attention.attn_fn``, ``Transformer.layers``."""
 
+from models.build import build_model
 from models.config import ModelConfig, MoEConfig, moe_layer_pattern
 from models.flops import param_counts, training_flops_per_token
 from models.moe import Dispatcher, LocalDispatcher, MoELayer, set_aux_loss_scale
-from models.transformer import Transformer, build_model
+from models.transformer import Transformer
 
 __all__ = [
     "Dispatcher",

@@ -12,6 +12,8 @@ without halving for the causal mask.
 from __future__ import annotations
 
 from models.config import MODALITY_ARCHS, ModelConfig, layer_kinds, moe_layer_pattern
+from models.mamba import dt_rank
+from models.modality import moe_modality, untied_parts
 
 
 def _head_dim(cfg: ModelConfig) -> int:
@@ -40,8 +42,6 @@ def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
     """One MoT block: (total parameters, [active matmul+norm parameters per token of each
     modality]). Each modality-specific part has one copy per modality; a token uses its
     modality's copy; with MoT+MoE the MoE modality's FFN is the routed layer."""
-    from models.mot import moe_modality, untied_parts
-
     d, hd, M = cfg.hidden_size, _head_dim(cfg), len(cfg.mot.modalities)
     parts = untied_parts(cfg.mot.untie)
     attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
@@ -63,8 +63,6 @@ def _mamba_layer(cfg: ModelConfig) -> tuple[int, list[int]]:
     """One (Mixture-of-)Mamba block: (total parameters, [active per token per modality]).
     Matmul parameters count as in the module docstring; the scan's own work (~9 FLOPs per
     channel and state per token) is not in N."""
-    from models.mamba import dt_rank
-
     mc, d, M = cfg.mamba, cfg.hidden_size, len(cfg.mot.modalities)
     di, N, R = mc.expand * d, mc.d_state, dt_rank(cfg)
     proj = {"in_proj": d * 2 * di, "x_proj": di * (R + 2 * N), "dt_proj": R * di + di,

@@ -81,7 +81,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor,
                 shared: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-        """``shared``: applied to the weight first (``models.mot.Region.shared_out``: its
+        """``shared``: applied to the weight first (``models.modality.Region.shared_out``: its
         gradient summed over the ranks that hold other tokens)."""
         w = self.weight if shared is None else shared(self.weight)
         return (rms_normalize(x, self.eps) * w.float()).to(x.dtype)

@@ -17,7 +17,7 @@ attention masks make them for transformers.
 
 Mixture-of-Mamba: ``in_proj``, ``x_proj``, ``dt_proj`` (with its bias) and ``out_proj``
 are modality-specific (``model.mamba.untie`` picks which, for the ablation), grouped by
-modality exactly like MoT's projections (``models.mot.ModalityLinear``); ``conv1d``,
+modality exactly like MoT's projections (``models.modality.ModalityLinear``); ``conv1d``,
 ``A_log``, ``D`` and the block's RMSNorm are shared. With ``untie: []`` it is the dense
 Mamba baseline with identical FLOPs per token. The dt bias is kept whether or not
 ``dt_proj`` is split (the reference code drops it when unsplit; ANCHORS.md).
@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import mamba_kernels
+import models.mamba_kernels as mamba_kernels
 from models.config import ModelConfig
 from models.layers import Initializer, RMSNorm
-from models.mot import SINGLE_DEVICE, ModalityLinear, ModalityRoute, Region
+from models.modality import SINGLE_DEVICE, ModalityLinear, ModalityRoute, Region
 
 PROJECTIONS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 

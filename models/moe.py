@@ -2,15 +2,16 @@
 
 The dispatcher is the seam expert parallelism fills in: it turns the token-major routing
 into expert-major rows for the local experts and back. ``LocalDispatcher`` (EP=1) uses a
-stable argsort of the expert ids; its gathers have hand-written backwards that sum a
-token's k contributions in a fixed order, so gradients are deterministic on every device
-(no atomics, no index_add).
+stable argsort of the expert ids; its gathers (models/permute.py, shared with the
+expert-parallel dispatchers) have hand-written backwards that sum a token's k
+contributions in a fixed order, so gradients are deterministic on every device (no
+atomics, no index_add).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.grouped_gemm import grouped_mm
 from models.layers import FeedForward, Initializer, keep_fp32_apply
+from models.permute import SlotMap, gather_rows, group_rows, reduce_rows
 from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
 
 __all__ = [
@@ -39,11 +41,16 @@ class Dispatcher:
     expert (expert e owns ``tokens_per_expert[e]`` consecutive rows; rows past their sum
     are padding the experts must map to zero). ``combine(y_ND, ctx) -> y_TD``: the
     routing-weighted sum over each token's assignments, accumulated in fp32, returned in
-    x's dtype. ``bytes_sent`` / ``bytes_received``: what the last call moved between ranks.
+    x's dtype.
+
+    Traffic of the last dispatch + combine (0 for a dispatcher that sends nothing):
+    ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks;
+    ``meta_bytes_sent``: the routing metadata sent alongside them (expert ids, weights).
     """
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    meta_bytes_sent: int = 0
 
     def dispatch(
         self, x_TD: torch.Tensor, routing: Routing
@@ -56,114 +63,47 @@ class Dispatcher:
 
 @dataclass
 class LocalDispatchContext:
-    """Index maps between the T*k assignments (token-major, a = t*k + j) and the rows."""
+    """The [T, k] assignment slots <-> expert-major rows map, and what combine needs."""
 
-    top_k: int
-    assign_N: torch.Tensor  # assignment feeding each row (arbitrary where not valid)
-    valid_N: Optional[torch.Tensor]  # rows holding a real assignment; None = all
-    src_A: torch.Tensor  # row holding each assignment (arbitrary where dropped)
-    kept_A: Optional[torch.Tensor]  # None = dropless
+    slot_map: SlotMap
     weights_TK: torch.Tensor  # fp32
     dtype: torch.dtype
 
 
-def _rows_of_assignments(y_ND: torch.Tensor, c: LocalDispatchContext) -> torch.Tensor:
-    y_A = y_ND[c.src_A]
-    if c.kept_A is not None:
-        y_A = y_A.masked_fill(~c.kept_A.unsqueeze(1), 0)
-    return y_A
-
-
-def _tokens_of_rows(x_TD: torch.Tensor, c: LocalDispatchContext) -> torch.Tensor:
-    x_ND = x_TD[c.assign_N // c.top_k]
-    if c.valid_N is not None:
-        x_ND = x_ND.masked_fill(~c.valid_N.unsqueeze(1), 0)
-    return x_ND
-
-
-class _Dispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, c: LocalDispatchContext) -> torch.Tensor:
-        ctx.c = c
-        return _tokens_of_rows(x_TD, c)
-
-    @staticmethod
-    def backward(ctx, g_ND: torch.Tensor):
-        c = ctx.c
-        g_A = _rows_of_assignments(g_ND, c).float()
-        return g_A.view(-1, c.top_k, g_A.shape[-1]).sum(1).to(g_ND.dtype), None
-
-
-class _Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, c: LocalDispatchContext):
-        ctx.c = c
-        ctx.save_for_backward(y_ND, w_TK)
-        y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, y_ND.shape[-1])
-        return torch.einsum("tkd,tk->td", y_TKD, w_TK).to(c.dtype)
-
-    @staticmethod
-    def backward(ctx, g_TD: torch.Tensor):
-        c = ctx.c
-        y_ND, w_TK = ctx.saved_tensors
-        g = g_TD.float()
-        g_y = g_w = None
-        if ctx.needs_input_grad[0]:
-            w_N = w_TK.flatten()[c.assign_N].unsqueeze(1)
-            g_y = _tokens_of_rows(g, c) * w_N
-            if c.valid_N is not None:
-                g_y = g_y.masked_fill(~c.valid_N.unsqueeze(1), 0)
-            g_y = g_y.to(y_ND.dtype)
-        if ctx.needs_input_grad[1]:
-            y_TKD = _rows_of_assignments(y_ND, c).float().view(*w_TK.shape, y_ND.shape[-1])
-            g_w = torch.einsum("tkd,td->tk", y_TKD, g)
-        return g_y, g_w, None
-
-
 class LocalDispatcher(Dispatcher):
-    """EP=1: every expert is local; nothing is sent."""
+    """EP=1: every expert is local; nothing is sent. ``models.permute`` with the T tokens
+    as sources and their k assignments as slots: rows sorted by expert (stable argsort,
+    so token-major within an expert), dropped assignments feed no row. Dropless or not,
+    there are T*k rows (those past ``tokens_per_expert.sum()`` are zero padding: no host
+    sync); ``pad_to_capacity``: the static [E, C] rows."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        T, k = routing.expert_idx_TK.shape
-        E, A = routing.num_experts, T * k
-        dev = x_TD.device
-        expert_A = routing.expert_idx_TK.flatten()
-        kept_A = None if routing.kept_TK is None else routing.kept_TK.flatten()
-        if kept_A is not None:  # dropped assignments sort after every expert
-            expert_A = torch.where(kept_A, expert_A, E)
-        order = torch.argsort(expert_A, stable=True)  # row -> assignment
-        counts = torch.bincount(expert_A, minlength=E + 1)
-        pos_A = torch.empty_like(order)
-        pos_A[order] = torch.arange(A, device=dev)
+        idx, kept = routing.expert_idx_TK, routing.kept_TK
+        E = routing.num_experts
+        expert_TK = idx if kept is None else torch.where(kept, idx, -1)
         if routing.pad_to_capacity:
             C = routing.capacity
-            starts = torch.cumsum(counts, 0) - counts
-            rank_A = pos_A - starts[expert_A]
-            src_A = expert_A.clamp(max=E - 1) * C + rank_A.clamp(max=C - 1)
-            slot_C = torch.arange(C, device=dev)
-            valid_N = (slot_C < counts[:E, None]).flatten()
-            assign_N = order[(starts[:E, None] + slot_C).clamp(max=A - 1).flatten()]
-            tokens_per_expert = torch.full((E,), C, dtype=torch.long, device=dev)
+            m = group_rows(expert_TK, E, E * C, C, dense=False)
+            tokens_per_expert = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
         else:
-            assign_N, src_A = order, pos_A
-            valid_N = None if kept_A is None else kept_A[order]
-            tokens_per_expert = counts[:E]
-        c = LocalDispatchContext(
-            k, assign_N, valid_N, src_A, kept_A, routing.weights_TK, x_TD.dtype
-        )
-        return _Dispatch.apply(x_TD, c), tokens_per_expert, c
+            m = group_rows(expert_TK, E, idx.numel(), dense=kept is None)
+            key = torch.where(expert_TK >= 0, expert_TK, E).flatten()
+            tokens_per_expert = torch.bincount(key, minlength=E + 1)[:E]
+        c = LocalDispatchContext(m, routing.weights_TK, x_TD.dtype)
+        return gather_rows(x_TD, m), tokens_per_expert, c
 
     def combine(self, y_ND: torch.Tensor, ctx: LocalDispatchContext) -> torch.Tensor:
-        return _Combine.apply(y_ND, ctx.weights_TK, ctx)
+        return reduce_rows(y_ND, ctx.weights_TK, ctx.slot_map, ctx.dtype)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as three [E, ...] tensors; computes only the rows it is given.
 
     Expert parallelism shards dim 0 and sets ``expert_offset`` (the global id of local
-    expert 0); expert tensor parallelism shards the FFN dim (``w1``/``w3`` columns, ``w2``
-    rows: the output is then a partial sum) and sets ``ffn_offset`` / ``ffn_full``. Either
-    way each local slice initialises exactly as in the unsharded model.
+    expert 0), ``ep_size`` and ``num_global_experts``; expert tensor parallelism shards the
+    FFN dim (``w1``/``w3`` columns, ``w2`` rows: the output is then a partial sum) and sets
+    ``ffn_offset`` / ``ffn_full`` and ``etp_size``. Either way each local slice initialises
+    exactly as in the unsharded model.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
@@ -173,6 +113,9 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
         self.expert_offset = 0
         self.ffn_offset, self.ffn_full = 0, hidden
+        # set by parallel/expert_parallel.py when it shards the experts
+        self.ep_size, self.etp_size = 1, 1
+        self.num_global_experts = num_experts
         self.grouped_mm_impl = "auto"  # auto | fused | loop
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

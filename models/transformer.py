@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import MODALITY_ARCHS, ModelConfig, moe_layer_pattern
+from models.config import ModelConfig, moe_layer_pattern
 from models.layers import (
     Attention,
     FeedForward,
@@ -124,21 +124,3 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if module is not self and hasattr(module, "init_params"):
                 module.init_params(init, canonical_name(name))
-
-
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-    """Build on ``device``; on "meta" nothing is allocated (call ``to_empty`` and
-    ``init_weights`` later). Otherwise the weights are initialised from the current torch
-    RNG, so the result equals meta build + to_empty + init_weights under the same seed."""
-    with torch.device("meta"):
-        if cfg.arch in MODALITY_ARCHS:
-            from models.mot import MoTTransformer
-
-            model = MoTTransformer(cfg)
-        else:
-            model = Transformer(cfg)
-    device = torch.device(device)
-    if device.type != "meta":
-        model.to_empty(device=device)
-        model.init_weights()
-    return model

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import mask_from_ids
-from parallel.dispatch import _AllGather
-from parallel.token_group import SeqChunkGroup, _SumBackward, gather_seq
+from parallel.collectives import all_gather_autograd, sum_backward
+from parallel.token_group import SeqChunkGroup, gather_seq
 
 __all__ = [
     "IndexedSeqGroup",
@@ -139,7 +139,7 @@ class ContextParallelAttention:
     def _gather_kv(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         # [B, H, T_l, Dh] -> [B, H, T, Dh] in sequence order; the gradient is
         # reduce-scattered back to the owners
-        full = _AllGather.apply(x.movedim(2, 0).contiguous(), self.group).movedim(0, 2)
+        full = all_gather_autograd(x.movedim(2, 0).contiguous(), self.group).movedim(0, 2)
         return full.index_select(2, order)
 
     def __call__(
@@ -185,7 +185,7 @@ class IndexedSeqGroup(SeqChunkGroup):
     def shared_param(self, w: torch.Tensor) -> torch.Tensor:
         if self.param_group is None or not w.requires_grad:
             return w
-        return _SumBackward.apply(w, self.param_group)
+        return sum_backward(w, self.param_group)
 
 
 def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:

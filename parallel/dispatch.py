@@ -32,9 +32,10 @@ every EP rank must hold the same number of tokens T): shapes are static. Expert 
 (Megatron's drop-and-pad layout); the wire carries exactly U units per rank pair, U =
 ``E_l * C`` (plain) or ``min(T, E_l * C)`` (dedup); unused rows are zeros.
 
-Gathers and sums go through ``SlotMap``: every gather has a hand-written backward that sums
-a source's slots in a fixed order in fp32 (no atomics, no index_add), so gradients are
-deterministic on every device, like ``LocalDispatcher``.
+Gathers and sums go through ``models.permute`` (``SlotMap``, ``gather_rows``,
+``reduce_rows``), the same code as ``LocalDispatcher``: every gather has a hand-written
+backward that sums a source's slots in a fixed order in fp32 (no atomics, no index_add),
+so gradients are deterministic on every device.
 
 ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks in
 the last dispatch + combine; rows a rank sends to itself are not counted, padding rows are.
@@ -51,171 +52,33 @@ import torch
 import torch.distributed as dist
 
 from models.moe import Dispatcher
+from models.permute import SlotMap, gather_rows, group_rows, reduce_rows
 from models.router import Routing
+from parallel.collectives import (
+    all_gather_autograd,
+    all_to_all,
+    all_to_all_autograd,
+    reduce_scatter_autograd,
+)
 
 __all__ = [
     "AllGatherContext",
     "AllGatherDispatcher",
     "AllToAllContext",
     "AllToAllDispatcher",
-    "SlotMap",
     "make_dispatcher",
 ]
 
 
-# ---------------------------------------------------------------- collectives with autograd
-def _all_to_all(x: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
-    n = x.shape[0] if out_splits is None else sum(out_splits)
-    out = x.new_empty((n, *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.args = (in_splits, out_splits, group)
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_to_all(g, *ctx.args), None, None, None
-
-
-# torch 2.13 renamed the tensor-in/tensor-out collectives (the old names warn).
-_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
-    _GATHER(out, x.contiguous(), group=group)
-    return out
-
-
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    _SCATTER(out, x.contiguous(), group=group)
-    return out
-
-
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter(g, ctx.group), None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather(g, ctx.group), None
-
-
-# ---------------------------------------------------------------- deterministic gathers
-@dataclass
-class SlotMap:
-    """M sources with S slots each <-> R rows. Slot (m, s) feeds row ``row_MS[m, s]`` (-1:
-    none); a row is fed by at most one slot; rows fed by none are padding (zeros)."""
-
-    row_MS: torch.Tensor
-    slot_R: torch.Tensor  # flat slot m*S + s feeding each row (0 for padding)
-    valid_R: Optional[torch.Tensor]  # None = every row is fed
-
-    @classmethod
-    def build(cls, row_MS: torch.Tensor, num_rows: int, dense: bool) -> SlotMap:
-        flat = row_MS.flatten()
-        dev = flat.device
-        tgt = torch.where(flat >= 0, flat, num_rows)  # unused slots write a trash row
-        slot = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
-        slot.index_put_((tgt,), torch.arange(flat.numel(), device=dev))
-        valid = None
-        if not dense:
-            valid = torch.zeros(num_rows + 1, dtype=torch.bool, device=dev)
-            valid = valid.index_put_((tgt,), torch.ones_like(tgt, dtype=torch.bool))[:num_rows]
-        return cls(row_MS, slot[:num_rows], valid)
-
-
-def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    x_R = x_M[m.slot_R // m.row_MS.shape[1]]
-    if m.valid_R is not None:
-        x_R = x_R.masked_fill(~m.valid_R.unsqueeze(1), 0)
-    return x_R
-
-
-def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    """[M, S, ...]: the row of every slot, zeros for unused slots."""
-    R = t_R.shape[0]
-    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
-    return pad[torch.where(m.row_MS >= 0, m.row_MS, R)]
-
-
-class _Gather(torch.autograd.Function):
-    """x_R = x_M[source of each row]; backward sums a source's slots in fp32, slot order."""
-
-    @staticmethod
-    def forward(ctx, x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
-        ctx.m = m
-        return _fan_out(x_M, m)
-
-    @staticmethod
-    def backward(ctx, g_R: torch.Tensor):
-        return _slots(g_R, ctx.m).float().sum(1).to(g_R.dtype), None
-
-
-class _Reduce(torch.autograd.Function):
-    """out_M = sum_s w_MS * y_R[row of slot (m, s)] in fp32 (w None: 1), cast to dtype."""
-
-    @staticmethod
-    def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
-        ctx.m = m
-        ctx.save_for_backward(y_R, w_MS)
-        y = _slots(y_R, m).float()
-        out = y.sum(1) if w_MS is None else torch.einsum("msd,ms->md", y, w_MS)
-        return out.to(dtype)
-
-    @staticmethod
-    def backward(ctx, g_M):
-        y_R, w_MS = ctx.saved_tensors
-        m, g = ctx.m, g_M.float()
-        g_y = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_y = _fan_out(g, m)
-            if w_MS is not None:
-                g_y = g_y * w_MS.flatten()[m.slot_R].unsqueeze(1)
-            g_y = g_y.to(y_R.dtype)
-        if w_MS is not None and ctx.needs_input_grad[1]:
-            g_w = torch.einsum("msd,md->ms", _slots(y_R, m).float(), g)
-        return g_y, g_w, None, None
-
-
+# ---------------------------------------------------------------- expert-major rows
 def _expert_rows(
     lid_US: torch.Tensor, src_U: torch.Tensor, ep: int, n_local: int, capacity, num_rows: int
 ) -> SlotMap:
     """Map received (unit, slot) assignments (local expert id, -1 = none) to expert-major
     rows ordered [local expert, source rank, arrival]; with ``capacity`` C, rows are the
     static [E_l, P, C] layout."""
-    valid = lid_US >= 0
-    key = torch.where(valid, lid_US * ep + src_U.unsqueeze(1), n_local * ep).flatten()
-    order = torch.argsort(key, stable=True)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
-    row = pos
-    if capacity is not None:
-        counts = torch.bincount(key, minlength=n_local * ep + 1)
-        starts = torch.cumsum(counts, 0) - counts
-        row = key * capacity + (pos - starts[key]).clamp(max=capacity - 1)
-    row_US = torch.where(valid, row.view_as(lid_US), -1)
-    return SlotMap.build(row_US, num_rows, dense=capacity is None)
+    group_US = torch.where(lid_US >= 0, lid_US * ep + src_U.unsqueeze(1), -1)
+    return group_rows(group_US, n_local * ep, num_rows, capacity, dense=capacity is None)
 
 
 def _check(routing: Routing, num_experts: int, ep: int) -> None:
@@ -296,7 +159,7 @@ class AllToAllDispatcher(Dispatcher):
         else:
             per_expert = torch.bincount(torch.where(kept, idx, E).flatten(), minlength=E + 1)
             send_c = torch.cat([counts.unsqueeze(1), per_expert[:E].view(P, El)], 1)
-            recv_c = _all_to_all(send_c, None, None, self.group)  # row p: from source p
+            recv_c = all_to_all(send_c, None, None, self.group)  # row p: from source p
             tokens_per_expert = recv_c[:, 1:].sum(0)
             # The one device->host sync: everything above is already queued.
             host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1)])
@@ -317,9 +180,9 @@ class AllToAllDispatcher(Dispatcher):
             w = w.index_put((cell,), routing.weights_TK.flatten().float())[:-1]
             meta = torch.cat([meta, w.view(n_send, S)], 1)
 
-        x_send = _Gather.apply(x_TD, src_map)
-        x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
-        meta_recv = _AllToAll.apply(meta, recv_splits, send_splits, self.group)
+        x_send = gather_rows(x_TD, src_map)
+        x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, self.group)
+        meta_recv = all_to_all_autograd(meta, recv_splits, send_splits, self.group)
 
         if pad:
             src_U = torch.arange(n_recv, device=dev) // U
@@ -327,7 +190,7 @@ class AllToAllDispatcher(Dispatcher):
             src_U = torch.arange(P, device=dev).repeat_interleave(recv_c[:, 0], output_size=n_recv)
         lid_US = meta_recv[:, :S].long()
         dst_map = _expert_rows(lid_US, src_U, P, El, C if pad else None, n_rows)
-        x_ND = _Gather.apply(x_recv, dst_map)
+        x_ND = gather_rows(x_recv, dst_map)
 
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         self.bytes_sent, self.bytes_received = off_send * row_bytes, off_recv * row_bytes
@@ -340,13 +203,13 @@ class AllToAllDispatcher(Dispatcher):
 
     def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         w_dst = ctx.weights if self.dedup else None
-        part = _Reduce.apply(y_ND, w_dst, ctx.dst_map, y_ND.dtype)
-        back = _AllToAll.apply(part, ctx.send_splits, ctx.recv_splits, self.group)
+        part = reduce_rows(y_ND, w_dst, ctx.dst_map, y_ND.dtype)
+        back = all_to_all_autograd(part, ctx.send_splits, ctx.recv_splits, self.group)
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self.bytes_sent += ctx.off_recv * row_bytes
         self.bytes_received += ctx.off_send * row_bytes
         w_src = None if self.dedup else ctx.weights
-        return _Reduce.apply(back, w_src, ctx.src_map, ctx.dtype)
+        return reduce_rows(back, w_src, ctx.src_map, ctx.dtype)
 
 
 # ---------------------------------------------------------------- all-gather
@@ -381,8 +244,8 @@ class AllGatherDispatcher(Dispatcher):
         dev = idx.device
         gid = idx if routing.kept_TK is None else torch.where(routing.kept_TK, idx, -1)
         meta = torch.cat([gid.float(), routing.weights_TK.float()], 1)
-        x_all = _AllGather.apply(x_TD, self.group)
-        meta_all = _AllGather.apply(meta, self.group)
+        x_all = all_gather_autograd(x_TD, self.group)
+        meta_all = all_gather_autograd(meta, self.group)
         gid_all = meta_all[:, :k].long()
         lid = gid_all - self.rank * El
         lid = torch.where((gid_all >= 0) & (lid >= 0) & (lid < El), lid, -1)
@@ -397,15 +260,15 @@ class AllGatherDispatcher(Dispatcher):
             )[:El]
             n_rows = int(tokens_per_expert.sum())  # host sync
         dst_map = _expert_rows(lid, src_U, P, El, C, n_rows)
-        x_ND = _Gather.apply(x_all, dst_map)
+        x_ND = gather_rows(x_all, dst_map)
         row_bytes = x_TD.shape[1] * x_TD.element_size()
         self.bytes_sent = self.bytes_received = (P - 1) * T * row_bytes
         self.meta_bytes_sent = (P - 1) * meta.numel() * meta.element_size()
         return x_ND, tokens_per_expert, AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype)
 
     def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:
-        part = _Reduce.apply(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)
-        out = _ReduceScatter.apply(part, self.group)
+        part = reduce_rows(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)
+        out = reduce_scatter_autograd(part, self.group)
         T = out.shape[0]
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self.bytes_sent += (self.ep - 1) * T * row_bytes

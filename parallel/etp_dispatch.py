@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from models.moe import Dispatcher
 from models.router import Routing
-from parallel.dispatch import _all_gather, _AllToAll
+from parallel.collectives import all_gather, all_to_all_autograd
 
 __all__ = ["ETPContext", "ETPDispatcher"]
 
@@ -62,7 +62,7 @@ class ETPDispatcher(Dispatcher):
 
     @property
     def meta_bytes_sent(self) -> int:
-        return getattr(self.inner, "meta_bytes_sent", 0)
+        return self.inner.meta_bytes_sent
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         x_ND, tpe_E, inner_ctx = self.inner.dispatch(x_TD, routing)
@@ -72,7 +72,7 @@ class ETPDispatcher(Dispatcher):
             counts_QE = torch.full((Q, El), n_inner // El, dtype=torch.long, device=dev)
             n_rows = [n_inner] * Q
         else:
-            counts_QE = _all_gather(tpe_E.view(1, El), self.group)
+            counts_QE = all_gather(tpe_E.view(1, El), self.group)
             n_rows = counts_QE.sum(1).tolist()  # the ETP host sync
         n_own, N = n_rows[self.rank], sum(n_rows)
         x_ND = x_ND[:n_own]  # drop the inner dispatcher's padding rows, if any
@@ -87,7 +87,7 @@ class ETPDispatcher(Dispatcher):
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(N, device=dev)
 
-        x_all = _AllToAll.apply(x_ND.repeat(Q, 1), n_rows, [n_own] * Q, self.group)
+        x_all = all_to_all_autograd(x_ND.repeat(Q, 1), n_rows, [n_own] * Q, self.group)
         row_bytes = x_ND.shape[1] * x_ND.element_size()
         self._sent = (Q - 1) * n_own * row_bytes
         self._received = (N - n_own) * row_bytes
@@ -96,7 +96,7 @@ class ETPDispatcher(Dispatcher):
 
     def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
         Q, n_own = self.etp, ctx.n_rows[self.rank]
-        parts = _AllToAll.apply(y_ND[ctx.inv_perm], [n_own] * Q, ctx.n_rows, self.group)
+        parts = all_to_all_autograd(y_ND[ctx.inv_perm], [n_own] * Q, ctx.n_rows, self.group)
         y_own = parts.view(Q, n_own, y_ND.shape[1]).float().sum(0).to(ctx.dtype)
         if ctx.n_inner > n_own:
             y_own = torch.cat([y_own, y_own.new_zeros(ctx.n_inner - n_own, y_own.shape[1])])

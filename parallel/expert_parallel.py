@@ -74,8 +74,7 @@ def apply_expert_parallel(
     layers = moe_layers(model)
     ep, etp = dims.ep, dims.etp
     for layer in layers:
-        if getattr(layer.experts, "ep_size", 1) != 1 or (
-                layer.experts.w1.shape[0] != layer.moe.num_experts):
+        if layer.experts.ep_size != 1 or layer.experts.w1.shape[0] != layer.moe.num_experts:
             raise RuntimeError("apply_expert_parallel was already applied to this model")
     if ep == 1 and etp == 1:
         return layers

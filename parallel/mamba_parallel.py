@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.mamba import MambaBlock
-from parallel.mot_parallel import TPRegion, _to_local, shard_parameter
+from parallel.mot_parallel import TPRegion, shard_parameter, to_local
 
 __all__ = ["apply_mamba_tensor_parallel"]
 
@@ -44,6 +44,6 @@ def apply_mamba_tensor_parallel(block: MambaBlock, tp_mesh: DeviceMesh, *,
     for name, dim in _SHARDS.items():
         shard_parameter(mixer, name, tp_mesh, dim)
     for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
-        lin.weight_fn = _to_local
-    mixer.local = _to_local
+        lin.weight_fn = to_local
+    mixer.local = to_local
     block.region = TPRegion(tp_mesh.get_group(), sequence_parallel)

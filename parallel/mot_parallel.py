@@ -28,11 +28,16 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from models.mot import ModalityLinear, MoTBlock, Region
-from parallel.dispatch import _AllGather, _ReduceScatter
-from parallel.token_group import _SumBackward, _SumForward
+from models.modality import ModalityLinear, Region
+from models.mot import MoTBlock
+from parallel.collectives import (
+    all_gather_autograd,
+    reduce_scatter_autograd,
+    sum_backward,
+    sum_forward,
+)
 
-__all__ = ["TPRegion", "apply_mot_tensor_parallel", "shard_parameter"]
+__all__ = ["TPRegion", "apply_mot_tensor_parallel", "shard_parameter", "to_local"]
 
 _COLUMN = ("attention.wq", "attention.wk", "attention.wv", "ffn.w1", "ffn.w3")
 _ROW = ("attention.wo", "ffn.w2")
@@ -50,13 +55,13 @@ class TPRegion(Region):
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         if self.sp:
-            return _seq_first(_AllGather.apply, x, self.group)
-        return _SumBackward.apply(x, self.group)
+            return _seq_first(all_gather_autograd, x, self.group)
+        return sum_backward(x, self.group)
 
     def exit(self, y: torch.Tensor) -> torch.Tensor:
         if self.sp:
-            return _seq_first(_ReduceScatter.apply, y, self.group)
-        return _SumForward.apply(y, self.group)
+            return _seq_first(reduce_scatter_autograd, y, self.group)
+        return sum_forward(y, self.group)
 
     def local(self, ids_BT: torch.Tensor) -> torch.Tensor:
         if not self.sp:
@@ -67,13 +72,15 @@ class TPRegion(Region):
         return self.shared_in(w) if self.sp else w
 
     def shared_in(self, w: torch.Tensor) -> torch.Tensor:
-        return _SumBackward.apply(w, self.group) if w.requires_grad else w
+        return sum_backward(w, self.group) if w.requires_grad else w
 
     def all_reduce(self, y: torch.Tensor) -> torch.Tensor:
-        return _SumBackward.apply(_SumForward.apply(y, self.group), self.group)
+        return sum_backward(sum_forward(y, self.group), self.group)
 
 
-def _to_local(w: torch.Tensor) -> torch.Tensor:
+def to_local(w: torch.Tensor) -> torch.Tensor:
+    """The rank's shard of a DTensor parameter (``ModalityLinear.weight_fn``, Mamba's
+    ``local``)."""
     return w.to_local()
 
 
@@ -94,5 +101,5 @@ def apply_mot_tensor_parallel(block: MoTBlock, tp_mesh: DeviceMesh, *,
         for name in names:
             shard_parameter(block, f"{name}.weight", tp_mesh, dim)
             lin: ModalityLinear = block.get_submodule(name)
-            lin.weight_fn = _to_local
+            lin.weight_fn = to_local
     block.region = TPRegion(tp_mesh.get_group(), sequence_parallel)

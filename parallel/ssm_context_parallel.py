@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from models.mamba import SequenceScan, causal_conv1d, selective_scan
-from parallel.dispatch import _all_gather, _AllGather
+from parallel.collectives import all_gather, all_gather_autograd
 
 __all__ = ["ContextParallelScan"]
 
@@ -44,7 +44,7 @@ class ContextParallelScan(SequenceScan):
 
     def _gather(self, parts: list[torch.Tensor], grad: bool) -> list[torch.Tensor]:
         x = torch.stack(parts).unsqueeze(0).contiguous()
-        g = _AllGather.apply(x, self.group) if grad else _all_gather(x.detach(), self.group)
+        g = all_gather_autograd(x, self.group) if grad else all_gather(x.detach(), self.group)
         return self._by_chunk(g)
 
     def _prev_docs(self, doc_ids: Optional[torch.Tensor], k: int):

@@ -14,43 +14,14 @@ import torch
 import torch.distributed as dist
 
 from models.router import TokenGroup
-from parallel.dispatch import _all_gather
+from parallel.collectives import all_gather, sum_backward, sum_forward
 
 __all__ = ["SeqChunkGroup", "gather_seq"]
 
 
 def gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     """All-gather along ``dim`` in group-rank order, no autograd."""
-    return _all_gather(x.detach().movedim(dim, 0), group).movedim(0, dim)
-
-
-class _SumForward(torch.autograd.Function):
-    """All-reduce (sum) in forward, identity in backward (see ``TokenGroup.all_sum``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return g, None
-
-
-class _SumBackward(torch.autograd.Function):
-    """Identity in forward, all-reduce (sum) of the gradient in backward."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+    return all_gather(x.detach().movedim(dim, 0), group).movedim(0, dim)
 
 
 class SeqChunkGroup(TokenGroup):
@@ -63,7 +34,7 @@ class SeqChunkGroup(TokenGroup):
         self.rank = dist.get_rank(group)
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        return _SumForward.apply(x, self.group)
+        return sum_forward(x, self.group)
 
     def gather_seq(self, x_BS: torch.Tensor) -> torch.Tensor:
         return gather_seq(x_BS, self.group)
@@ -74,4 +45,4 @@ class SeqChunkGroup(TokenGroup):
     def shared_param(self, w: torch.Tensor) -> torch.Tensor:
         if not w.requires_grad:
             return w
-        return _SumBackward.apply(w, self.group)
+        return sum_backward(w, self.group)

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
 
+from models.build import build_model
 from models.config import ModelConfig, MoEConfig
 from models.moe import LocalDispatcher, MoELayer
 from models.router import Routing, expert_capacity, rank_within_expert
-from models.transformer import build_model
 from parallel.dims import ParallelDims
 from parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from parallel.expert_parallel import apply_expert_parallel, gather_expert_weights

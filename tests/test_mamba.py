@@ -127,7 +127,7 @@ def test_mom_mixer_equals_naive_reference(untie):
     ref = copy.deepcopy(mixer)
     x = torch.randn(2, 20, 32)
     ids = torch.randint(0, 3, (2, 20))
-    from models.mot import ModalityRoute
+    from models.modality import ModalityRoute
 
     out = mixer(x, ModalityRoute.build(ids, 3))
     expect = naive_mixer(ref, x, ids)
@@ -187,7 +187,7 @@ def test_hybrid_moe_layers_are_the_E_letters():
     ffn = model.layers["1"].ffn
     assert isinstance(ffn.moe, MoELayer) and not ffn.dense and not hasattr(ffn, "w1")
     x = torch.randn(2, 12, 32)
-    from models.mot import ModalityRoute
+    from models.modality import ModalityRoute
 
     route = ModalityRoute.build(torch.zeros(2, 12, dtype=torch.long), 1)
     torch.testing.assert_close(ffn(x, route), ffn.moe(x))
@@ -235,7 +235,7 @@ def test_kernel_adapters_follow_the_kernels_contract(monkeypatch, docs):
     gradients when the kernels keep their documented contract; with packed documents the
     conv kernel gets them as seq_idx and the scan stays on the reference (no reset)."""
     from models import mamba_kernels
-    from models.mot import ModalityRoute
+    from models.modality import ModalityRoute
 
     used = []
     monkeypatch.setattr(mamba_kernels, "scan_kernel", lambda x: used.append("scan") or _fake_scan)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models import ModelConfig, build_model
 from models.config import DiffusionConfig, MoEConfig, MoTConfig
-from models.mot import ModalityRoute
+from models.modality import ModalityRoute
 
 
 def _cfg(untie="all", modalities=("text", "image", "speech"), qk_norm=True, patch_dim=0,

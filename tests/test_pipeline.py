@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.build import build_model
 from models.config import ModelConfig, MoEConfig
-from models.transformer import build_model
 from parallel.pipeline import (
     PipelineSplit,
     bubble_fraction,

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
+from models.build import build_model
 from models.config import ModelConfig, MoEConfig
-from models.transformer import build_model
 from parallel.dims import ParallelDims
 from parallel.tensor_parallel import (
     apply_tensor_parallel,

@@ -226,13 +226,13 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def _validate_mot(m: ModelConfig) -> None:
-    from models.mot import UNTIE
+    from models.modality import UNTIE
 
     _choice("model.mot.untie", m.mot.untie, UNTIE)
     if not m.mot.modalities:
         raise ConfigError("model.mot.modalities must name at least one modality")
     if m.mot.moe_modality:
-        from models.mot import untied_parts
+        from models.modality import untied_parts
 
         if m.mot.moe_modality not in m.mot.modalities:
             raise ConfigError(f"model.mot.moe_modality={m.mot.moe_modality!r} is not one of "

@@ -1,0 +1,136 @@
+"""Deterministic token permutation: the gathers every MoE dispatcher is built from.
+
+A :class:`SlotMap` links M *sources* with S *slots* each to R *rows*: slot (m, s) feeds
+row ``row_MS[m, s]`` (-1: none), a row is fed by at most one slot, and rows fed by none
+are padding (zeros). For ``models.moe.LocalDispatcher`` the sources are the T tokens and
+the slots their k assignments; for the expert-parallel dispatchers (parallel/dispatch.py)
+they are also the units sent to or received from other ranks.
+
+- :func:`gather_rows` (``x_R = x_M[source of each row]``) and :func:`reduce_rows` (``out_M =
+  sum_s w_MS * y_R[row of slot (m, s)]`` in fp32) have hand-written backwards that sum a
+  source's slots in fp32 in slot order: no atomics, no index_add, so gradients are
+  deterministic on every device.
+- :func:`group_rows` builds the map that sorts slots into rows grouped by a group id (an
+  expert): a stable argsort, so within a group rows keep (source, slot) order; with a
+  capacity C the rows are the static ``[groups, C]`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["SlotMap", "gather_rows", "group_rows", "reduce_rows"]
+
+
+@dataclass
+class SlotMap:
+    """M sources with S slots each <-> R rows (see the module docstring)."""
+
+    row_MS: torch.Tensor
+    slot_R: torch.Tensor  # flat slot m*S + s feeding each row (0 for padding)
+    valid_R: Optional[torch.Tensor]  # None = every row is fed
+
+    @classmethod
+    def build(cls, row_MS: torch.Tensor, num_rows: int, dense: bool) -> SlotMap:
+        """``dense``: every row is fed by some slot (no padding rows to zero)."""
+        flat = row_MS.flatten()
+        dev = flat.device
+        tgt = torch.where(flat >= 0, flat, num_rows)  # unused slots write a trash row
+        slot = torch.zeros(num_rows + 1, dtype=torch.long, device=dev)
+        slot.index_put_((tgt,), torch.arange(flat.numel(), device=dev))
+        valid = None
+        if not dense:
+            valid = torch.zeros(num_rows + 1, dtype=torch.bool, device=dev)
+            valid = valid.index_put_((tgt,), torch.ones_like(tgt, dtype=torch.bool))[:num_rows]
+        return cls(row_MS, slot[:num_rows], valid)
+
+
+def group_rows(
+    group_MS: torch.Tensor,
+    num_groups: int,
+    num_rows: int,
+    capacity: Optional[int] = None,
+    dense: bool = True,
+) -> SlotMap:
+    """Slots -> rows grouped by ``group_MS`` (group id of every slot, -1 = none): group g's
+    rows are consecutive, in (source, slot) order (a stable argsort). With ``capacity``
+    C, group g owns rows ``g*C .. g*C + C - 1`` (at most C slots per group). ``dense``:
+    every one of the ``num_rows`` rows is fed."""
+    valid = group_MS >= 0
+    key = torch.where(valid, group_MS, num_groups).flatten()
+    order = torch.argsort(key, stable=True)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    row = pos
+    if capacity is not None:
+        counts = torch.bincount(key, minlength=num_groups + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        row = key * capacity + (pos - starts[key]).clamp(max=capacity - 1)
+    row_MS = torch.where(valid, row.view_as(group_MS), -1)
+    return SlotMap.build(row_MS, num_rows, dense=dense)
+
+
+def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    x_R = x_M[m.slot_R // m.row_MS.shape[1]]
+    if m.valid_R is not None:
+        x_R = x_R.masked_fill(~m.valid_R.unsqueeze(1), 0)
+    return x_R
+
+
+def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    R = t_R.shape[0]
+    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
+    return pad[torch.where(m.row_MS >= 0, m.row_MS, R)]
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
+        ctx.m = m
+        return _fan_out(x_M, m)
+
+    @staticmethod
+    def backward(ctx, g_R: torch.Tensor):
+        return _slots(g_R, ctx.m).float().sum(1).to(g_R.dtype), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
+        ctx.m = m
+        ctx.save_for_backward(y_R, w_MS)
+        y = _slots(y_R, m).float()
+        out = y.sum(1) if w_MS is None else torch.einsum("msd,ms->md", y, w_MS)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g_M):
+        y_R, w_MS = ctx.saved_tensors
+        m, g = ctx.m, g_M.float()
+        g_y = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_y = _fan_out(g, m)
+            if w_MS is not None:
+                g_y = g_y * w_MS.flatten()[m.slot_R].unsqueeze(1)
+            g_y = g_y.to(y_R.dtype)
+        if w_MS is not None and ctx.needs_input_grad[1]:
+            g_w = torch.einsum("msd,md->ms", _slots(y_R, m).float(), g)
+        return g_y, g_w, None, None
+
+
+def gather_rows(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """``x_R = x_M[source of each row]`` (padding rows zero). Backward: each source's
+    gradient is the sum of its slots' rows, in fp32, in slot order."""
+    return _Gather.apply(x_M, m)
+
+
+def reduce_rows(
+    y_R: torch.Tensor, w_MS: Optional[torch.Tensor], m: SlotMap, dtype: torch.dtype
+) -> torch.Tensor:
+    """``out_M = sum_s w_MS * y_R[row of slot (m, s)]`` accumulated in fp32 (``w_MS`` None:
+    weight 1; unused slots add nothing), cast to ``dtype``. Backward in fp32 too."""
+    return _Reduce.apply(y_R, w_MS, m, dtype)
