@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import all_reduce_sum
+
 ORDER = "tp-cp-ep-dp-pp"  # fastest-varying first, as Megatron-Core's default
 DENSE_DIMS = ("pp", "dp", "cp", "tp")
 EXPERT_DIMS = ("pp", "edp", "ep", "etp")
@@ -210,7 +212,6 @@ class ParallelDims:
 
         Every rank must call this, in the same order, after ``init_process_group``.
         """
-        import torch.distributed as dist
         from torch.distributed.device_mesh import DeviceMesh
 
         if not dist.is_initialized():
@@ -269,9 +270,7 @@ class ParallelDims:
         when the group has one rank). The one place the trainer-facing code all-reduces."""
         if self.size(name) == 1:
             return x
-        x = x.clone()
-        dist.all_reduce(x, group=self.group(name))
-        return x
+        return all_reduce_sum(x, self.group(name))
 
     # ---------------------------------------------------------------- human view
     def describe(self, max_rows: int = 16) -> str:

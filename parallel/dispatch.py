@@ -108,8 +108,6 @@ class AllToAllDispatcher(Dispatcher):
         self.group, self.num_experts, self.dedup = ep_group, num_experts, dedup
         self.ep = dist.get_world_size(ep_group)
         self.rank = dist.get_rank(ep_group)
-        if num_experts % self.ep:
-            raise ValueError(f"num_experts={num_experts} is not divisible by EP size {self.ep}")
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
 
@@ -231,8 +229,6 @@ class AllGatherDispatcher(Dispatcher):
         self.group, self.num_experts = ep_group, num_experts
         self.ep = dist.get_world_size(ep_group)
         self.rank = dist.get_rank(ep_group)
-        if num_experts % self.ep:
-            raise ValueError(f"num_experts={num_experts} is not divisible by EP size {self.ep}")
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
 
@@ -277,9 +273,8 @@ class AllGatherDispatcher(Dispatcher):
 
 
 def make_dispatcher(kind: str, ep_group, num_experts: int, dedup: bool = True) -> Dispatcher:
-    """``kind``: alltoall | allgather."""
-    if kind == "alltoall":
-        return AllToAllDispatcher(ep_group, num_experts, dedup=dedup)
+    """``kind``: alltoall | allgather (``parallel.expert_parallel.DISPATCHERS``); the EP
+    group size must divide ``num_experts`` (``check_expert_parallel``)."""
     if kind == "allgather":
         return AllGatherDispatcher(ep_group, num_experts)
-    raise ValueError(f"dispatcher={kind!r} is not one of 'alltoall', 'allgather'")
+    return AllToAllDispatcher(ep_group, num_experts, dedup=dedup)

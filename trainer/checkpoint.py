@@ -19,8 +19,8 @@ another (DCP reshards).
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import random
 import re
 import shutil
