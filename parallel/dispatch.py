@@ -135,6 +135,9 @@ class AllToAllDispatcher(Dispatcher):
         return kept, dest, first, is_unit, member, pos.view(T, k), counts
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        """Steps 1-4 of the module docstring. One function (over 60 lines) on purpose: the
+        layer's only host sync must come after every size-independent device op, and that
+        order is only visible when the steps stand together."""
         _check(routing, self.num_experts, self.ep)
         P, El, E = self.ep, self.n_local, self.num_experts
         idx = routing.expert_idx_TK

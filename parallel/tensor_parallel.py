@@ -58,8 +58,12 @@ from torch.distributed.tensor.parallel import (
 
 from models.layers import FeedForward
 from models.loss import lm_loss_sum, weighted_sum
+from models.mamba import MambaBlock
 from models.moe import MoELayer
+from models.mot import MoTBlock
 from parallel.dims import divisors
+from parallel.mamba_parallel import apply_mamba_tensor_parallel
+from parallel.mot_parallel import apply_mot_tensor_parallel
 from parallel.token_group import SeqChunkGroup
 
 __all__ = [
@@ -139,14 +143,30 @@ def apply_tensor_parallel(
     tp = tp_mesh.size()
     check_heads(model.cfg.num_heads, model.cfg.num_kv_heads, tp, max_tp=tp_mesh.size())
     sp = sequence_parallel
-    # The residual stream between TP regions: sequence-sharded local tensors (SP) or full
-    # tensors, identical on every TP rank (plain TP).
-    stream = Shard(1) if sp else Replicate()
+    _apply_ends_plan(model, tp_mesh, sp, src_data_rank)
+    for block in model.layers.values():
+        if isinstance(block, MoTBlock):  # per-modality projections: parallel/mot_parallel.py
+            apply_mot_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
+        elif isinstance(block, MambaBlock):  # d_inner split: parallel/mamba_parallel.py
+            apply_mamba_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
+        else:
+            parallelize_module(block, tp_mesh, _block_plan(block, tp_mesh, sp),
+                               src_data_rank=src_data_rank)
+    _grads_like_params(model)
+    return model
 
-    def region_input() -> PrepareModuleInput:
-        # One Replicate DTensor feeds every column-parallel linear of the region.
-        return PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),))
 
+def _stream(sp: bool):
+    """The residual stream between TP regions: sequence-sharded local tensors (SP) or full
+    tensors, identical on every TP rank (plain TP)."""
+    return Shard(1) if sp else Replicate()
+
+
+def _apply_ends_plan(model: nn.Module, tp_mesh: DeviceMesh, sp: bool,
+                     src_data_rank: Optional[int]) -> None:
+    """The embedding (vocab-parallel), the final norm (SP) and the head (vocab-sharded
+    logits) of the stage, where it holds them."""
+    stream = _stream(sp)
     plan: dict[str, object] = {}
     if getattr(model, "tok_embeddings", None) is not None:
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
@@ -159,7 +179,7 @@ def apply_tensor_parallel(
     if plan:
         parallelize_module(model, tp_mesh, plan, src_data_rank=src_data_rank)
     if sp and getattr(model, "tok_embeddings", None) is not None:
-        model.register_forward_pre_hook(partial(_check_seq_len, tp))
+        model.register_forward_pre_hook(partial(_check_seq_len, tp_mesh.size()))
     if (
         getattr(model, "output", None) is None
         and getattr(model, "tie_embeddings", False)
@@ -168,71 +188,62 @@ def apply_tensor_parallel(
     ):
         _make_tied_head_input_replicated(model.norm, tp_mesh)
 
-    from models.mamba import MambaBlock
-    from models.mot import MoTBlock
 
-    for block in model.layers.values():
-        if isinstance(block, MoTBlock):  # per-modality projections: parallel/mot_parallel.py
-            from parallel.mot_parallel import apply_mot_tensor_parallel
-
-            apply_mot_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
-            continue
-        if isinstance(block, MambaBlock):  # d_inner split: parallel/mamba_parallel.py
-            from parallel.mamba_parallel import apply_mamba_tensor_parallel
-
-            apply_mamba_tensor_parallel(block, tp_mesh, sequence_parallel=sp)
-            continue
-        bplan: dict[str, object] = {
-            "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
-                input_layouts=(stream, None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
-            ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=stream),
-        }
+def _block_plan(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> dict[str, object]:
+    """The plan of a transformer block: attention heads split, the FFN column/row-parallel,
+    or an MoE layer whose tokens are split over the TP ranks."""
+    stream = _stream(sp)
+    bplan: dict[str, object] = {
+        "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
+            input_layouts=(stream, None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=stream),
+    }
+    if sp:
+        bplan["attention_norm"] = SequenceParallel()
+        bplan["ffn_norm"] = SequenceParallel()
+    ffn = block.ffn
+    if isinstance(ffn, FeedForward):
+        # One Replicate DTensor feeds every column-parallel linear of the region.
+        bplan["ffn"] = PrepareModuleInput(input_layouts=(stream,),
+                                          desired_input_layouts=(Replicate(),))
+        bplan.update(_mlp_plan("ffn", output_layout=stream))
+    elif isinstance(ffn, MoELayer):
+        # Token split: each TP rank routes its own 1/tp of every sequence (under SP the
+        # chunk it already holds; under plain TP cut from the replicated stream, and
+        # the outputs all-gathered back). Router statistics and capacity are reduced
+        # over the TP group, routed experts reduce over edp (which contains the TP
+        # ranks); the router and shared-gate weights are plain tensors whose
+        # gradients are summed over TP by ``SeqChunkGroup.shared_param``.
         if sp:
-            bplan["attention_norm"] = SequenceParallel()
-            bplan["ffn_norm"] = SequenceParallel()
-        ffn = block.ffn
-        if isinstance(ffn, FeedForward):
-            bplan["ffn"] = region_input()
-            bplan.update(_mlp_plan("ffn", output_layout=stream))
-        elif isinstance(ffn, MoELayer):
-            # Token split: each TP rank routes its own 1/tp of every sequence (under SP the
-            # chunk it already holds; under plain TP cut from the replicated stream, and
-            # the outputs all-gathered back). Router statistics and capacity are reduced
-            # over the TP group, routed experts reduce over edp (which contains the TP
-            # ranks); the router and shared-gate weights are plain tensors whose
-            # gradients are summed over TP by ``SeqChunkGroup.shared_param``.
-            if sp:
-                bplan["ffn"] = PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                    use_local_output=True,
-                )
-            else:
-                bplan["ffn"] = PrepareModuleInputOutput(
-                    input_layouts=(Replicate(),),
-                    desired_input_layouts=(Shard(1),),
-                    use_local_input=True,
-                    output_layouts=(Shard(1),),
-                    desired_output_layouts=(Replicate(),),
-                    use_local_output=True,
-                )
-            ffn.token_group = SeqChunkGroup(tp_mesh.get_group())
-            if ffn.shared_experts is not None:
-                # Inside the MoE layer the tokens are this rank's [B*T/tp, D] rows: the
-                # shared experts are a sequence-parallel MLP over them.
-                bplan["ffn.shared_experts"] = PrepareModuleInput(
-                    input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)
-                )
-                bplan.update(_mlp_plan("ffn.shared_experts", output_layout=Shard(0)))
+            bplan["ffn"] = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                use_local_output=True,
+            )
         else:
-            raise TypeError(f"apply_tensor_parallel: no TP plan for ffn {type(ffn).__name__}")
-        parallelize_module(block, tp_mesh, bplan, src_data_rank=src_data_rank)
-    _grads_like_params(model)
-    return model
+            bplan["ffn"] = PrepareModuleInputOutput(
+                input_layouts=(Replicate(),),
+                desired_input_layouts=(Shard(1),),
+                use_local_input=True,
+                output_layouts=(Shard(1),),
+                desired_output_layouts=(Replicate(),),
+                use_local_output=True,
+            )
+        ffn.token_group = SeqChunkGroup(tp_mesh.get_group())
+        if ffn.shared_experts is not None:
+            # Inside the MoE layer the tokens are this rank's [B*T/tp, D] rows: the
+            # shared experts are a sequence-parallel MLP over them.
+            bplan["ffn.shared_experts"] = PrepareModuleInput(
+                input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)
+            )
+            bplan.update(_mlp_plan("ffn.shared_experts", output_layout=Shard(0)))
+    else:
+        raise TypeError(f"apply_tensor_parallel: no TP plan for ffn {type(ffn).__name__}")
+    return bplan
 
 
 def _grads_like_params(model: nn.Module) -> None:

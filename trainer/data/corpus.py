@@ -214,6 +214,44 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> str:
     return os.path.abspath(os.path.expanduser(value))
 
 
+def _build_corpus(out_dir: str, vocab_size: int, tokenizer_model: str | None,
+                  stdlib_docstrings: bool, corpus_hash: str) -> None:
+    """Tokenizer (copied or trained), indexed dataset ``pydoc`` and ``meta.json`` (written
+    last: it marks the build complete) in ``out_dir``."""
+    t0 = time.perf_counter()
+    docs = builtin_documents(stdlib_docstrings)
+    if tokenizer_model:
+        shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    else:
+        try:
+            proto = train_tokenizer(
+                document_lines(docs), vocab_size, "bpe", source="the builtin corpus"
+            )
+        except DataError as err:
+            raise ConfigError(f"data.builtin_vocab_size={vocab_size}: {err}") from None
+        with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+            f.write(proto)
+    tok = Tokenizer(os.path.join(out_dir, "tokenizer.model"))
+    n_docs, n_tokens = write_indexed_dataset(
+        os.path.join(out_dir, "pydoc"),
+        tok.encode_batch(docs),
+        vocab_size=tok.vocab_size,
+        eod=tok.eod,
+    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "corpus_sha256": corpus_hash,
+        "documents": n_docs,
+        "chars": sum(map(len, docs)),
+        "tokens": n_tokens,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.sha256,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
 def prepare_builtin_corpus(
     cache_dir: str | os.PathLike,
     vocab_size: int = 2048,
@@ -252,38 +290,7 @@ def prepare_builtin_corpus(
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-pydoc-{key}-", dir=cache_dir)
     try:
-        t0 = time.perf_counter()
-        docs = builtin_documents(stdlib_docstrings)
-        if tokenizer_model:
-            shutil.copyfile(tokenizer_model, os.path.join(tmp, "tokenizer.model"))
-        else:
-            try:
-                proto = train_tokenizer(
-                    document_lines(docs), vocab_size, "bpe", source="the builtin corpus"
-                )
-            except DataError as err:
-                raise ConfigError(f"data.builtin_vocab_size={vocab_size}: {err}") from None
-            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-                f.write(proto)
-        tok = Tokenizer(os.path.join(tmp, "tokenizer.model"))
-        n_docs, n_tokens = write_indexed_dataset(
-            os.path.join(tmp, "pydoc"),
-            tok.encode_batch(docs),
-            vocab_size=tok.vocab_size,
-            eod=tok.eod,
-        )
-        meta = {
-            "format": FORMAT_VERSION,
-            "corpus_sha256": corpus_hash,
-            "documents": n_docs,
-            "chars": sum(map(len, docs)),
-            "tokens": n_tokens,
-            "vocab_size": tok.vocab_size,
-            "tokenizer_sha256": tok.sha256,
-            "build_seconds": round(time.perf_counter() - t0, 3),
-        }
-        with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks complete
-            json.dump(meta, f, indent=1)
+        _build_corpus(tmp, vocab_size, tokenizer_model, stdlib_docstrings, corpus_hash)
         _publish_dir(tmp, final, "meta.json")
     finally:
         if os.path.isdir(tmp):

@@ -202,29 +202,10 @@ class PretrainData:
         ]
 
 
-def build_indexed(
-    cfg_data: Any,
-    *,
-    seq_len: int,
-    seed: int,
-    global_batch_size: int,
-    train_samples: int,
-    valid_samples: int,
-    model_cfg: Any,
-    rank: int = 0,
-    world_size: int = 1,
-) -> PretrainData:
-    """Resolve ``cfg.data`` (a DataConfig or its DictConfig; source builtin or indexed)
-    into train/valid datasets. Of ``model_cfg`` only ``vocab_size`` is read.
-
-    Works in a single process (torch.distributed not initialised) and in every rank of an
-    initialised job; index caches are built by rank 0 first, the others load them.
-    """
-    # Every rank builds the datasets (the DP layout is chosen per call of
-    # train_microbatches); with torch.distributed initialised, rank 0 builds caches first.
-    del rank, world_size
-    model_vocab_size = model_cfg.vocab_size
-    cache_dir = resolve_cache_dir(cfg_data.cache_dir)
+def _sources(cfg_data: Any, cache_dir: str, model_vocab_size: int
+             ) -> tuple[list[str], list[float] | None, Tokenizer]:
+    """The dataset prefixes, their blend weights and the tokenizer (the builtin corpus is
+    prepared on first use)."""
     tokenizer_model = str(cfg_data.tokenizer_model or "")
     if cfg_data.source == "builtin":
         vocab = int(cfg_data.builtin_vocab_size)
@@ -246,14 +227,18 @@ def build_indexed(
             )
     else:
         raise ConfigError(f"data.source={cfg_data.source!r} is not one of 'builtin', 'indexed'")
-
     tokenizer = Tokenizer(tokenizer_model)
     if tokenizer.vocab_size > model_vocab_size:
         raise ConfigError(
             f"data tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={model_vocab_size}"
         )
+    return prefixes, weights, tokenizer
 
-    split = str(cfg_data.split)
+
+def _check_split(split: str, prefixes: list[str], valid_samples: int,
+                 global_batch_size: int) -> int:
+    """Check that ``data.split`` leaves train (and, when asked for, valid) documents in
+    every dataset; returns the number of valid samples to build."""
     matrix = _split_matrix(split)
     valid_size = 0
     if matrix[1] is not None:
@@ -269,8 +254,13 @@ def build_indexed(
                     f"data.split={split!r} leaves no {name} documents in {prefix} ({n} "
                     "documents); use more data or another split"
                 )
+    return valid_size
 
-    document_mask = bool(getattr(cfg_data, "document_mask", False))
+
+def _gpt_datasets(prefixes, weights, tokenizer, split: str, *, seed: int, seq_len: int,
+                  cache_dir: str, document_mask: bool, sizes: list[int]):
+    """Megatron-Core's blended GPT train/valid datasets (index caches under
+    ``cache_dir/indices``)."""
     mcore = mcore_datasets()
     builder_mod, gpt_mod = mcore.blended_megatron_dataset_builder, mcore.gpt_dataset
     config = gpt_mod.GPTDatasetConfig(
@@ -286,7 +276,7 @@ def build_indexed(
         create_attention_mask=False,
     )
     builder = builder_mod.BlendedMegatronDatasetBuilder(
-        gpt_mod.GPTDataset, [int(train_samples), valid_size, 0], lambda: True, config
+        gpt_mod.GPTDataset, sizes, lambda: True, config
     )
     guard = (
         contextlib.nullcontext()
@@ -296,6 +286,39 @@ def build_indexed(
     with guard, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Building a BlendedDataset for a single ..." etc.
         train_ds, valid_ds, _ = builder.build()
+    return train_ds, valid_ds
+
+
+def build_indexed(
+    cfg_data: Any,
+    *,
+    seq_len: int,
+    seed: int,
+    global_batch_size: int,
+    train_samples: int,
+    valid_samples: int,
+    model_cfg: Any,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PretrainData:
+    """Resolve ``cfg.data`` (a DataConfig or its DictConfig; source builtin or indexed)
+    into train/valid datasets. Of ``model_cfg`` only ``vocab_size`` is read.
+
+    Works in a single process (torch.distributed not initialised) and in every rank of an
+    initialised job; index caches are built by rank 0 first, the others load them.
+    """
+    # Every rank builds the datasets (the DP layout is chosen per call of
+    # train_microbatches); with torch.distributed initialised, rank 0 builds caches first.
+    del rank, world_size
+    cache_dir = resolve_cache_dir(cfg_data.cache_dir)
+    prefixes, weights, tokenizer = _sources(cfg_data, cache_dir, model_cfg.vocab_size)
+    split = str(cfg_data.split)
+    valid_size = _check_split(split, prefixes, valid_samples, global_batch_size)
+    document_mask = bool(getattr(cfg_data, "document_mask", False))
+    train_ds, valid_ds = _gpt_datasets(prefixes, weights, tokenizer, split, seed=seed,
+                                       seq_len=seq_len, cache_dir=cache_dir,
+                                       document_mask=document_mask,
+                                       sizes=[int(train_samples), valid_size, 0])
     data = PretrainData(
         tokenizer=tokenizer,
         train_dataset=train_ds,
