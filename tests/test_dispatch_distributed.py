@@ -22,10 +22,13 @@ from models.moe import LocalDispatcher, MoELayer
 from models.router import Routing, expert_capacity, rank_within_expert
 from parallel.dims import ParallelDims
 from parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
-from parallel.expert_parallel import apply_expert_parallel, gather_expert_weights
+from parallel.expert_parallel import (
+    apply_expert_parallel,
+    check_expert_parallel,
+    gather_expert_weights,
+)
 from parallel.token_group import SeqChunkGroup
 from tests.distributed_utils import spawn
-from trainer.errors import ConfigError
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -222,7 +225,13 @@ def _check_layers(dims: ParallelDims, rank: int) -> None:
             tag = f"{mode} {kind} dedup={dedup} ep{P} etp{Q}"
             torch.testing.assert_close(out, out_ref, **TOL, msg=tag)
             for n, a, b in zip(["x"] + names, got, want):
-                torch.testing.assert_close(a, b, **TOL, msg=f"{tag} grad {n}")
+                # The EP gradient sums the same terms in another order (per rank, then the
+                # all-reduce): fp32 rounding scales with the gradient's magnitude (an
+                # experts.w2 gradient of max 17 differed by 1.3e-6 on one CPU model).
+                scale = max(1.0, float(b.abs().max()))
+                torch.testing.assert_close(
+                    a, b, rtol=TOL["rtol"], atol=TOL["atol"] * scale,
+                    msg=lambda m, tag=tag, n=n: f"{tag} grad {n}: {m}")
             assert layer.dispatcher.bytes_sent > 0  # every rank sends rows to its peers
 
 
@@ -332,19 +341,17 @@ def test_spawn_fails_fast():
         spawn(_fail_or_hang, 2, True, timeout_s=5)
 
 
-def test_apply_expert_parallel_rejects_bad_layouts():
+def test_check_expert_parallel_rejects_bad_layouts():
+    # parallel/ raises plain ValueErrors; trainer.config turns them into ConfigErrors
+    with pytest.raises(ValueError, match=r"parallel\.etp=3 does not divide .*=8"):
+        check_expert_parallel(E, FFN, 1, 3, "alltoall")
+    with pytest.raises(ValueError, match=r"parallel\.ep=3 does not divide .*=8 \(valid: 1, 2, 4, 8\)"):
+        check_expert_parallel(E, FFN, 3, 1, "alltoall")
+    with pytest.raises(ValueError, match="dispatcher='ring'"):
+        check_expert_parallel(E, FFN, 1, 1, "ring")
+    check_expert_parallel(E, FFN, 2, 2, "allgather")  # fine
     layer = MoELayer(ModelConfig(hidden_size=D, moe=MoEConfig(
         num_experts=E, top_k=2, expert_ffn_hidden_size=FFN)))
-    etp = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=1, etp=3), 3)
-    with pytest.raises(ConfigError, match=r"parallel\.etp=3 does not divide .*=8"):
-        apply_expert_parallel(layer, etp)
-    ep3 = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=3, etp=1), 3)
-    with pytest.raises(
-        ConfigError, match=r"parallel\.ep=3 does not divide .*=8 \(valid ep: 1, 2, 4, 8\)"
-    ):
-        apply_expert_parallel(layer, ep3)
     one = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=1, etp=1), 2)
-    with pytest.raises(ConfigError, match="dispatcher='ring'"):
-        apply_expert_parallel(layer, one, "ring")
     apply_expert_parallel(layer, one)  # ep=1: nothing to shard, LocalDispatcher stays
     assert isinstance(layer.dispatcher, LocalDispatcher) and layer.experts.w1.shape[0] == E
