@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.moe import MoELayer
+from models.moe import MoELayer, set_aux_loss_scale
 from parallel.dims import ParallelDims
 
 __all__ = ["MoEStats"]
@@ -46,8 +46,7 @@ class MoEStats:
             raise RuntimeError(f"{len(self.layers)} MoE layers but MoE blocks {self.rows}")
         # The objective is a sum over micro-batches and dp ranks of per-micro-batch terms
         # normalised by the global batch: each micro-batch's aux losses weigh 1/(m * dp).
-        for layer in self.layers:
-            layer.aux_loss_scale = 1.0 / (num_micro * dims.dp_size)
+        set_aux_loss_scale(model, 1.0 / (num_micro * dims.dp_size))
         self._bytes_sent = 0  # host int: no device sync
 
     def count_dispatch(self, micro_batches: int = 1) -> None:
