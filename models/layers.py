@@ -21,7 +21,6 @@ from torch import nn
 
 from models.config import ModelConfig
 
-
 Index = tuple[slice, ...]
 Fill = Callable[[torch.Tensor, Index, tuple[int, ...]], None]
 """``fill(out, index, shape)``: write into the plain tensor ``out`` the elements ``index``

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.layers import Attention, FeedForward
+from models.layers import FeedForward
 from models.mamba import MambaBlock
 from models.moe import MoELayer
 from models.mot import MoTBlock

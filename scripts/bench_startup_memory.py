@@ -79,8 +79,8 @@ def main() -> None:
         if world == 1:
             single = res[0]
         rows.append((name, world, res[0]["global"], max(r["local"] for r in res), base, peak))
-    print(f"| layout | ranks | params (global) | params / rank (max) | base RSS MiB | "
-          f"peak RSS MiB / rank (max) | 1-process peak / rank peak | same, above base |")
+    print("| layout | ranks | params (global) | params / rank (max) | base RSS MiB | "
+          "peak RSS MiB / rank (max) | 1-process peak / rank peak | same, above base |")
     print("|---|---|---|---|---|---|---|---|")
     for name, world, g, loc, base, peak in rows:
         ratio = single["peak"] / peak if single else float("nan")
