@@ -73,9 +73,8 @@ class PatchIO(nn.Module):
             lin = getattr(self, name)
             std = init.out_std if name in ("time_out", "patch_out") else init.std
             init.normal_(lin.weight, f"{prefix}.{name}.weight", std)
-            if lin.bias is not None and not lin.bias.is_meta:
-                with torch.no_grad():
-                    lin.bias.zero_()
+            if lin.bias is not None:
+                init.constant_(lin.bias, 0.0)
 
 
 @torch.no_grad()

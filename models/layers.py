@@ -21,32 +21,110 @@ from torch import nn
 
 from models.config import ModelConfig
 
+Index = tuple[slice, ...]
+Fill = Callable[[torch.Tensor, Index, tuple[int, ...]], None]
+"""``fill(out, index, shape)``: write into the plain tensor ``out`` the elements ``index``
+(one slice per dim, ``out.shape`` its lengths) of the initial value of a tensor of shape
+``shape``. Every way a tensor is initialised is a ``Fill``, so a rank can fill its shard
+of a tensor it never holds whole (parallel/sharded_init.py)."""
+Locate = Callable[[torch.Tensor], Optional[tuple[torch.Tensor, Index, tuple[int, ...]]]]
+
+
+def locate_whole(t: torch.Tensor) -> Optional[tuple[torch.Tensor, Index, tuple[int, ...]]]:
+    """The default ``Locate``: a plain tensor holds all of its value (None: on meta)."""
+    if t.is_meta:
+        return None
+    return t, tuple(slice(0, n) for n in t.shape), tuple(t.shape)
+
 
 class Initializer:
-    """Seeded normal/constant fills keyed by tensor name (see module docstring)."""
+    """Seeded normal/uniform/constant fills keyed by tensor name (see module docstring).
 
-    def __init__(self, base_seed: int, std: float, out_std: float):
+    ``locate(t)`` says which part of ``t``'s value the process holds and where: the
+    default is all of it (``t`` itself); ``parallel/`` passes one that maps a DTensor to
+    its local shard and that shard's index in the global tensor. A random fill draws the
+    whole tensor from its own generator — directly into ``t`` when it is held whole, else
+    into one temporary full tensor that the held slice is copied from (one full tensor at
+    a time, never the model); a constant or computed fill writes only the slice."""
+
+    def __init__(self, base_seed: int, std: float, out_std: float,
+                 locate: Optional[Locate] = None):
         self.base_seed = base_seed
         self.std = std  # linears, embeddings, router
         self.out_std = out_std  # output projections of each block (wo, w2)
+        self.locate = locate or locate_whole
 
     def seed(self, name: str) -> int:
         digest = hashlib.blake2b(f"{self.base_seed}:{name}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
-    @torch.no_grad()
-    def normal_(self, t: torch.Tensor, name: str, std: float) -> None:
-        if t.is_meta:
-            return
-        gen = torch.Generator(device=t.device).manual_seed(self.seed(name))
-        t.normal_(0.0, std, generator=gen)
+    # -- fills (values, independent of where they are written) --------------------
+    def drawn(self, name: str, draw: Callable[[torch.Tensor, torch.Generator], None]) -> Fill:
+        """A random fill: ``draw(full, generator)`` on the tensor's full shape, with the
+        generator seeded from ``name``."""
+        def fill(out: torch.Tensor, index: Index, shape: tuple[int, ...]) -> None:
+            gen = torch.Generator(device=out.device).manual_seed(self.seed(name))
+            if tuple(out.shape) == tuple(shape):  # held whole: draw in place
+                draw(out, gen)
+                return
+            full = torch.empty(shape, dtype=out.dtype, device=out.device)
+            draw(full, gen)
+            out.copy_(full[index])
+        return fill
 
+    def normal(self, name: str, std: float) -> Fill:
+        return self.drawn(name, lambda t, gen: t.normal_(0.0, std, generator=gen))
+
+    def uniform(self, name: str, low: float, high: float) -> Fill:
+        return self.drawn(name, lambda t, gen: t.uniform_(low, high, generator=gen))
+
+    @staticmethod
+    def constant(value: float) -> Fill:
+        return lambda out, index, shape: out.fill_(value)
+
+    @staticmethod
+    def rows(row: Callable[[int], Fill]) -> Fill:
+        """A tensor whose rows (dim 0) are filled independently: ``row(i)`` fills row i
+        (e.g. one expert, one modality); only the held rows are generated."""
+        def fill(out: torch.Tensor, index: Index, shape: tuple[int, ...]) -> None:
+            r = index[0]
+            for i in range(r.start, r.stop):
+                row(i)(out[i - r.start], index[1:], shape[1:])
+        return fill
+
+    @staticmethod
+    def narrowed(fill: Fill, dim: int, offset: int, full: int) -> Fill:
+        """The slice ``offset : offset + n`` along ``dim`` of a tensor whose ``dim`` has
+        ``full`` elements and whose value ``fill`` gives (expert tensor parallelism)."""
+        def sub(out: torch.Tensor, index: Index, shape: tuple[int, ...]) -> None:
+            if shape[dim] == full:
+                fill(out, index, shape)
+                return
+            s = index[dim]
+            index = index[:dim] + (slice(s.start + offset, s.stop + offset),) + index[dim + 1:]
+            fill(out, index, shape[:dim] + (full,) + shape[dim + 1:])
+        return sub
+
+    # -- application ---------------------------------------------------------------
     @torch.no_grad()
-    def uniform_(self, t: torch.Tensor, name: str, low: float, high: float) -> None:
-        if t.is_meta:
+    def apply(self, t: torch.Tensor, fill: Fill) -> None:
+        """Give ``t`` (a parameter or buffer) its initial value, or the part this process
+        holds (nothing on meta)."""
+        where = self.locate(t)
+        if where is None:
             return
-        gen = torch.Generator(device=t.device).manual_seed(self.seed(name))
-        t.uniform_(low, high, generator=gen)
+        out, index, shape = where
+        if out.numel():
+            fill(out, index, shape)
+
+    def normal_(self, t: torch.Tensor, name: str, std: float) -> None:
+        self.apply(t, self.normal(name, std))
+
+    def uniform_(self, t: torch.Tensor, name: str, low: float, high: float) -> None:
+        self.apply(t, self.uniform(name, low, high))
+
+    def constant_(self, t: torch.Tensor, value: float) -> None:
+        self.apply(t, self.constant(value))
 
 
 def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool) -> nn.Module:
@@ -87,8 +165,7 @@ class RMSNorm(nn.Module):
         return (rms_normalize(x, self.eps) * w.float()).to(x.dtype)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
-        with torch.no_grad():
-            self.weight.fill_(1.0)
+        init.constant_(self.weight, 1.0)
 
 
 class FeedForward(nn.Module):

@@ -223,27 +223,32 @@ class MambaMixer(nn.Module):
         return region.exit(self._proj(self.out_proj, y * F.silu(z), route))
 
     def init_params(self, init: Initializer, prefix: str) -> None:
-        di, N = self.d_inner, self.d_state
+        N = self.d_state
         std = self.dt_rank ** -0.5  # dt_proj weight U(±dt_rank^-0.5)
-        for m in range(self.dt_proj.weight.shape[0]):
-            init.uniform_(self.dt_proj.weight[m], f"{prefix}.dt_proj.weight[{m}]", -std, std)
-            if self.dt_bias.is_meta:
-                continue
-            # dt log-uniform in [dt_min, dt_max]; bias = softplus^-1(dt)
-            u = torch.empty(di, device=self.dt_bias.device)
-            init.uniform_(u, f"{prefix}.dt_bias[{m}]", 0.0, 1.0)
-            dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min))
-                           + math.log(self.dt_min)).clamp(min=1e-4)
-            with torch.no_grad():
-                self.dt_bias[m].copy_(dt + torch.log(-torch.expm1(-dt)))
+        init.apply(self.dt_proj.weight, init.rows(
+            lambda m: init.uniform(f"{prefix}.dt_proj.weight[{m}]", -std, std)))
+        init.apply(self.dt_bias, init.rows(lambda m: self._dt_bias_fill(init, prefix, m)))
         bound = self.conv_weight.shape[1] ** -0.5  # torch's Conv1d default for groups=di
         init.uniform_(self.conv_weight, f"{prefix}.conv_weight", -bound, bound)
         init.uniform_(self.conv_bias, f"{prefix}.conv_bias", -bound, bound)
-        if not self.A_log.is_meta:
-            with torch.no_grad():  # S4D-real: A = -(1, 2, ..., N) for every channel
-                self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32,
-                                                        device=self.A_log.device)).expand(di, N))
-                self.D.fill_(1.0)
+
+        def a_log(out: torch.Tensor, index, shape) -> None:
+            # S4D-real: A = -(1, 2, ..., N) for every channel
+            a = torch.log(torch.arange(1, N + 1, dtype=torch.float32, device=out.device))
+            out.copy_(a.expand(shape)[index])
+        init.apply(self.A_log, a_log)
+        init.constant_(self.D, 1.0)
+
+    def _dt_bias_fill(self, init: Initializer, prefix: str, m: int):
+        """dt log-uniform in [dt_min, dt_max] (``u`` drawn as ``dt_bias[m]``);
+        bias = softplus^-1(dt)."""
+        def fill(out: torch.Tensor, index, shape) -> None:
+            u = torch.empty(shape, device=out.device)
+            init.uniform(f"{prefix}.dt_bias[{m}]", 0.0, 1.0)(u, index, shape)
+            dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min))
+                           + math.log(self.dt_min)).clamp(min=1e-4)
+            out.copy_((dt + torch.log(-torch.expm1(-dt)))[index])
+        return fill
 
 
 class MambaBlock(nn.Module):

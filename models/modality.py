@@ -172,8 +172,7 @@ class ModalityLinear(nn.Module):
         if self.init_by_parent:
             return
         std = init.out_std if self.out_proj else init.std
-        for m in range(self.weight.shape[0]):
-            init.normal_(self.weight[m], f"{prefix}.weight[{m}]", std)
+        init.apply(self.weight, init.rows(lambda m: init.normal(f"{prefix}.weight[{m}]", std)))
 
 
 class ModalityRMSNorm(nn.Module):
@@ -199,8 +198,7 @@ class ModalityRMSNorm(nn.Module):
         return (rms_normalize(x, self.eps) * w).to(x.dtype)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
-        with torch.no_grad():
-            self.weight.fill_(1.0)
+        init.constant_(self.weight, 1.0)
 
 
 def moe_modality(cfg: ModelConfig) -> int:

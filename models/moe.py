@@ -125,21 +125,14 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h, self.w2, tokens_per_expert_E, impl=impl)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
-        F_l, f0 = self.w1.shape[2], self.ffn_offset
-        for e in range(self.w1.shape[0]):
-            g = self.expert_offset + e
-            for name, ffn_dim, std in (("w1", 1, init.std), ("w3", 1, init.std),
-                                       ("w2", 0, init.out_std)):
-                local = getattr(self, name)[e]
-                if F_l == self.ffn_full or local.is_meta:
-                    init.normal_(local, f"{prefix}.{name}[{g}]", std)
-                    continue
-                shape = list(local.shape)
-                shape[ffn_dim] = self.ffn_full
-                full = torch.empty(shape, dtype=local.dtype, device=local.device)
-                init.normal_(full, f"{prefix}.{name}[{g}]", std)
-                with torch.no_grad():
-                    local.copy_(full.narrow(ffn_dim, f0, F_l))
+        """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own
+        generator), over the full FFN dim; an ETP rank keeps its FFN slice."""
+        for name, ffn_dim, std in (("w1", 1, init.std), ("w3", 1, init.std),
+                                   ("w2", 0, init.out_std)):
+            def row(e: int, name: str = name, ffn_dim: int = ffn_dim, std: float = std):
+                expert = init.normal(f"{prefix}.{name}[{self.expert_offset + e}]", std)
+                return init.narrowed(expert, ffn_dim, self.ffn_offset, self.ffn_full)
+            init.apply(getattr(self, name), init.rows(row))
 
 
 class _AuxLossGrad(torch.autograd.Function):

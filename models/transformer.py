@@ -18,6 +18,7 @@ from models.layers import (
     Attention,
     FeedForward,
     Initializer,
+    Locate,
     RMSNorm,
     RotaryEmbedding,
     output_std,
@@ -112,11 +113,13 @@ class Transformer(nn.Module):
         return [m for m in self.layers.modules() if isinstance(m, MoELayer)]
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, locate: Optional[Locate] = None) -> None:
         """Re-initialise every parameter and buffer from the current torch RNG (one draw:
-        the base seed; each tensor then gets its own generator, see models/layers.py)."""
+        the base seed; each tensor then gets its own generator, see models/layers.py).
+        ``locate``: which part of each tensor this process holds (``Initializer``); the
+        default is all of it — parallel/sharded_init.py passes DTensor shards."""
         base_seed = int(torch.randint(0, 2**62, (1,)).item())
-        init = Initializer(base_seed, self.cfg.init_std, output_std(self.cfg))
+        init = Initializer(base_seed, self.cfg.init_std, output_std(self.cfg), locate)
         if self.tok_embeddings is not None:
             init.normal_(self.tok_embeddings.weight, "tok_embeddings.weight", init.std)
         if self.output is not None:

@@ -56,9 +56,16 @@ class DataParallel:
             self._apply_fsdp()
         elif engine == "none" and max(self.dense_size, self.expert_size) > 1:
             raise ValueError("parallel.dp_engine=none needs dp*cp == edp == 1")
+        self.refresh_params()
+
+    def refresh_params(self) -> None:
+        """Re-read the model's parameters (call after ``to_empty``, which replaces them)."""
+        named = list(self.model.named_parameters())
+        self.expert_params = [p for n, p in named if is_expert_param(n)]
+        self.dense_params = [p for n, p in named if not is_expert_param(n)]
         # Each parameter's replication factor: how many ranks hold an identical copy of
         # its (local) gradient after reduction. The global norm counts each copy once.
-        self._replicas = {p: self._replication(n, p) for n, p in model.named_parameters()}
+        self._replicas = {p: self._replication(n, p) for n, p in named}
 
     def _replication(self, name: str, p: nn.Parameter) -> int:
         """Ranks per distinct shard of ``p``: world / (number of distinct shards), where a

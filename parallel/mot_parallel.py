@@ -86,7 +86,8 @@ def to_local(w: torch.Tensor) -> torch.Tensor:
 
 def shard_parameter(module: nn.Module, name: str, tp_mesh: DeviceMesh, dim: int) -> None:
     """Replace parameter ``name`` (dotted, under ``module``) by a ``Shard(dim)`` DTensor cut
-    from the full, identically initialised tensor every rank holds (no communication)."""
+    from the full tensor every rank holds (no communication), or a meta one (parallelize:
+    sharded initialisation fills the shard afterwards)."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     p = getattr(owner, attr)

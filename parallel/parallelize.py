@@ -4,13 +4,15 @@ Order (each step is a module of this package; the model file stays single-device
 
 1. build on the meta device; under PP keep this rank's stages (``pipeline.stage_module``);
 2. EP/ETP: shard the routed experts, install the dispatcher (``expert_parallel``);
-3. materialise and initialise from the seed — name-keyed, so every layout initialises
-   every parameter exactly as the single-process model;
-4. TP/SP DTensor plans on the initialised weights (``tensor_parallel``);
-5. CP: the attention core and the MoE token group (``context_parallel``);
-6. activation checkpointing (wraps blocks);
-7. PP chunks (one module per local stage, sharing the stage module's submodules);
-8. the DP engine (FSDP2 roots = the chunks, or the bucketed all-reduce).
+3. TP/SP DTensor plans (``tensor_parallel``);
+4. CP: the attention core and the MoE token group (``context_parallel``);
+5. activation checkpointing (wraps blocks);
+6. PP chunks (one module per local stage, sharing the stage module's submodules);
+7. the DP engine (FSDP2 roots = the chunks, or the bucketed all-reduce);
+8. materialise only the local shards and initialise them from the seed
+   (``sharded_init``) — name-keyed, so every layout initialises every parameter exactly
+   as the single-process model, and no rank ever holds more than its shards plus one
+   full tensor.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ from parallel.pipeline import (
     stage_module,
 )
 from parallel.runner import MicroBatchLoop, StepRunner
-from parallel.tensor_parallel import apply_tensor_parallel, tp_cross_entropy_sum
+from parallel.sharded_init import materialize_and_init
+from parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    grads_like_params,
+    tp_cross_entropy_sum,
+)
 
 __all__ = ["ParallelModel", "parallelize"]
 
@@ -93,8 +100,11 @@ class ParallelModel:
 
 def parallelize(
     model_cfg: Any, pcfg: Any, dims: ParallelDims, *, device: torch.device, seed: int,
-    seq_len: int, num_micro: int, moe_pattern: list[bool],
+    seq_len: int, num_micro: int, moe_pattern: list[bool], materialize: bool = True,
 ) -> ParallelModel:
+    """This rank's model: every layout transform is applied on the meta device, then only
+    the local shards are allocated and initialised (parallel/sharded_init.py).
+    ``materialize=False`` leaves the model on meta (the dry run: trainer/dry_run.py)."""
     model = build_model(model_cfg, device="meta")
     split, report = None, ""
     if dims.pp > 1:
@@ -107,12 +117,7 @@ def parallelize(
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
         apply_expert_parallel(model, dims, pcfg.dispatcher)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights()
     if dims.tp > 1:
-        # TP shards the already-initialised full weights (identical on every rank, so no
-        # broadcast). Known limit: each rank briefly holds the whole dense model.
         apply_tensor_parallel(model, dims.mesh("tp"), sequence_parallel=pcfg.sequence_parallel,
                               src_data_rank=None)
     if dims.cp > 1:
@@ -123,6 +128,11 @@ def parallelize(
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
     dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks)
+    if materialize:
+        materialize_and_init(model, chunks, device, seed)
+        if dims.tp > 1:  # to_empty replaced the parameters and dropped their hooks
+            grads_like_params(model)
+        dp.refresh_params()
     moe = MoEStats(model, dims, moe_pattern, model_cfg.moe.num_experts, num_micro, device)
     return ParallelModel(model=model, chunks=chunks, dp=dp, dims=dims, moe=moe,
                          arch=model_cfg.arch, num_micro=num_micro,

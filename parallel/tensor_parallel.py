@@ -70,6 +70,7 @@ __all__ = [
     "apply_tensor_parallel",
     "check_heads",
     "check_tensor_parallel",
+    "grads_like_params",
     "tp_cross_entropy_sum",
 ]
 
@@ -152,7 +153,7 @@ def apply_tensor_parallel(
         else:
             parallelize_module(block, tp_mesh, _block_plan(block, tp_mesh, sp),
                                src_data_rank=src_data_rank)
-    _grads_like_params(model)
+    grads_like_params(model)
     return model
 
 
@@ -246,7 +247,7 @@ def _block_plan(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> dict[str, ob
     return bplan
 
 
-def _grads_like_params(model: nn.Module) -> None:
+def grads_like_params(model: nn.Module) -> None:
     """Make every DTensor parameter's gradient arrive with the parameter's placements, so
     that a rank's local gradient is exactly the true gradient of its local shard (what
     the DP engines and the global grad norm read).
@@ -258,9 +259,13 @@ def _grads_like_params(model: nn.Module) -> None:
     gradient, transiently, on every rank): redistributing keeps the local rows, no
     communication. FSDP2 replaces the parameters (and these hooks) and does the same
     redistribution itself before reducing.
+
+    Meta parameters are skipped: ``to_empty`` swaps their storage, and a hook registered
+    before it would not fire — nor would any registered after (DTensor ``swap_tensors``
+    keeps the stale hook dict). ``parallelize`` calls this again once materialised.
     """
     for p in model.parameters():
-        if isinstance(p, DTensor) and p.requires_grad:
+        if isinstance(p, DTensor) and p.requires_grad and not p.is_meta:
             placements = p.placements
 
             def hook(grad: torch.Tensor, placements=placements) -> torch.Tensor:

@@ -59,6 +59,11 @@ class ParallelConfig:
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
+    # ranks of the job; 0 = from the launcher (WORLD_SIZE). A dry run builds this layout.
+    world_size: int = 0
+    dry_run_rank: int = 0  # the rank whose model and memory trainer.dry_run reports
+    # per-rank accelerator memory (GiB) the dry run checks the estimate against; 0 = none
+    gpu_memory_gib: float = 0.0
 
 
 @dataclass
@@ -96,6 +101,9 @@ class TrainerConfig:
     peak_tflops: float = 0.0
     # Stop after this many steps of *this* process (testing kill/resume); 0 = off.
     stop_after_steps: int = 0
+    # Build rank parallel.dry_run_rank of a parallel.world_size job on the meta device
+    # (fake process group), write <run_dir>/memory.json and exit (trainer/dry_run.py).
+    dry_run: bool = False
 
 
 @dataclass
@@ -359,6 +367,15 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
 
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
     _positive("parallel.vpp", p.vpp)
+    if p.world_size < 0 or p.gpu_memory_gib < 0:
+        raise ConfigError(f"parallel.world_size={p.world_size} and parallel.gpu_memory_gib="
+                          f"{p.gpu_memory_gib} must be >= 0")
+    if p.world_size and p.world_size != world_size:
+        raise ConfigError(f"parallel.world_size={p.world_size} but the launcher started "
+                          f"{world_size} processes (0 = take the launcher's)")
+    if not 0 <= p.dry_run_rank < world_size:
+        raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
+                          f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:

@@ -233,6 +233,10 @@ def run(cfg: DictConfig) -> None:
     test harness's) is used and left alone; one this run creates is destroyed at the end."""
     # megatron's dataset builder is chatty at INFO; its warnings still show.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    if cfg.trainer.dry_run:  # rank parallel.dry_run_rank on meta, memory.json, exit
+        from trainer.dry_run import dry_run
+        dry_run(cfg)
+        return
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group
     had_group = dist.is_initialized()
     try:
