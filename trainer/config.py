@@ -161,7 +161,12 @@ def multirun_subdir() -> str:
         name = str(hc.job.override_dirname or "") or f"job{hc.job.num}"
     except Exception:  # no Hydra context (compose API, tests) or a sweep-level resolve
         return ""
-    return "/" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:200]
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    if len(safe) > 80:  # long override lists: a prefix plus a hash of all of them
+        import hashlib
+
+        safe = f"{safe[:60]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return "/" + safe
 
 
 def register_configs() -> None:
