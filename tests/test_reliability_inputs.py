@@ -382,3 +382,21 @@ def test_cli_resume_rollback_and_metrics(tmp_path, moefold_cache):
     assert list(ckpts.glob("rolled_back/*/step_0000006")) and (ckpts / "step_0000006").is_dir()
     again = read_metrics(tmp_path)
     assert sorted(again) == [1, 2, 3, 4, 5, 6] and again[6]["loss"] == first[6]["loss"]
+
+
+# -- 10: multirun jobs and Slurm jobs get their own run_dir ------------------------------------
+def test_multirun_jobs_get_distinct_run_dirs(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    assert compose_config(FAST).run_dir == "runs/moe_tiny"  # a normal run: unchanged
+    dirs = []
+    for num, name in enumerate(["optim.lr=0.001", "optim.lr=0.003", "x/y=" + "z" * 100]):
+        job = SimpleNamespace(mode=RunMode.MULTIRUN,
+                              job=SimpleNamespace(override_dirname=name, num=num))
+        monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda job=job: job))
+        dirs.append(compose_config(FAST).run_dir)
+    assert dirs[:2] == ["runs/moe_tiny/optim.lr=0.001", "runs/moe_tiny/optim.lr=0.003"]
+    assert "/" not in dirs[2][len("runs/moe_tiny/"):] and len(dirs[2]) < 100
+    sbatch = (Path(__file__).resolve().parents[1] / "launch" / "slurm.sbatch").read_text()
+    assert "runs/$SLURM_JOB_NAME-$SLURM_JOB_ID" in sbatch
