@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import sys
@@ -205,6 +206,11 @@ def run(args: argparse.Namespace) -> dict[str, int]:
         )
         if model_path:
             os.replace(os.path.join(work, "tokenizer.model"), model_path)
+        # What the data was tokenised with: the trainer checks its tokenizer against it.
+        with open(tmp_prefix + ".tokenizer.json", "w") as f:
+            json.dump({"vocab_size": tok.vocab_size, "tokenizer_sha256": tok.sha256,
+                       "eod": tok.eod}, f)
+        os.replace(tmp_prefix + ".tokenizer.json", prefix + ".tokenizer.json")
         os.replace(tmp_prefix + ".bin", bin_path)
         os.replace(tmp_prefix + ".idx", idx_path)  # last: the pair is complete once it exists
     finally:

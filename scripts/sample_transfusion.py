@@ -12,7 +12,6 @@ training digits (pixel space) is the captioned digit (10% = chance).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,22 @@ from omegaconf import OmegaConf
 from models import build_model
 from models.config import ModelConfig
 from models.diffusion import cosine_alphas_cumprod, sample_images
-from trainer.checkpoint import read_meta
+from trainer.checkpoint import SafeLoadPlanner, quiet_dcp, read_meta
 from trainer.data.multimodal import NUMBER_WORDS, PATCH, DigitDocuments
 
 
 def load_model(ckpt: Path) -> tuple[torch.nn.Module, ModelConfig]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The model of a checkpoint: its tensors read by DCP straight into the model's own
+    state dict (no torch.load of a converted file, nothing unpickled but DCP's .metadata)."""
+    import torch.distributed.checkpoint as dcp
 
     meta = read_meta(ckpt)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
     model = build_model(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(ckpt, Path(tmp) / "ckpt.pt")
-        state = torch.load(Path(tmp) / "ckpt.pt", weights_only=False)["model"]
-    model.load_state_dict(state)
+    state = {"model": model.state_dict()}
+    with quiet_dcp():
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True, planner=SafeLoadPlanner())
+    model.load_state_dict(state["model"])
     return model.eval(), cfg
 
 

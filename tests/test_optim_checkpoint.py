@@ -88,10 +88,13 @@ def test_latest_pointer_keep_last_and_no_overwrite(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step_0000006"
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
         _save(tmp_path, 6, model)
-    # incomplete or temporary directories are never picked for resume
+    # temporary directories are never picked for resume; an incomplete newest step_* is
+    # an error naming it (no silent fallback to step 6)
     (tmp_path / ".tmp-step_0000008").mkdir()
-    (tmp_path / "step_0000010").mkdir()
     assert ckpt.resolve_resume("auto", tmp_path).name == "step_0000006"
+    (tmp_path / "step_0000010").mkdir()
+    with pytest.raises(CheckpointError, match="step_0000010 is unreadable.*step_0000006"):
+        ckpt.resolve_resume("auto", tmp_path)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "step_0000010"), tmp_path)
 

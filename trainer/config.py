@@ -8,6 +8,7 @@ the value and what would be valid. All of this runs before any process group exi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -113,6 +114,13 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <path to a step_* checkpoint directory>
     keep_last: int = 2  # 0 keeps all
     save_final: bool = True
+    # Resuming with other model / data / optim / schedule settings than the checkpoint's
+    # is refused unless the key or its section is listed here (e.g. [optim.lr] or
+    # [optim, trainer.max_steps]); listed keys take this run's value.
+    allow_changes: list = field(default_factory=list)
+    # run_dir/run.lock of a run on another host counts as abandoned when its heartbeat
+    # (refreshed every 30 s) is older than this; same host: when its pid is gone.
+    lock_stale_after_s: float = 900.0
 
 
 @dataclass
@@ -142,12 +150,37 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run_dir: str = "runs/${model.name}"
+    # Hydra multirun jobs get their own sub-directory (the job's overrides, or its number)
+    run_dir: str = "runs/${model.name}${moefold_multirun_subdir:}"
     # free-form tag of the experiment preset that set the rest
     experiment: Optional[str] = None
 
 
+def multirun_subdir() -> str:
+    """``/<job overrides>`` (or ``/<job number>``) inside a Hydra multirun, else "": jobs
+    of one sweep must not share (and silently resume) one run_dir."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return ""
+        name = str(hc.job.override_dirname or "") or f"job{hc.job.num}"
+    except Exception:  # no Hydra context (compose API, tests) or a sweep-level resolve
+        return ""
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    if len(safe) > 80:  # long override lists: a prefix plus a hash of all of them
+        import hashlib
+
+        safe = f"{safe[:60]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return "/" + safe
+
+
 def register_configs() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("moefold_multirun_subdir", multirun_subdir, replace=True)
     cs = ConfigStore.instance()
     # Group YAMLs merge onto the typed nodes of this schema, so a typo in any of them
     # (or on the command line) is an error naming the key.
@@ -160,8 +193,13 @@ def _choice(key: str, value: Any, valid: tuple) -> None:
 
 
 def _positive(key: str, value: int | float) -> None:
-    if value <= 0:
+    if not value > 0:  # NaN too
         raise ConfigError(f"{key}={value} must be > 0")
+
+
+def _non_negative(key: str, value: int | float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{key}={value} must be >= 0")
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
@@ -190,6 +228,9 @@ def validate_model(m: ModelConfig) -> None:
             f"model.num_heads={m.num_heads} does not divide model.hidden_size={m.hidden_size} "
             f"(set model.head_dim or use num_heads in: {divisors(m.hidden_size)})"
         )
+    for key in ("init_std", "norm_eps", "rope_theta", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _non_negative("model.head_dim", m.head_dim)
     if (m.head_dim or m.hidden_size // m.num_heads) % 2:
         raise ConfigError("model.head_dim must be even for RoPE")
     moe = m.moe
@@ -205,6 +246,10 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={moe.num_experts}"
         )
+    _positive("model.moe.topk_scaling_factor", moe.topk_scaling_factor)
+    for key in ("expert_bias_update_rate", "min_capacity", "num_shared_experts",
+                "first_k_dense"):
+        _non_negative(f"model.moe.{key}", getattr(moe, key))
     _choice("model.moe.score_func", moe.score_func, ("softmax", "sigmoid"))
     _choice("model.moe.drop_policy", moe.drop_policy, ("probs", "position"))
     if moe.num_groups:
@@ -338,6 +383,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if not 0 < o.wsd_decay_fraction <= 1:
         raise ConfigError(f"optim.wsd_decay_fraction={o.wsd_decay_fraction} must be in (0, 1]")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    _positive("optim.eps", o.eps)
+    _non_negative("optim.weight_decay", o.weight_decay)
+    _non_negative("optim.decay_steps", o.decay_steps)
+    _validate_trainer_ranges(t)
+    _validate_checkpoint(cfg.checkpoint)
     _choice("data.source", d.source, ("builtin", "indexed", "multimodal"))
     if d.source == "multimodal":
         _validate_multimodal(cfg)
@@ -350,6 +403,27 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
     validate_parallel(cfg, world_size)
+
+
+def _validate_trainer_ranges(t: TrainerConfig) -> None:
+    if not 0 <= t.seed < 2**32:  # numpy's (and Megatron's) seeds are uint32
+        raise ConfigError(f"trainer.seed={t.seed} must be in [0, 2**32)")
+    for key in ("grad_clip", "eval_every", "peak_tflops", "stop_after_steps"):
+        _non_negative(f"trainer.{key}", getattr(t, key))
+    if t.eval_every and t.eval_iters < 1:
+        raise ConfigError(f"trainer.eval_iters={t.eval_iters} must be >= 1 when validation "
+                          f"is on (trainer.eval_every={t.eval_every}; 0 disables it)")
+
+
+_ALLOW_SECTIONS = ("model", "data", "optim", "trainer")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _positive("checkpoint.lock_stale_after_s", c.lock_stale_after_s)
+    for key in c.allow_changes:
+        if not isinstance(key, str) or str(key).split(".")[0] not in _ALLOW_SECTIONS:
+            raise ConfigError(f"checkpoint.allow_changes: {key!r} must be a key or section "
+                              f"of {', '.join(_ALLOW_SECTIONS)} (e.g. optim.lr, optim)")
 
 
 def m_arch_moe(cfg: Config) -> bool:

@@ -23,7 +23,8 @@ from models.config import MODALITY_ARCHS
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
-from trainer.errors import UserError
+from trainer.errors import UserError, report_user_error
+from trainer.run_dir import RunLock, check_run_dir, precheck_run_dir, roll_back_metrics
 from trainer.runtime import autocast_dtype, autocast_factory, init_distributed, pick_device
 
 register_configs()
@@ -54,7 +55,10 @@ class Trainer:
             self.dims.build_meshes(self.device.type)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dims.dp_size)
         # Resume target first: a bad checkpoint path must fail before data/model work.
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        self.resume = ckpt.prepare_resume(
+            cfg.checkpoint.resume, cfg.checkpoint.dir, OmegaConf.to_container(cfg, resolve=True),
+            list(cfg.checkpoint.allow_changes), rank=self.rank)
+        self.resume_from = self.resume.path
         valid_batches = (t.max_steps // t.eval_every + 1) * t.eval_iters if t.eval_every else 0
         self.data = build_data(cfg.data, seq_len=t.seq_len, seed=t.seed,
                                global_batch_size=t.global_batch_size,
@@ -77,7 +81,11 @@ class Trainer:
             self.state = ckpt.load(
                 self.resume_from, model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                expected_model=OmegaConf.to_container(cfg.model, resolve=True), dims=self.dims)
+                expected_model=OmegaConf.to_container(cfg.model, resolve=True), dims=self.dims,
+                allow_changes=list(cfg.checkpoint.allow_changes),
+                run_optim_wins=self.resume.optim_changed)
+        if self.rank == 0:  # metrics.jsonl continues at the resumed step: no duplicates
+            self.resume.notes.append(roll_back_metrics(cfg.run_dir, self.state.step))
         self.logger = RunLogger(cfg.logger, Path(cfg.run_dir), is_main=self.rank == 0,
                                 total_steps=t.max_steps, start_step=self.state.step,
                                 run_config=OmegaConf.to_container(cfg, resolve=True))
@@ -105,6 +113,8 @@ class Trainer:
             self.logger.info(self.dims.describe())
         if self.pm.pp_report:
             self.logger.info(self.pm.pp_report)
+        for note in filter(None, self.resume.notes):
+            self.logger.info(note)
         if self.resume_from is not None:
             self.logger.info(f"resumed from {self.resume_from} at step {self.state.step} "
                              f"({self.state.consumed_samples} samples consumed)")
@@ -238,12 +248,20 @@ def run(cfg: DictConfig) -> None:
         dry_run(cfg)
         return
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group
+    check_run_dir(cfg.run_dir)
+    lock = None
+    if int(os.environ.get("RANK", 0)) == 0:  # one live run per run_dir
+        lock = RunLock(cfg.run_dir, cfg.checkpoint.lock_stale_after_s).acquire()
+        for w in lock.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
     had_group = dist.is_initialized()
     try:
         Trainer(cfg).fit()
     finally:
         if dist.is_initialized() and not had_group:
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
@@ -251,11 +269,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_user_error(e)
         sys.exit(2)
 
 
 def main() -> None:
+    precheck_run_dir(sys.argv[1:])  # Hydra creates run_dir before run(): check it first
     _hydra_main()
 
 

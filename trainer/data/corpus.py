@@ -65,6 +65,52 @@ def write_indexed_dataset(
     return n_docs, n_tokens
 
 
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+# Megatron's DType codes (megatron.core.datasets.indexed_dataset.DType)
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+               6: np.float64, 7: np.float32, 8: np.uint16}
+
+
+def read_index(idx_path: str) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
+    """(token dtype, sequence lengths, sequence byte pointers, document indices) of a
+    Megatron ``.idx`` file, every field checked (a bit flip or truncation is a DataError
+    naming the file, not an IndexError deep inside the dataset builder)."""
+    import struct
+
+    def bad(why: str) -> DataError:
+        return DataError(f"{idx_path} is corrupt or truncated (expected a Megatron MMIDIDX "
+                         f"index): {why}")
+
+    size = os.path.getsize(idx_path)
+    with open(idx_path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or head[:9] != _IDX_MAGIC:
+        raise bad("bad header")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", head[9:34])
+    if version != 1:
+        raise bad(f"version {version}")
+    if code not in _IDX_DTYPES:
+        raise bad(f"unknown dtype code {code}")
+    need = 34 + n_seq * (4 + 8) + n_doc * 8
+    if n_seq > size or n_doc > size or need > size:
+        raise bad(f"header counts {n_seq} sequences / {n_doc} documents need {need} bytes, "
+                  f"the file has {size}")
+    mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
+    lengths = np.frombuffer(mm, np.int32, n_seq, 34)
+    pointers = np.frombuffer(mm, np.int64, n_seq, 34 + 4 * n_seq)
+    docs = np.frombuffer(mm, np.int64, n_doc, 34 + 12 * n_seq)
+    dtype = np.dtype(_IDX_DTYPES[code])
+    if n_seq:
+        if lengths.min() < 0:
+            raise bad("negative sequence length")
+        if pointers[0] != 0 or np.any(pointers[1:] != pointers[:-1] + lengths[:-1].astype(
+                np.int64) * dtype.itemsize):
+            raise bad("sequence pointers do not follow the sequence lengths")
+    if n_doc and (docs[0] != 0 or docs[-1] != n_seq or np.any(np.diff(docs) < 0)):
+        raise bad("document indices are not 0..sequence count in order")
+    return dtype, lengths, pointers, docs
+
+
 def check_indexed_dataset(prefix: str) -> int:
     """Check ``<prefix>.bin/.idx`` exist and agree; returns the number of sequences."""
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
@@ -76,22 +122,13 @@ def check_indexed_dataset(prefix: str) -> int:
             )
     if os.path.getsize(bin_path) == 0:
         raise DataError(f"{bin_path} is empty (expected the token data of {idx_path})")
-    indexed = mcore_datasets().indexed_dataset
-    try:
-        ds = indexed.IndexedDataset(prefix, mmap=True)
-        lengths = ds.index.sequence_lengths
-        pointers = ds.index.sequence_pointers
-        itemsize = np.dtype(ds.index.dtype).itemsize
-        n = int(lengths.shape[0])
-        expected_bin = int(pointers[-1]) + int(lengths[-1]) * itemsize if n else 0
-        del ds
-    except Exception as err:  # Megatron asserts / numpy buffer errors on a bad index
-        raise DataError(
-            f"{idx_path} is corrupt or truncated (expected a Megatron MMIDIDX index): "
-            f"{type(err).__name__}: {err}"
-        ) from None
+    # Read by us, not by Megatron's IndexedDataset: its __del__ prints a stray traceback
+    # when its constructor failed on a corrupt index.
+    dtype, lengths, pointers, _ = read_index(idx_path)
+    n = int(lengths.shape[0])
     if n == 0:
         raise DataError(f"{idx_path} holds no documents")
+    expected_bin = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
     actual_bin = os.path.getsize(bin_path)
     if actual_bin != expected_bin:
         raise DataError(
@@ -99,6 +136,61 @@ def check_indexed_dataset(prefix: str) -> int:
             "(truncated, or the two files come from different datasets)"
         )
     return n
+
+
+# Token ids are scanned in full up to this many bytes of .bin (about 0.25 s per GiB on one
+# core from the page cache); larger files are checked on evenly spread samples.
+FULL_SCAN_BYTES = 1 << 30
+_SAMPLES, _SAMPLE_TOKENS = 256, 1 << 16
+
+
+def recorded_tokenizer(prefix: str) -> dict | None:
+    """What the data records about its tokenizer: ``<prefix>.tokenizer.json`` (written by
+    scripts/preprocess_data.py) or the builtin corpus' ``meta.json``; None if nothing."""
+    for path in (prefix + ".tokenizer.json", os.path.join(os.path.dirname(prefix), "meta.json")):
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                raise DataError(f"{path} is corrupt (expected JSON)") from None
+            if isinstance(rec, dict) and "vocab_size" in rec and (
+                    path.endswith(".tokenizer.json") or "corpus_sha256" in rec):  # ours
+                return dict(rec, path=path)
+    return None
+
+
+def check_tokens(prefix: str, tokenizer, model_vocab_size: int) -> None:
+    """Token ids of ``<prefix>.bin`` are in [0, tokenizer vocab) (whole file up to
+    ``FULL_SCAN_BYTES``, else samples), and the data's recorded tokenizer (if any) is
+    ``tokenizer``; DataError naming both otherwise."""
+    bin_path = prefix + ".bin"
+    rec = recorded_tokenizer(prefix)
+    if rec is not None:
+        sha = rec.get("tokenizer_sha256")
+        if int(rec["vocab_size"]) != tokenizer.vocab_size or (sha and sha != tokenizer.sha256):
+            raise DataError(
+                f"{bin_path} was tokenised with another tokenizer ({rec['path']}: vocab "
+                f"{rec['vocab_size']}) than {tokenizer.model_path} (vocab "
+                f"{tokenizer.vocab_size}); set data.tokenizer_model to the one it was made with"
+            )
+    dtype, _, _, _ = read_index(prefix + ".idx")
+    tokens = np.memmap(bin_path, mode="r", dtype=dtype)
+    if tokens.nbytes <= FULL_SCAN_BYTES:
+        chunks = [tokens]
+    else:
+        starts = np.linspace(0, len(tokens) - _SAMPLE_TOKENS, _SAMPLES).astype(np.int64)
+        chunks = [tokens[s:s + _SAMPLE_TOKENS] for s in starts]
+    lo = min(int(c.min()) for c in chunks)
+    hi = max(int(c.max()) for c in chunks)
+    del tokens, chunks
+    limit = min(tokenizer.vocab_size, model_vocab_size)
+    if lo < 0 or hi >= limit:
+        raise DataError(
+            f"{bin_path} holds token id {hi if hi >= limit else lo}, outside [0, {limit}) "
+            f"(tokenizer {tokenizer.model_path}: vocab {tokenizer.vocab_size}, model.vocab_size="
+            f"{model_vocab_size}): the .bin is corrupt or was tokenised with another tokenizer"
+        )
 
 
 def _publish_dir(tmp: str, final: str, complete_marker: str) -> None:
@@ -302,6 +394,8 @@ __all__ = [
     "FORMAT_VERSION",
     "builtin_documents",
     "check_indexed_dataset",
+    "check_tokens",
+    "read_index",
     "document_lines",
     "prepare_builtin_corpus",
     "resolve_cache_dir",

@@ -27,7 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.data.corpus import check_indexed_dataset, prepare_builtin_corpus, resolve_cache_dir
+from trainer.data.corpus import (
+    check_indexed_dataset,
+    check_tokens,
+    prepare_builtin_corpus,
+    resolve_cache_dir,
+)
 from trainer.data.mcore import mcore_datasets
 from trainer.data.protocol import microbatch_ranges
 from trainer.data.tokenizer import Tokenizer
@@ -314,6 +319,8 @@ def build_indexed(
     prefixes, weights, tokenizer = _sources(cfg_data, cache_dir, model_cfg.vocab_size)
     split = str(cfg_data.split)
     valid_size = _check_split(split, prefixes, valid_samples, global_batch_size)
+    for prefix in prefixes:  # ids in range, the data's recorded tokenizer (if any) is ours
+        check_tokens(prefix, tokenizer, model_cfg.vocab_size)
     document_mask = bool(getattr(cfg_data, "document_mask", False))
     train_ds, valid_ds = _gpt_datasets(prefixes, weights, tokenizer, split, seed=seed,
                                        seq_len=seq_len, cache_dir=cache_dir,
