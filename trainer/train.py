@@ -408,10 +408,13 @@ def run(cfg: DictConfig) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     validate(cfg, world_size)  # before any process group or heavy work
+    # Destroy only a process group this run created (a caller may run several trainings
+    # in one group, e.g. the in-process test harness).
+    created = world_size > 1 and not dist.is_initialized()
     try:
         Trainer(cfg).fit()
     finally:
-        if dist.is_initialized():
+        if created and dist.is_initialized():
             dist.destroy_process_group()
 
 
