@@ -61,9 +61,12 @@ def _entry(
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
-        # Timestamped, so the parent can tell the root cause from the peers it broke.
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+        # Timestamped, so the parent can tell the root cause from the peers it broke;
+        # written whole then renamed, so the parent never reads a half-written file.
+        path = os.path.join(out_dir, f"error{rank}.txt")
+        with open(path + ".part", "w") as f:
             f.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        os.replace(path + ".part", path)
         raise
     finally:
         dist.destroy_process_group()
@@ -72,7 +75,7 @@ def _entry(
 def _rank_errors(out_dir: str) -> list[tuple[float, int, str]]:
     errors = []
     for name in os.listdir(out_dir):
-        if name.startswith("error"):
+        if name.startswith("error") and name.endswith(".txt"):
             with open(os.path.join(out_dir, name)) as f:
                 stamp, _, tb = f.read().partition("\n")
             errors.append((float(stamp), int(name[5:-4]), tb))
