@@ -32,7 +32,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing import ProcessRaisedException
 
-__all__ = ["free_port", "spawn"]
+__all__ = ["PRELOAD", "free_port", "spawn"]
+
+# More modules for the forkserver to import once, before it forks any rank (a test
+# session's conftest adds the trainer's, so the first spawn of the session preloads them).
+PRELOAD: list[str] = []
 
 
 def free_port() -> int:
@@ -57,9 +61,12 @@ def _entry(
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
-        # Timestamped, so the parent can tell the root cause from the peers it broke.
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+        # Timestamped, so the parent can tell the root cause from the peers it broke;
+        # written whole then renamed, so the parent never reads a half-written file.
+        path = os.path.join(out_dir, f"error{rank}.txt")
+        with open(path + ".part", "w") as f:
             f.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        os.replace(path + ".part", path)
         raise
     finally:
         dist.destroy_process_group()
@@ -68,19 +75,29 @@ def _entry(
 def _rank_errors(out_dir: str) -> list[tuple[float, int, str]]:
     errors = []
     for name in os.listdir(out_dir):
-        if name.startswith("error"):
+        if name.startswith("error") and name.endswith(".txt"):
             with open(os.path.join(out_dir, name)) as f:
                 stamp, _, tb = f.read().partition("\n")
             errors.append((float(stamp), int(name[5:-4]), tb))
     return sorted(errors)
 
 
-def spawn(fn: Callable, world: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return their results by rank."""
+def spawn(
+    fn: Callable,
+    world: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    progress: Callable[[], object] | None = None,
+) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; return their results by rank.
+
+    With ``progress`` (a function whose value changes whenever the ranks get on, e.g. the
+    files in a status folder), ``timeout_s`` is the longest time without a change: a long
+    run of many steps may take longer in all, a stuck one is still stopped."""
     os.environ["OMP_NUM_THREADS"] = "1"
     ctx = mp.get_context("forkserver")
     # Only takes effect if this process has not started its forkserver yet.
-    ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, fn.__module__])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", __name__, *PRELOAD, fn.__module__])
     with tempfile.TemporaryDirectory(prefix="moefold_spawn_") as out_dir:
         procs = mp.start_processes(
             _entry,
@@ -90,15 +107,21 @@ def spawn(fn: Callable, world: int, *args: Any, timeout_s: float = 120.0) -> lis
             start_method="forkserver",
         )
         deadline = time.monotonic() + timeout_s
+        last = progress() if progress is not None else None
         try:
             while not procs.join(timeout=0.2):  # raises as soon as one rank fails
+                if progress is not None and (now := progress()) != last:
+                    last, deadline = now, time.monotonic() + timeout_s
                 if time.monotonic() > deadline:
                     for p in procs.processes:
                         if p.is_alive():
                             p.terminate()
                     for p in procs.processes:
                         p.join(5)
-                    raise TimeoutError(f"{fn.__name__} on {world} ranks ran past {timeout_s} s")
+                    raise TimeoutError(
+                        f"{fn.__name__} on {world} ranks ran past {timeout_s} s"
+                        + (" without progress" if progress is not None else "")
+                    )
         except ProcessRaisedException as e:
             errors = _rank_errors(out_dir)
             if not errors:

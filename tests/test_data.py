@@ -7,9 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -412,41 +409,23 @@ def test_parse_blend():
 
 
 # -- with torch.distributed initialised -----------------------------------------------------
-_DIST_WORKER = textwrap.dedent(
-    """
-    import sys, torch, torch.distributed as dist
-    from types import SimpleNamespace as NS
-    from trainer.config import DataConfig
-    from trainer.data import build_data
-    rank, world, store, cache, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-    data = build_data(DataConfig(cache_dir=cache), seq_len=24, seed=7, global_batch_size=8,
-                      train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
-                      rank=rank, world_size=world)
+def _dist_worker(rank: int, world: int, cache: str) -> list[torch.Tensor]:
+    """On a rank of an initialised gloo group (tests/distributed_utils.py)."""
+    import torch.distributed as dist
+
+    data = D.build_data(DataConfig(cache_dir=cache), seq_len=24, seed=7, global_batch_size=8,
+                        train_samples=64, valid_samples=8, model_cfg=NS(vocab_size=2048),
+                        rank=rank, world_size=world)
     mbs = data.train_microbatches(8, 2, rank, world)
-    torch.save([mb["tokens"] for mb in mbs], out)
     dist.barrier()
-    dist.destroy_process_group()
-    """
-)
+    return [mb["tokens"] for mb in mbs]
 
 
 @pytest.mark.distributed
-def test_build_with_distributed_initialised(tmp_path, builtin):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    store = tmp_path / "store"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _DIST_WORKER, str(r), str(store), str(builtin["cache"]),
-             str(tmp_path / f"r{r}.pt")],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(2)
-    ]  # fmt: skip
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out
-    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+def test_build_with_distributed_initialised(builtin):
+    from tests.distributed_utils import spawn
+
+    ranks = spawn(_dist_worker, 2, str(builtin["cache"]), timeout_s=300)
 
     # Same samples as the single-process reference, partitioned over the two DP ranks.
     data = D.build_data(

@@ -1,6 +1,7 @@
 """Mixture-of-Transformers (and Mixture-of-Mamba) keep the central promise: N gloo processes equal one process
-(losses per modality, diffusion loss, grad norm, final parameters), through the CLI, on
-the embedded multimodal data."""
+(losses per modality, diffusion loss, grad norm, final parameters), through
+``trainer.train.run`` (in-process, as in test_parity_distributed.py), on the embedded
+multimodal data."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 from tests.helpers import read_metrics
+from tests.inproc import LazyRuns, selected_ids
+from tests.test_parity_distributed import COMMON as PARITY_COMMON
 from tests.test_parity_distributed import (
     LOSS_RTOL,
     PARAM_ATOL,
@@ -15,7 +18,6 @@ from tests.test_parity_distributed import (
     STEPS,
     _final_model,
     _report,
-    _train,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -73,27 +75,36 @@ KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_n
 
 
 @pytest.fixture(scope="module")
-def mot_references(tmp_path_factory, moefold_cache):
+def mot_references(single_run):
     refs = {}
     for name, extra in SETTINGS.items():
-        run_dir = tmp_path_factory.mktemp(f"mot_ref_{name}")
-        _train(run_dir, 1, [*COMMON, *extra], moefold_cache)
+        run_dir = single_run([*PARITY_COMMON, *COMMON, *extra])
         refs[name] = (read_metrics(run_dir), _final_model(run_dir))
     return refs
 
 
+@pytest.fixture(scope="module")
+def mot_layout_runs(request, tmp_path_factory, moefold_cache):
+    """``mot_layout_runs(name) -> run_dir``; each world size's selected layouts train
+    together (tests/inproc.py)."""
+    jobs = {name: (nproc, [*PARITY_COMMON, *COMMON, *SETTINGS[setting], *extra])
+            for name, nproc, setting, extra in LAYOUTS}
+    return LazyRuns(tmp_path_factory.mktemp("mot_layouts"), moefold_cache, jobs,
+                    selected_ids(request, test_mot_layout_matches_single_process))
+
+
 @pytest.mark.parametrize("name, nproc, setting, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
 def test_mot_layout_matches_single_process(name, nproc, setting, extra, mot_references,
-                                           tmp_path, moefold_cache):
-    _train(tmp_path, nproc, [*COMMON, *SETTINGS[setting], *extra], moefold_cache)
+                                           mot_layout_runs):
+    run_dir = mot_layout_runs(name)
     ref_metrics, ref_model = mot_references[setting]
-    got = read_metrics(tmp_path)
+    got = read_metrics(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in got:
         for key in KEYS[setting]:
             assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
                 name, step, key)
-    model = _final_model(tmp_path)
+    model = _final_model(run_dir)
     assert set(model) == set(ref_model)
     _report(name, nproc, setting, ref_metrics, got, ref_model, model)
     for key, ref in ref_model.items():

@@ -1,5 +1,9 @@
 """The central promise: same seed and global batch => same losses and parameters,
-whatever the layout. N gloo processes (torchrun) against one process, through the CLI."""
+whatever the layout. N gloo processes against one process, through ``trainer.train.run``:
+the layouts of one world size run one after another in one spawned process group
+(tests/inproc.py), the single-process references in the test process;
+``test_torchrun_cli_equals_in_process`` checks that a ``launch/torchrun.sh`` run gives
+exactly the losses of the same layout run in-process."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.helpers import FAST, read_metrics, run_cli
+from tests.inproc import LazyRuns, selected_ids
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -137,22 +142,28 @@ def _report(name, nproc, mode, ref_metrics, got, ref_model, model) -> None:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, moefold_cache):
+def references(single_run):
     refs = {}
     for mode, extra in MODES.items():
-        run_dir = tmp_path_factory.mktemp(f"ref_{mode}")
-        _train(run_dir, 1, extra, moefold_cache)
+        run_dir = single_run([*COMMON, *extra])
         refs[mode] = (read_metrics(run_dir), _final_model(run_dir))
     return refs
 
 
+@pytest.fixture(scope="module")
+def layout_runs(request, tmp_path_factory, moefold_cache):
+    """``layout_runs(name) -> run_dir``; each world size's selected layouts train together."""
+    jobs = {name: (nproc, [*COMMON, *MODES[mode], *extra])
+            for name, nproc, mode, extra in LAYOUTS}
+    return LazyRuns(tmp_path_factory.mktemp("layouts"), moefold_cache, jobs,
+                    selected_ids(request, test_layout_matches_single_process))
+
+
 @pytest.mark.parametrize("name, nproc, mode, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_process(
-    name, nproc, mode, extra, references, tmp_path, moefold_cache
-):
-    _train(tmp_path, nproc, [*MODES[mode], *extra], moefold_cache)
+def test_layout_matches_single_process(name, nproc, mode, extra, references, layout_runs):
+    run_dir = layout_runs(name)
     ref_metrics, ref_model = references[mode]
-    got = read_metrics(tmp_path)
+    got = read_metrics(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
@@ -164,7 +175,7 @@ def test_layout_matches_single_process(
     if mode == "capacity":
         assert got[STEPS]["dropped_frac"] == pytest.approx(ref_metrics[STEPS]["dropped_frac"])
         assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
-    model = _final_model(tmp_path)
+    model = _final_model(run_dir)
     assert set(model) == set(ref_model)
     _report(name, nproc, mode, ref_metrics, got, ref_model, model)
     for key, ref in ref_model.items():
@@ -178,17 +189,43 @@ def test_layout_matches_single_process(
         )
 
 
-@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "zbv"])
-def test_pipeline_validation_matches_single_process(schedule, tmp_path, moefold_cache):
+def test_torchrun_cli_equals_in_process(layout_runs, tmp_path, moefold_cache):
+    """The user-facing launcher (launch/torchrun.sh, python -m trainer.train) trains a
+    layout to exactly the metrics the in-process harness above gets for it."""
+    name, nproc, mode, extra = next(x for x in LAYOUTS if x[0] == "ep2_allgather")
+    _train(tmp_path, nproc, [*MODES[mode], *extra], moefold_cache)
+    cli, here = read_metrics(tmp_path), read_metrics(layout_runs(name))
+    assert sorted(cli) == sorted(here) == list(range(1, STEPS + 1))
+    for step in cli:
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "dropped_frac"):
+            assert cli[step][key] == here[step][key], (step, key)
+    model, ref = _final_model(tmp_path), _final_model(layout_runs(name))
+    assert set(model) == set(ref)
+    for key in ref:
+        assert torch.equal(model[key], ref[key]), key
+
+
+VALIDATION_SCHEDULES = ["interleaved_1f1b", "zbv"]
+VALIDATION = ["trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_iters=2",
+              *MODES["dropless"]]
+
+
+@pytest.fixture(scope="module")
+def validation_runs(request, tmp_path_factory, moefold_cache):
+    jobs = {schedule: (2, [*COMMON, *VALIDATION, "parallel.pp=2", "parallel.vpp=2",
+                           f"parallel.pp_schedule={schedule}"])
+            for schedule in VALIDATION_SCHEDULES}
+    return LazyRuns(tmp_path_factory.mktemp("validation"), moefold_cache, jobs,
+                    selected_ids(request, test_pipeline_validation_matches_single_process))
+
+
+@pytest.mark.parametrize("schedule", VALIDATION_SCHEDULES)
+def test_pipeline_validation_matches_single_process(schedule, single_run, validation_runs):
     """Validation between training steps under PP: the validation loss, and the training
     steps after it, equal one process. (torch re-runs its shape inference after switching
     from eval() back to step(); the zero-bubble schedules cannot eval() at all.)"""
-    extra = ["trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_iters=2",
-             *MODES["dropless"]]
-    _train(tmp_path / "ref", 1, extra, moefold_cache)
-    _train(tmp_path / "pp", 2, [*extra, "parallel.pp=2", "parallel.vpp=2",
-                                f"parallel.pp_schedule={schedule}"], moefold_cache)
-    ref, got = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "pp")
+    ref = read_metrics(single_run([*COMMON, *VALIDATION]))
+    got = read_metrics(validation_runs(schedule))
     assert sorted(got) == [1, 2, 3] and "val_loss" in got[2] and "val_loss" in got[3]
     for step in got:
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "val_loss"):

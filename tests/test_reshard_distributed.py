@@ -1,11 +1,14 @@
 """DCP resharding: a checkpoint written under one layout resumes under another and
-continues with the losses of the uninterrupted single-process run."""
+continues with the losses of the uninterrupted single-process run. Through
+``trainer.train.run`` in-process (tests/inproc.py): all selected cases' save runs, by
+world size, then all their resume runs."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import read_metrics, run_cli
+from tests.helpers import read_metrics
+from tests.inproc import run_jobs, selected_ids
 from tests.test_parity_distributed import COMMON, LOSS_RTOL
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -18,10 +21,6 @@ ARGS = [
     "checkpoint.keep_last=0",
     "model.moe.expert_bias=true",
 ]
-
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 KV4 = ["model.num_kv_heads=4"]  # lets TP4 split the tiny model's heads
@@ -53,45 +52,51 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, moefold_cache):
+def reference(single_run):
     """The uninterrupted single-process run, per model variant."""
-    runs: dict[tuple, dict] = {}
+    return lambda model: read_metrics(single_run([*ARGS, *model]))
 
-    def get(model: list[str]) -> dict:
-        if tuple(model) not in runs:
-            run_dir = tmp_path_factory.mktemp("ref")
-            _ok(run_cli([*ARGS, *model, f"run_dir={run_dir}"], cache_dir=moefold_cache))
-            runs[tuple(model)] = read_metrics(run_dir)
-        return runs[tuple(model)]
 
-    return get
+@pytest.fixture(scope="module")
+def reshard_runs(request, tmp_path_factory, moefold_cache):
+    """Every selected case's save run, then (where that worked) its resume run:
+    ``{name: (save_dir, save_error, resume_dir, resume_error)}``."""
+    root = tmp_path_factory.mktemp("reshard")
+    cases = [c for c in CASES
+             if c[0] in selected_ids(request, test_checkpoint_resumes_under_another_layout)]
+    saves = run_jobs(
+        [(name, save[0],
+          [*ARGS, *model, f"trainer.stop_after_steps={SAVE_AT}", *save[1]], root / name / "save")
+         for name, model, save, _ in cases],
+        moefold_cache,
+    )
+
+    def ckpt(name):
+        return root / name / "save" / "checkpoints" / f"step_{SAVE_AT:07d}"
+
+    resumes = run_jobs(
+        [(name, resume[0], [*ARGS, *model, f"checkpoint.resume={ckpt(name)}", *resume[1]],
+          root / name / "resume")
+         for name, model, _, resume in cases if saves[name] is None and ckpt(name).is_dir()],
+        moefold_cache,
+    )
+    return {name: (root / name / "save", saves[name], root / name / "resume",
+                   resumes.get(name, "not run (the save run failed)"))
+            for name, *_ in cases}
 
 
 @pytest.mark.parametrize("name, model, save_layout, resume_layout", CASES,
                          ids=[c[0] for c in CASES])
 def test_checkpoint_resumes_under_another_layout(
-    name, model, save_layout, resume_layout, reference, tmp_path, moefold_cache
+    name, model, save_layout, resume_layout, reference, reshard_runs
 ):
-    save_dir, resume_dir = tmp_path / "save", tmp_path / "resume"
     ref = reference(model)
-    n, extra = save_layout
-    _ok(
-        run_cli(
-            [*ARGS, *model, f"run_dir={save_dir}", f"trainer.stop_after_steps={SAVE_AT}",
-             *extra],
-            cache_dir=moefold_cache,
-            nproc=n,
-        )
-    )
+    save_dir, save_error, resume_dir, resume_error = reshard_runs[name]
+    assert save_error is None, f"save run ({save_layout[0]} processes) failed:\n{save_error}"
     ckpt = save_dir / "checkpoints" / f"step_{SAVE_AT:07d}"
     assert ckpt.is_dir()
-    n, extra = resume_layout
-    proc = run_cli(
-        [*ARGS, *model, f"run_dir={resume_dir}", f"checkpoint.resume={ckpt}", *extra],
-        cache_dir=moefold_cache,
-        nproc=n,
-    )
-    _ok(proc)
+    assert resume_error is None, (
+        f"resume run ({resume_layout[0]} processes) failed:\n{resume_error}")
     got = read_metrics(resume_dir)
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in got:

@@ -30,23 +30,15 @@ def _tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+REFERENCE = [*FAST, "trainer.max_steps=12", "checkpoint.every=4", "checkpoint.keep_last=0"]
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, moefold_cache):
-    """12 uninterrupted steps with a checkpoint every 4: the reference for resume tests."""
-    run_dir = tmp_path_factory.mktemp("ref")
-    _ok(
-        run_cli(
-            [
-                *FAST,
-                f"run_dir={run_dir}",
-                "trainer.max_steps=12",
-                "checkpoint.every=4",
-                "checkpoint.keep_last=0",
-            ],
-            cache_dir=moefold_cache,
-        )
-    )
-    return run_dir
+def reference_run(single_run):
+    """12 uninterrupted steps with a checkpoint every 4: the reference for resume tests.
+    Trained in-process through trainer.train.run (tests/inproc.py; the parity tests check
+    that this equals the CLI exactly); the resumed runs below go through the CLI."""
+    return single_run(REFERENCE)
 
 
 def test_training_lowers_the_loss(tmp_path, moefold_cache):
@@ -175,12 +167,12 @@ def test_bad_checkpoints_are_named_and_untouched(tmp_path, reference_run, moefol
     assert _tree_digest(reference_run / "checkpoints") == before
 
 
-def test_bf16_autocast_tracks_fp32(tmp_path, reference_run, moefold_cache):
+def test_bf16_autocast_tracks_fp32(reference_run, single_run):
     """The mixed-precision path (bf16 autocast, fp32 master weights, fp32 router and loss)
     stays within bf16 rounding of the fp32 run; on GPUs this is the default precision."""
-    _ok(run_cli([*FAST, f"run_dir={tmp_path}", "trainer.max_steps=12", "trainer.precision=bf16",
-                 "checkpoint.save_final=false"], cache_dir=moefold_cache))
-    ref, got = read_metrics(reference_run), read_metrics(tmp_path)
+    run_dir = single_run([*FAST, "trainer.max_steps=12", "trainer.precision=bf16",
+                          "checkpoint.save_final=false"])
+    ref, got = read_metrics(reference_run), read_metrics(run_dir)
     for step in range(1, 13):
         assert got[step]["lm_loss"] == pytest.approx(ref[step]["lm_loss"], rel=2e-2), step
         assert got[step]["lm_loss"] != ref[step]["lm_loss"]  # really ran in bf16
