@@ -59,6 +59,8 @@ class ParallelConfig:
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
+    # process-group timeout: a collective waiting longer on a dead/frozen rank fails
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -96,6 +98,13 @@ class TrainerConfig:
     peak_tflops: float = 0.0
     # Stop after this many steps of *this* process (testing kill/resume); 0 = off.
     stop_after_steps: int = 0
+    # docs/reliability.md: a non-finite loss / grad norm skips the step (skip) or ends
+    # the run (stop); more than skip_budget skipped steps within skip_window steps ends it
+    nonfinite: str = "skip"  # skip | stop
+    skip_budget: int = 10
+    skip_window: int = 100
+    spike_factor: float = 0.0  # skip a step whose loss > factor x recent mean; 0 = off
+    step_timeout_s: float = 1800.0  # watchdog: a step/eval/save running longer exits; 0 = off
 
 
 @dataclass
@@ -321,6 +330,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop"))
+    if t.skip_budget < 0 or t.skip_window < 1:
+        raise ConfigError(f"trainer.skip_budget={t.skip_budget} must be >= 0 and "
+                          f"trainer.skip_window={t.skip_window} >= 1")
+    if t.spike_factor != 0 and t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (or 0: off)")
+    if t.step_timeout_s < 0 or cfg.parallel.timeout_s <= 0:
+        raise ConfigError(f"trainer.step_timeout_s={t.step_timeout_s} must be >= 0 and "
+                          f"parallel.timeout_s={cfg.parallel.timeout_s} > 0")
     _choice("optim.name", o.name, ("adamw",))
     _choice("optim.decay_style", o.decay_style, ("cosine", "linear", "wsd", "constant"))
     _positive("optim.lr", o.lr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -41,13 +42,15 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> None:
     """NCCL on CUDA, gloo on CPU: the same code path either way. An existing default
-    process group (a launcher's or a test harness's) is used as it is."""
+    process group (a launcher's or a test harness's) is used as it is. ``timeout_s``
+    (``parallel.timeout_s``): how long a collective waits for a peer before it fails."""
     if dist.is_initialized():
         return
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
