@@ -49,8 +49,19 @@ def init_distributed(device: torch.device, timeout_s: float | None = None) -> No
     if dist.is_initialized():
         return
     timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun --max-restarts: the workers of every attempt share the agent's store,
+        # where the previous attempt's (dead) ranks left their addresses under the same
+        # keys; the new group's connect would race against them (hang / refused). One
+        # key prefix per attempt.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout or
+                                                  timedelta(minutes=10)))
+        kwargs.update(store=dist.PrefixStore(f"moefold/attempt_{restart}/", store),
+                      rank=rank, world_size=world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+        dist.init_process_group("nccl", device_id=device, **kwargs)
     else:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("gloo", **kwargs)
