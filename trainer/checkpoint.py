@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
 from parallel.dims import ParallelDims
 from parallel.state_dict import expert_tensors_to_global, expert_tensors_to_local
 from trainer.errors import CheckpointError
+from trainer.guards import params_finite
 
 # DCP warns on every single-process save/load; no_dist=True is what we mean there.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -410,9 +411,15 @@ def save(
     meta: dict[str, Any],
     keep_last: int = 0,
     dims: Optional[ParallelDims] = None,
-) -> Path:
-    """Write ``step_<N>`` atomically; returns its path. Collective over all ranks."""
+) -> Optional[Path]:
+    """Write ``step_<N>`` atomically; returns its path. Collective over all ranks.
+
+    Non-finite weights are never written: when a parameter on any rank holds NaN/Inf,
+    nothing is saved or pruned and the result is None. ``keep_last`` never prunes the
+    newest checkpoint whose ``meta.json`` says its parameters were finite."""
     root = Path(ckpt_dir)
+    if not params_finite(model):
+        return None
     final = root / step_dir_name(train_state.step)
     if final.exists():
         raise CheckpointError(f"refusing to overwrite existing checkpoint {final}")
@@ -438,7 +445,7 @@ def save(
     _barrier()
     if _rank() == 0:
         meta = dict(meta, format_version=FORMAT_VERSION, step=train_state.step,
-                    consumed_samples=train_state.consumed_samples)
+                    consumed_samples=train_state.consumed_samples, params_finite=True)
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2, default=str)
             f.flush()
@@ -446,10 +453,20 @@ def save(
         os.rename(tmp, final)
         _write_latest(root, final.name)
         if keep_last:
-            for _, old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old)
+            complete = list_checkpoints(root)
+            finite = [p for _, p in complete if _known_finite(p)]
+            for _, old in complete[:-keep_last]:
+                if not finite or old != finite[-1]:
+                    shutil.rmtree(old)
     _barrier()
     return final
+
+
+def _known_finite(path: Path) -> bool:
+    try:
+        return json.loads((path / META).read_text()).get("params_finite") is True
+    except (OSError, ValueError):
+        return False
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -65,6 +65,8 @@ class ParallelConfig:
     dry_run_rank: int = 0  # the rank whose model and memory trainer.dry_run reports
     # per-rank accelerator memory (GiB) the dry run checks the estimate against; 0 = none
     gpu_memory_gib: float = 0.0
+    # process-group timeout: a collective waiting longer on a dead/frozen rank fails
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -105,6 +107,13 @@ class TrainerConfig:
     # Build rank parallel.dry_run_rank of a parallel.world_size job on the meta device
     # (fake process group), write <run_dir>/memory.json and exit (trainer/dry_run.py).
     dry_run: bool = False
+    # docs/reliability.md: a non-finite loss / grad norm skips the step (skip) or ends
+    # the run (stop); more than skip_budget skipped steps within skip_window steps ends it
+    nonfinite: str = "skip"  # skip | stop
+    skip_budget: int = 10
+    skip_window: int = 100
+    spike_factor: float = 0.0  # skip a step whose loss > factor x recent mean; 0 = off
+    step_timeout_s: float = 1800.0  # watchdog: a step/eval/save running longer exits; 0 = off
 
 
 @dataclass
@@ -374,6 +383,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop"))
+    if t.skip_budget < 0 or t.skip_window < 1:
+        raise ConfigError(f"trainer.skip_budget={t.skip_budget} must be >= 0 and "
+                          f"trainer.skip_window={t.skip_window} >= 1")
+    if t.spike_factor != 0 and t.spike_factor <= 1:
+        raise ConfigError(f"trainer.spike_factor={t.spike_factor} must be > 1 (or 0: off)")
+    if t.step_timeout_s < 0 or cfg.parallel.timeout_s <= 0:
+        raise ConfigError(f"trainer.step_timeout_s={t.step_timeout_s} must be >= 0 and "
+                          f"parallel.timeout_s={cfg.parallel.timeout_s} > 0")
     _choice("optim.name", o.name, ("adamw",))
     _choice("optim.decay_style", o.decay_style, ("cosine", "linear", "wsd", "constant"))
     _positive("optim.lr", o.lr)

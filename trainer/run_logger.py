@@ -271,9 +271,13 @@ class RunLogger:
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
-        self._update_console(step, scalars)
+        # the console shows non-finite values (nan, inf) rather than dropping the column
+        shown = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._update_console(step, {**shown, **scalars}, metrics.get("skip_cause"))
 
-    def _update_console(self, step: int, scalars: dict[str, float]) -> None:
+    def _update_console(self, step: int, scalars: dict[str, float],
+                        skipped: str | None = None) -> None:
         if self.console == "none":
             return
         now = time.perf_counter()
@@ -290,6 +294,8 @@ class RunLogger:
         # multimodal runs: the per-modality and diffusion losses after the LM loss
         parts[3:3] = [f"{k} {scalars[k]:.4f}" for k in scalars
                       if k.startswith("loss_") or k == "diffusion_loss"]
+        if skipped:
+            parts.append(f"skipped ({skipped})")
         parts.append(f"eta {_fmt_eta(eta) if eta is not None else '?'}")
         line = " | ".join(parts)
         if self.console == "plain":
@@ -339,6 +345,11 @@ class RunLogger:
             log.info(msg)
             return
         _to_log_files(msg)
+
+    def warning(self, msg: str) -> None:
+        """``warning: <msg>`` on the console (main rank) and in the log files."""
+        if self.active:
+            self._warn(msg)
 
     def _warn(self, msg: str) -> None:
         if self.console == "none":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -41,13 +42,26 @@ def autocast_factory(device: torch.device, dtype: torch.dtype | None
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float | None = None) -> None:
     """NCCL on CUDA, gloo on CPU: the same code path either way. An existing default
-    process group (a launcher's or a test harness's) is used as it is."""
+    process group (a launcher's or a test harness's) is used as it is. ``timeout_s``
+    (``parallel.timeout_s``): how long a collective waits for a peer before it fails."""
     if dist.is_initialized():
         return
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun --max-restarts: the workers of every attempt share the agent's store,
+        # where the previous attempt's (dead) ranks left their addresses under the same
+        # keys; the new group's connect would race against them (hang / refused). One
+        # key prefix per attempt.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout or
+                                                  timedelta(minutes=10)))
+        kwargs.update(store=dist.PrefixStore(f"moefold/attempt_{restart}/", store),
+                      rank=rank, world_size=world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **kwargs)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **kwargs)

@@ -24,8 +24,11 @@ from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
 from trainer.errors import UserError, report_user_error
+from trainer.guards import RunStopped, StepGuard, Verdict
+from trainer.reliability import collective_failure, end_of_step, exit_with, watch
 from trainer.run_dir import RunLock, check_run_dir, precheck_run_dir, roll_back_metrics
 from trainer.runtime import autocast_dtype, autocast_factory, init_distributed, pick_device
+from trainer.signals import StopRequest
 
 register_configs()
 
@@ -51,7 +54,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(t, self.device)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, rank=self.rank)
         if self.world_size > 1:
-            init_distributed(self.device)
+            init_distributed(self.device, cfg.parallel.timeout_s)
             self.dims.build_meshes(self.device.type)
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dims.dp_size)
         # Resume target first: a bad checkpoint path must fail before data/model work.
@@ -77,6 +80,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
         self.state = ckpt.TrainState()
+        self.guard, self.verdict = StepGuard(t, self.world_size), Verdict()
+        self.stop = StopRequest(announce=self.rank == 0)
         if self.resume_from is not None:
             self.state = ckpt.load(
                 self.resume_from, model=self.model, optimizer=self.optimizer,
@@ -142,10 +147,15 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.pm.dp.reduce_gradients()
         grad_norm = self.pm.dp.clip_grad_norm_(t.grad_clip if t.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        # NaN/Inf or spike: skip the update (all ranks agree); also reads the stop request
+        self.verdict = self.guard.check(self.state.step + 1, self.objective.value(sums, norm),
+                                        grad_norm, self.stop.requested)
+        if not self.verdict.skip:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        moe = self.pm.moe.pop()  # reduced over the layout's groups; updates expert biases
+        # reduced over the layout's groups; updates expert biases (not on a skipped step)
+        moe = self.pm.moe.pop(update_expert_bias=not self.verdict.skip)
         self.state.step += 1
         self.state.consumed_samples += t.global_batch_size
         metrics = {
@@ -184,14 +194,16 @@ class Trainer:
         return {k: float(v) for k, v in out.items()}
 
     # -- loop -----------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path | None:
         meta = {"model": OmegaConf.to_container(self.cfg.model, resolve=True),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "world_size": self.world_size}
         path = ckpt.save(self.cfg.checkpoint.dir, model=self.model, optimizer=self.optimizer,
                          scheduler=self.scheduler, train_state=self.state, meta=meta,
                          keep_last=self.cfg.checkpoint.keep_last, dims=self.dims)
-        self.logger.info(f"saved checkpoint {path}")
+        self.logger.info(f"saved checkpoint {path}" if path else
+                         f"not saving step {self.state.step}: non-finite parameters")
+        return path
 
     def _record(self, m: dict[str, Any], perf: dict[str, float], step: int, last: bool
                 ) -> dict[str, float]:
@@ -207,17 +219,21 @@ class Trainer:
             for name, n in zip(self.objective.groups, modality_tokens.tolist()):
                 record[f"tokens_per_s_{name}"] = n / perf["step_time_s"]
         record.update(peak_memory())
+        if self.verdict.skip:
+            record.update(skipped=True, skip_cause=self.verdict.skip)
         if t.eval_every and (step % t.eval_every == 0 or last):
+            self.watchdog.beat(f"validation at step {step}")
             record.update(self.evaluate())
         return record
 
     def fit(self) -> None:
         t, c = self.cfg.trainer, self.cfg.checkpoint
         steps_this_run = 0
-        with self.logger:
+        with self.logger, watch(self) as self.watchdog, collective_failure(self):
             if self.state.step >= t.max_steps:
                 self.logger.info(f"already at step {self.state.step} >= trainer.max_steps")
             while self.state.step < t.max_steps:
+                self.watchdog.beat(f"step {self.state.step + 1}", self.state.step)
                 self.throughput.start_step()
                 m = self.train_step()
                 step = self.state.step
@@ -225,13 +241,16 @@ class Trainer:
                 perf = self.throughput.end_step(int(m["tokens"]))
                 counts = m.pop("counts_LE", None)
                 last = step == t.max_steps
-                if step % t.log_every == 0 or last:
+                if step % t.log_every == 0 or last or self.verdict.skip:
                     self.logger.log_step(step, self._record(m, perf, step, last))
                 every = self.cfg.logger.expert_load_every
                 if counts is not None and every and (step % every == 0 or last):
                     self.logger.log_expert_load(step, counts.float().cpu(), self.pm.moe.layer_ids)
-                if (c.every and step % c.every == 0) or (last and c.save_final):
-                    self.save_checkpoint()
+                saved = (c.every and step % c.every == 0) or (last and c.save_final)
+                if saved:
+                    self.watchdog.beat(f"checkpoint at step {step}")
+                    saved = self.save_checkpoint()
+                end_of_step(self, step, saved)  # divergence / preemption: RunStopped
                 steps_this_run += 1
                 if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
                     self.logger.info(f"stopping after {steps_this_run} steps (stop_after_steps)")
@@ -271,6 +290,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         report_user_error(e)
         sys.exit(2)
+    except RunStopped as e:  # preempted (75), diverged (3), hung peer (4): docs/reliability.md
+        exit_with(e)
 
 
 def main() -> None:
