@@ -102,6 +102,11 @@ LAYOUTS = [
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
 ]
 LOSS_RTOL = 1e-5
+# The pre-clip gradient norm amplifies fp32 rounding on an unstable step: on one CPU model
+# pp2_vpp2_zbv_capacity's step 5 (norm 9.22, up from 1.62 at step 4; the 1-process run
+# spikes the same way) differs by 3.9e-5 relative, while its losses agree within 5e-7 and
+# its parameters within PARAM_ATOL. Losses keep LOSS_RTOL.
+GRAD_NORM_RTOL = 1e-4
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
 
 
@@ -167,7 +172,8 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, lay
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
+            rtol = GRAD_NORM_RTOL if key == "grad_norm" else LOSS_RTOL
+            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=rtol), (
                 name,
                 step,
                 key,

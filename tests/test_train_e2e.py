@@ -3,6 +3,8 @@ and user mistakes give one clear line, a non-zero exit, and lose nothing."""
 
 from __future__ import annotations
 
+import json
+
 import hashlib
 import math
 import shutil
@@ -93,9 +95,11 @@ def test_kill_and_resume_is_exact(tmp_path, reference_run, moefold_cache):
     for step in range(1, 13):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
-    # a resumed run appends to metrics.jsonl: steps 5 and 6 were logged twice
+    # resuming at step 4 moved the records of steps 5 and 6 aside: no step is logged twice
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 6 + 8
+    assert [json.loads(ln)["step"] for ln in lines] == list(range(1, 13))
+    (cut,) = tmp_path.glob("metrics.jsonl.rolled-back-*")
+    assert [json.loads(ln)["step"] for ln in cut.read_text().splitlines()] == [5, 6]
 
 
 def _one_error_line(proc, *needles):
