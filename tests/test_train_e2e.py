@@ -3,9 +3,8 @@ and user mistakes give one clear line, a non-zero exit, and lose nothing."""
 
 from __future__ import annotations
 
-import json
-
 import hashlib
+import json
 import math
 import shutil
 from pathlib import Path
