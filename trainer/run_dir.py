@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -171,6 +172,20 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def owned_run_dir(run_dir: str | os.PathLike, stale_after_s: float, rank: int):
+    """Check ``run_dir`` and hold its lock for the run (rank 0 takes it; the launcher stops
+    the other ranks when rank 0 refuses)."""
+    check_run_dir(run_dir)
+    if rank != 0:
+        yield None
+        return
+    with RunLock(run_dir, stale_after_s) as lock:
+        for w in lock.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        yield lock
 
 
 def roll_back_metrics(run_dir: str | os.PathLike, step: int) -> str | None:

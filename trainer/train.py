@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from models.config import MODALITY_ARCHS
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
 from trainer.errors import UserError, report_user_error
 from trainer.guards import RunStopped, StepGuard, Verdict
 from trainer.reliability import collective_failure, end_of_step, exit_with, watch
-from trainer.run_dir import RunLock, check_run_dir, precheck_run_dir, roll_back_metrics
+from trainer.report import startup_report
+from trainer.run_dir import owned_run_dir, precheck_run_dir, roll_back_metrics
 from trainer.runtime import autocast_dtype, autocast_factory, init_distributed, pick_device
 from trainer.signals import StopRequest
 
@@ -94,36 +94,7 @@ class Trainer:
         self.logger = RunLogger(cfg.logger, Path(cfg.run_dir), is_main=self.rank == 0,
                                 total_steps=t.max_steps, start_step=self.state.step,
                                 run_config=OmegaConf.to_container(cfg, resolve=True))
-        self.throughput = self._start_report()
-
-    def _start_report(self):
-        """Log the model, the layout and the resume point; returns the throughput meter."""
-        from models.flops import flops_per_token_by_modality, param_counts, training_flops_per_token
-        from trainer.perf import Throughput, peak_flops_per_device
-
-        cfg, t = self.cfg, self.cfg.trainer
-        flops = training_flops_per_token(self.model_cfg, t.seq_len)
-        peak, peak_src = peak_flops_per_device(self.device, self.amp_dtype or torch.float32,
-                                               t.peak_tflops)
-        total, active = param_counts(self.model_cfg)  # analytic: shards would undercount
-        self.logger.info(
-            f"model {cfg.model.name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
-            f"active), {len(self.pm.moe.layer_ids)} MoE layers; {flops / 1e6:.1f} MFLOP/token; "
-            f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {self.device}")
-        if cfg.model.arch in MODALITY_ARCHS:
-            per = flops_per_token_by_modality(self.model_cfg, t.seq_len)
-            self.logger.info("MFLOP/token per modality: " + ", ".join(
-                f"{k} {v / 1e6:.2f}" for k, v in per.items()))
-        if self.world_size > 1:
-            self.logger.info(self.dims.describe())
-        if self.pm.pp_report:
-            self.logger.info(self.pm.pp_report)
-        for note in filter(None, self.resume.notes):
-            self.logger.info(note)
-        if self.resume_from is not None:
-            self.logger.info(f"resumed from {self.resume_from} at step {self.state.step} "
-                             f"({self.state.consumed_samples} samples consumed)")
-        return Throughput(flops_per_token=flops, peak_flops=peak, world_size=self.world_size)
+        self.throughput = startup_report(self)
 
     # -- one step -------------------------------------------------------------------
     def _batches(self, mbs: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -267,20 +238,14 @@ def run(cfg: DictConfig) -> None:
         dry_run(cfg)
         return
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group
-    check_run_dir(cfg.run_dir)
-    lock = None
-    if int(os.environ.get("RANK", 0)) == 0:  # one live run per run_dir
-        lock = RunLock(cfg.run_dir, cfg.checkpoint.lock_stale_after_s).acquire()
-        for w in lock.warnings:
-            print(f"warning: {w}", file=sys.stderr, flush=True)
     had_group = dist.is_initialized()
-    try:
-        Trainer(cfg).fit()
+    rank = int(os.environ.get("RANK", 0))
+    try:  # one live run per run_dir
+        with owned_run_dir(cfg.run_dir, cfg.checkpoint.lock_stale_after_s, rank):
+            Trainer(cfg).fit()
     finally:
         if dist.is_initialized() and not had_group:
             dist.destroy_process_group()
-        if lock is not None:
-            lock.release()
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
