@@ -20,7 +20,7 @@ run's model / data / optimizer / schedule settings must equal the checkpoint's, 
 
 Nothing here unpickles arbitrary objects from a run directory: ``rng_rank<r>.pt`` holds
 only tensors, ints, floats and strings and is read with ``torch.load(weights_only=True)``.
-(DCP's own ``.metadata`` is a pickle that DCP loads itself; see docs/reliability_inputs.md.)
+(DCP's own ``.metadata`` is a pickle that DCP loads itself; see docs/reliability.md.)
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` so they
 are keyed by parameter FQN: a checkpoint written under one parallel layout loads under
