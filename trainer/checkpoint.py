@@ -441,6 +441,8 @@ def save(
         torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
     except (CheckpointException, OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RuntimeError) and not _io_failure(e):
+            raise  # a bug, not the disk: keep the traceback
         raise CheckpointError(_write_failure(final, tmp, e)) from None
     _barrier()
     if _rank() == 0:
@@ -507,6 +509,13 @@ def _errors(e: BaseException) -> Iterator[BaseException]:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def _io_failure(e: RuntimeError) -> bool:
+    """torch's file writer reports a failed write (e.g. a full disk) as a RuntimeError."""
+    text = str(e)
+    return any(m in text for m in ("unexpected pos", "No space left", "PytorchStreamWriter",
+                                   "file write failed"))
 
 
 def _write_failure(final: Path, tmp: Path, e: BaseException) -> str:
