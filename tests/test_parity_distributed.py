@@ -38,6 +38,11 @@ COMMON = [
 MODES = {
     "dropless": ["model.moe.expert_bias=true"],
     "capacity": ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=probs"],
+    # Drops ranked by position, not by probability: the zero-bubble schedule sums its
+    # split weight gradients in another order, and with drop_policy=probs a rounding-level
+    # difference flipped a near-tied drop on one CPU model (losses 6e-7 apart at step 4,
+    # one embedding element 2.7e-5 apart after step 5; 1e-7 everywhere with position).
+    "capacity_position": ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=position"],
     # packed-document attention masks (and per-document RoPE positions)
     "documents": ["data.document_mask=true", "model.moe.expert_bias=true"],
 }
@@ -79,7 +84,7 @@ LAYOUTS = [
     # with TP2+SP (FSDP experts only, under the stage roots)
     ("pp2_vpp2_interleaved", 2, "dropless",
      ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=interleaved_1f1b"]),
-    ("pp2_vpp2_zbv_capacity", 2, "capacity",
+    ("pp2_vpp2_zbv_capacity", 2, "capacity_position",
      ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv"]),
     ("pp2xdp2_vpp2_zbv_ep2", 4, "dropless",
      ["parallel.pp=2", "parallel.vpp=2", "parallel.pp_schedule=zbv", "parallel.ep=2"]),
@@ -102,11 +107,6 @@ LAYOUTS = [
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
 ]
 LOSS_RTOL = 1e-5
-# The pre-clip gradient norm amplifies fp32 rounding on an unstable step: on one CPU model
-# pp2_vpp2_zbv_capacity's step 5 (norm 9.22, up from 1.62 at step 4; the 1-process run
-# spikes the same way) differs by 3.9e-5 relative, while its losses agree within 5e-7 and
-# its parameters within PARAM_ATOL. Losses keep LOSS_RTOL.
-GRAD_NORM_RTOL = 1e-4
 PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
 
 
@@ -172,13 +172,12 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, lay
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            rtol = GRAD_NORM_RTOL if key == "grad_norm" else LOSS_RTOL
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=rtol), (
+            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
                 name,
                 step,
                 key,
             )
-    if mode == "capacity":
+    if mode.startswith("capacity"):
         assert got[STEPS]["dropped_frac"] == pytest.approx(ref_metrics[STEPS]["dropped_frac"])
         assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
     model = _final_model(run_dir)
