@@ -411,16 +411,90 @@ def save(
     meta: dict[str, Any],
     keep_last: int = 0,
     dims: Optional[ParallelDims] = None,
-) -> Optional[Path]:
+    async_group: Any = None,
+) -> Optional[Path | PendingSave]:
     """Write ``step_<N>`` atomically; returns its path. Collective over all ranks.
 
     Non-finite weights are never written: when a parameter on any rank holds NaN/Inf,
     nothing is saved or pruned and the result is None. ``keep_last`` never prunes the
-    newest checkpoint whose ``meta.json`` says its parameters were finite."""
-    root = Path(ckpt_dir)
+    newest checkpoint whose ``meta.json`` says its parameters were finite.
+
+    ``async_group`` (a process group of its own, e.g. ``dist.new_group(backend="gloo")``,
+    or ``"local"`` in a single process): the state is copied to host memory now and
+    written by DCP in a background thread; the result is a :class:`PendingSave` whose
+    ``finish()`` (collective) waits for the write and then publishes the checkpoint
+    exactly like a synchronous save (meta.json, rename, ``latest``, pruning). Until then
+    only the ``.tmp-step_N`` directory exists, which resume never reads."""
     if not params_finite(model):
         return None
-    final = root / step_dir_name(train_state.step)
+    final, tmp = _begin(Path(ckpt_dir), train_state.step)
+    state = _app_state(model, optimizer, scheduler, train_state, dims)
+    meta = dict(meta, format_version=FORMAT_VERSION, step=train_state.step,
+                consumed_samples=train_state.consumed_samples, params_finite=True)
+    with _write_errors(final, tmp):
+        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        if async_group is not None:
+            with quiet_dcp():
+                future = dcp.async_save(
+                    state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized(),
+                    process_group=None if async_group == "local" else async_group)
+            return PendingSave(final, tmp, meta, keep_last, future)
+        with quiet_dcp():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    _publish(final, tmp, meta, keep_last)
+    return final
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards are being written in the background (``save``)."""
+
+    path: Path
+    tmp: Path
+    meta: dict[str, Any]
+    keep_last: int
+    future: Any
+
+    def finish(self) -> Path:
+        """Wait for this rank's write, then publish the checkpoint (collective)."""
+        with _write_errors(self.path, self.tmp):
+            self.future.result()
+        _publish(self.path, self.tmp, self.meta, self.keep_last)
+        return self.path
+
+
+class Saver:
+    """Periodic checkpoints of a run, synchronous or (``background=True``) written by DCP
+    in a background thread over a gloo process group of their own (so the writes never
+    interleave with the training's collectives). At most one write is in flight: the
+    next save, ``finish()`` or a synchronous save first publishes the previous one."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self.group: Any = None
+        if background:
+            self.group = dist.new_group(backend="gloo") if dist.is_initialized() else "local"
+        self.pending: Optional[PendingSave] = None
+
+    def save(self, *, sync: bool = False, **kwargs: Any) -> Optional[Path]:
+        """``save(**kwargs)``; in the background unless ``sync`` or not ``background``.
+        Returns the checkpoint's path (complete once ``finish()`` returns) or None."""
+        self.finish()
+        out = save(**kwargs, async_group=None if sync or not self.background else self.group)
+        if isinstance(out, PendingSave):
+            self.pending = out
+            return out.path
+        return out
+
+    def finish(self) -> Optional[Path]:
+        """Publish the write in flight, if any (collective); returns its path."""
+        pending, self.pending = self.pending, None
+        return pending.finish() if pending is not None else None
+
+
+def _begin(root: Path, step: int) -> tuple[Path, Path]:
+    """The final and temp directories of a new checkpoint (the temp one created empty)."""
+    final = root / step_dir_name(step)
     if final.exists():
         raise CheckpointError(f"refusing to overwrite existing checkpoint {final}")
     tmp = root / f".tmp-{final.name}"
@@ -431,28 +505,32 @@ def save(
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    return final, tmp
+
+
+@contextlib.contextmanager
+def _write_errors(final: Path, tmp: Path) -> Iterator[None]:
+    """A failed write (full disk, ...) removes the temp dir and becomes one line."""
     try:
-        with quiet_dcp():
-            dcp.save(
-                _app_state(model, optimizer, scheduler, train_state, dims),
-                checkpoint_id=str(tmp),
-                no_dist=not dist.is_initialized(),
-            )
-        torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
+        yield
     except (CheckpointException, OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RuntimeError) and not _io_failure(e):
             raise  # a bug, not the disk: keep the traceback
         raise CheckpointError(_write_failure(final, tmp, e)) from None
+
+
+def _publish(final: Path, tmp: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """Once every rank's shards are written: meta.json, the atomic rename, ``latest``,
+    pruning (never the newest finite checkpoint)."""
     _barrier()
     if _rank() == 0:
-        meta = dict(meta, format_version=FORMAT_VERSION, step=train_state.step,
-                    consumed_samples=train_state.consumed_samples, params_finite=True)
         with open(tmp / META, "w") as f:
             json.dump(meta, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
+        root = final.parent
         _write_latest(root, final.name)
         if keep_last:
             complete = list_checkpoints(root)
@@ -461,7 +539,6 @@ def save(
                 if not finite or old != finite[-1]:
                     shutil.rmtree(old)
     _barrier()
-    return final
 
 
 def _known_finite(path: Path) -> bool:

@@ -123,6 +123,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <path to a step_* checkpoint directory>
     keep_last: int = 2  # 0 keeps all
     save_final: bool = True
+    # write periodic checkpoints in a background thread (DCP async_save after a copy to
+    # host memory; published atomically at the next save or the end of the run)
+    async_save: bool = False
     # Resuming with other model / data / optim / schedule settings than the checkpoint's
     # is refused unless the key or its section is listed here (e.g. [optim.lr] or
     # [optim, trainer.max_steps]); listed keys take this run's value.

@@ -66,6 +66,8 @@ def end_of_step(tr: Any, step: int, saved: Any) -> None:
     warning = tr.guard.divergence_warning(step, v)
     if warning:
         tr.logger.warning(warning)
+    if v.stop or v.preempt:
+        tr.saver.finish()  # a checkpoint still being written in the background
     if v.stop:
         kept = ckpt.list_checkpoints(tr.cfg.checkpoint.dir)
         last = f"the last checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written"

@@ -82,6 +82,7 @@ class Trainer:
         self.state = ckpt.TrainState()
         self.guard, self.verdict = StepGuard(t, self.world_size), Verdict()
         self.stop = StopRequest(announce=self.rank == 0)
+        self.saver = ckpt.Saver(background=cfg.checkpoint.async_save)
         if self.resume_from is not None:
             self.state = ckpt.load(
                 self.resume_from, model=self.model, optimizer=self.optimizer,
@@ -165,14 +166,19 @@ class Trainer:
         return {k: float(v) for k, v in out.items()}
 
     # -- loop -----------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, sync: bool = True) -> Path | None:
+        """Checkpoint this step (in the background when ``checkpoint.async_save`` and not
+        ``sync``); returns its path, None for non-finite parameters."""
         meta = {"model": OmegaConf.to_container(self.cfg.model, resolve=True),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "world_size": self.world_size}
-        path = ckpt.save(self.cfg.checkpoint.dir, model=self.model, optimizer=self.optimizer,
-                         scheduler=self.scheduler, train_state=self.state, meta=meta,
-                         keep_last=self.cfg.checkpoint.keep_last, dims=self.dims)
-        self.logger.info(f"saved checkpoint {path}" if path else
+        path = self.saver.save(sync=sync, ckpt_dir=self.cfg.checkpoint.dir, model=self.model,
+                               optimizer=self.optimizer, scheduler=self.scheduler,
+                               train_state=self.state, meta=meta,
+                               keep_last=self.cfg.checkpoint.keep_last, dims=self.dims)
+        how = "writing checkpoint {} in the background" if self.saver.pending else (
+            "saved checkpoint {}")
+        self.logger.info(how.format(path) if path else
                          f"not saving step {self.state.step}: non-finite parameters")
         return path
 
@@ -220,12 +226,15 @@ class Trainer:
                 saved = (c.every and step % c.every == 0) or (last and c.save_final)
                 if saved:
                     self.watchdog.beat(f"checkpoint at step {step}")
-                    saved = self.save_checkpoint()
+                    saved = self.save_checkpoint(sync=last)
                 end_of_step(self, step, saved)  # divergence / preemption: RunStopped
                 steps_this_run += 1
                 if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
                     self.logger.info(f"stopping after {steps_this_run} steps (stop_after_steps)")
                     break
+            path = self.saver.finish()  # a periodic checkpoint still written in the background
+            if path is not None:
+                self.logger.info(f"saved checkpoint {path}")
 
 
 def run(cfg: DictConfig) -> None:
