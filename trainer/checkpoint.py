@@ -98,15 +98,7 @@ def is_complete(path: Path) -> bool:
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in ``ckpt_dir`` as (step, path), oldest first."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and is_complete(child):
-            found.append((int(m.group(1)), child))
-    return sorted(found)
+    return [(step, path) for step, path in step_dirs(ckpt_dir) if is_complete(path)]
 
 
 def step_dirs(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
