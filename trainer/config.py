@@ -67,6 +67,10 @@ class ParallelConfig:
     gpu_memory_gib: float = 0.0
     # process-group timeout: a collective waiting longer on a dead/frozen rank fails
     timeout_s: float = 600.0
+    # choose the layout with the planner (trainer/planner.py, docs/planner.md) for the
+    # launched world size and cluster.*; sizes set > 1 (tp, cp, pp, vpp, ep, etp) and a
+    # pp_schedule other than 1f1b stay fixed, the rest is chosen
+    auto: bool = False
 
 
 @dataclass
@@ -154,6 +158,29 @@ class LoggerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines a plan is for (trainer/planner.py; defaults per GPU type there, with
+    their sources; 0 = the table's value for ``gpu``)."""
+    gpus: int = 0  # 0 = the launched world size (parallel.world_size / WORLD_SIZE)
+    gpus_per_node: int = 8  # NVLink domain size
+    gpu: str = "h100_80gb"  # h100_80gb | h200 | b200 | a100_80gb | cpu
+    memory_gib: float = 0.0  # per GPU
+    peak_tflops: float = 0.0  # dense bf16 per GPU
+    achievable_fraction: float = 0.0  # of the peak, for the model's matmuls
+    intra_node_gbps: float = 0.0  # GB/s per GPU per direction (NVLink)
+    inter_node_gbps: float = 0.0  # GB/s per GPU per direction (InfiniBand / RoCE NIC)
+
+
+@dataclass
+class PlanConfig:
+    """``python -m scripts.plan`` (docs/planner.md)."""
+    layout: str = ""  # "tp=2 pp=8 ep=8 ..." evaluates this layout instead of searching
+    top: int = 10  # candidates printed and written (and checked for memory) at least
+    usable_memory_fraction: float = 0.9  # of cluster memory_gib a plan may use
+    max_builds: int = 600  # meta-model builds before the search stops, with a message
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,6 +189,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # Hydra multirun jobs get their own sub-directory (the job's overrides, or its number)
     run_dir: str = "runs/${model.name}${moefold_multirun_subdir:}"
     # free-form tag of the experiment preset that set the rest

@@ -26,12 +26,15 @@ from parallel.memory import GIB, MemoryReport, estimate_memory
 from trainer.config import moe_layer_pattern, validate
 from trainer.errors import UserError
 
-__all__ = ["dry_run", "dry_run_report"]
+__all__ = ["dry_run", "dry_run_model", "dry_run_report"]
 
 
-def dry_run_report(cfg: DictConfig) -> MemoryReport:
-    """Build rank ``parallel.dry_run_rank`` of ``parallel.world_size`` on meta under a fake
-    process group and return its memory report (the group is destroyed again)."""
+def dry_run_model(cfg: DictConfig) -> tuple[object, object]:
+    """(model config, ``ParallelModel``) of rank ``parallel.dry_run_rank`` of
+    ``parallel.world_size``, built on meta under a fake process group (destroyed again;
+    the meta model and the pure rank math of its dims stay usable). The planner
+    (trainer/planner.py) reuses this build for every micro-batch size and recompute
+    setting of one layout shape."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from parallel.parallelize import parallelize
@@ -50,9 +53,16 @@ def dry_run_report(cfg: DictConfig) -> MemoryReport:
         pm = parallelize(model_cfg, p, dims, device=torch.device("cpu"), seed=t.seed,
                          seq_len=t.seq_len, num_micro=num_micro,
                          moe_pattern=moe_layer_pattern(cfg.model), materialize=False)
-        return estimate_memory(model_cfg, p, t, pm)
+        return model_cfg, pm
     finally:
         dist.destroy_process_group()
+
+
+def dry_run_report(cfg: DictConfig) -> MemoryReport:
+    """Build rank ``parallel.dry_run_rank`` of ``parallel.world_size`` on meta under a fake
+    process group and return its memory report (the group is destroyed again)."""
+    model_cfg, pm = dry_run_model(cfg)
+    return estimate_memory(model_cfg, cfg.parallel, cfg.trainer, pm)
 
 
 def dry_run(cfg: DictConfig) -> MemoryReport:

@@ -246,6 +246,11 @@ def run(cfg: DictConfig) -> None:
         from trainer.dry_run import dry_run
         dry_run(cfg)
         return
+    if cfg.parallel.auto:  # the planner picks the layout (trainer/planner.py)
+        from trainer.planner import auto_layout
+        line = auto_layout(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(line, flush=True)
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))  # before any process group
     had_group = dist.is_initialized()
     rank = int(os.environ.get("RANK", 0))
