@@ -16,14 +16,15 @@ of an upcycled model) keep their seeded init.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from models.config import MoEConfig, ModelConfig
+from models.config import ModelConfig, MoEConfig
 from models.hf_map import HFRefused, check_hf_config, hf_entries, split_expert
 from models.layers import Index, Initializer
 from models.transformer import canonical_name
@@ -252,7 +253,10 @@ def open_upcycle(spec: str, cfg: ModelConfig, seed: int) -> UpcycleSource:
         src = HFSource(Path(spec[3:]), dense)
     else:
         dcfg, state, _ = dcp_model_state(Path(spec))
-        diffs = structural_diffs(asdict(dcfg), asdict(dense))
+        a, b = asdict(dcfg), asdict(dense)
+        for d in (a, b):  # a dense model's moe.* settings are unused
+            d["moe"] = {"num_experts": d["moe"]["num_experts"]}
+        diffs = structural_diffs(a, b)
         if diffs:
             raise InitSourceError(f"model.moe.upcycle_from={spec} is not this model's dense "
                                   "counterpart: " + "; ".join(diffs[:4]))
