@@ -55,6 +55,11 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0  # per shared expert; 0 -> expert_ffn_hidden_size
     shared_expert_gate: bool = False  # sigmoid gate on the shared output (Qwen2-MoE)
 
+    # Sparse upcycling (docs/interop.md): a dense checkpoint dir or hf:<dir> whose FFNs
+    # are copied into every expert; each copy times (1 + upcycle_noise * N(0, 1)).
+    upcycle_from: str = ""
+    upcycle_noise: float = 0.0
+
 
 @dataclass
 class MoTConfig:
@@ -119,6 +124,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Initial weights instead of the seeded init (docs/interop.md): hf:<dir> (Hugging Face
+    # safetensors of a supported family) or a moefold export dir.
+    init_from: str = ""
     moe: MoEConfig = field(default_factory=MoEConfig)
     mot: MoTConfig = field(default_factory=MoTConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)

@@ -130,6 +130,9 @@ def parallelize(
     dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks)
     if materialize:
         materialize_and_init(model, chunks, device, seed)
+        if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md
+            from parallel.hf_load import init_from_sources
+            init_from_sources(model, model_cfg, seed)
         if dims.tp > 1:  # to_empty replaced the parameters and dropped their hooks
             grads_like_params(model)
         dp.refresh_params()

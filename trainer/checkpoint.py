@@ -172,7 +172,8 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Optional[Path]:
 # layout (parallel.*: checkpoints reshard), logging or checkpoint cadence.
 _COMPARED_SECTIONS = ("model", "data", "optim")
 _COMPARED_TRAINER = ("seed", "seq_len", "global_batch_size")
-_NOT_COMPARED = {"model.name", "data.name", "data.cache_dir"}
+_NOT_COMPARED = {"model.name", "data.name", "data.cache_dir", "model.init_from",
+                 "model.moe.upcycle_from", "model.moe.upcycle_noise"}
 
 
 def _flatten(d: Any, prefix: str) -> dict[str, Any]:
