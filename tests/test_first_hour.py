@@ -110,3 +110,38 @@ def test_hf_tokenizer_preprocess_and_train_one_step(tmp_path, moefold_cache, cap
                 f"model.vocab_size={tok.vocab_size}", "trainer.max_steps=1",
                 "checkpoint.save_final=false"], run_dir, moefold_cache)
     assert read_metrics(run_dir)[1]["loss"] > 0
+
+
+# -- what N processes print -------------------------------------------------------------
+def _launch(nproc: int, overrides: list[str], cache: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEFOLD_CACHE=str(cache),
+               WANDB_SILENT="true", PYTHON=sys.executable)
+    return subprocess.run(["bash", "launch/torchrun.sh", str(nproc), *overrides], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.distributed
+def test_two_processes_print_once_without_fsdp_view_warning(tmp_path, moefold_cache):
+    """launch/torchrun.sh 2 on an EP2 run (FSDP2 over the experts): every INFO line once,
+    rank 1's Hydra log in train_rank1.log, no FSDP "returned a view tensor" warning."""
+    run_dir = tmp_path / "ep2"
+    p = _launch(2, [*FAST, "parallel.ep=2", "trainer.max_steps=2", "checkpoint.every=0",
+                    "checkpoint.save_final=false", f"run_dir={run_dir}"], moefold_cache)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "view tensor" not in out
+    assert out.count("MoE layers;") == 1 and out.count("step 2/2") == 1
+    assert out.count("][INFO] - data:") == 1, out  # Hydra's job log: rank 0 only
+    assert "[rank 1]" not in out  # nothing to warn about
+    assert (run_dir / "train.log").read_text().count("data:") == 1
+    assert (run_dir / "train_rank1.log").read_text().count("data:") == 1
+
+
+@pytest.mark.distributed
+def test_one_error_line_under_torchrun(tmp_path, moefold_cache):
+    p = _launch(2, [*FAST, "model.num_kv_heads=3", f"run_dir={tmp_path / 'bad'}"],
+                moefold_cache)
+    assert p.returncode == 2
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "error" in ln.lower()]
+    assert lines == ["error: model.num_kv_heads=3 does not divide model.num_heads=4 "
+                     "(valid: 1, 2, 4)"], p.stdout + p.stderr
