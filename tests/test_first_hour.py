@@ -4,6 +4,7 @@ dataset, a Hugging Face tokenizer), the README's own commands, and what N proces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -145,3 +146,86 @@ def test_one_error_line_under_torchrun(tmp_path, moefold_cache):
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if "error" in ln.lower()]
     assert lines == ["error: model.num_kv_heads=3 does not divide model.num_heads=4 "
                      "(valid: 1, 2, 4)"], p.stdout + p.stderr
+
+
+# -- the README's commands, as written --------------------------------------------------
+def readme_commands() -> list[str]:
+    """Every command of README.md's fenced bash blocks (continuation lines joined,
+    comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = re.sub(r"\s+#.*$", "", cmd).strip()
+            if cmd and not cmd.startswith("#"):
+                cmds.append(re.sub(r"\s+", " ", cmd))
+    return cmds
+
+
+# Run as written, with these appended (tiny step counts, a temporary run_dir). The README's
+# other commands are not run here: `make demo`/`make test` (the set-up itself, what CI
+# runs), `source .venv/bin/activate` (shell state), `moefold-train` (the console script of
+# `trainer.train:main`, only on PATH after `make install`), launch/torchrun.sh N (multi-
+# process layouts: tests/test_parity_distributed.py and the tests above), sbatch (needs
+# Slurm), the multimodal/jamba runs and compare_dense_vs_mot (minutes on CPU; their
+# presets are covered by tests/test_mot.py, tests/test_mamba.py, tests/test_presets.py).
+TINY = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.seq_len=32",
+        "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "logger.console=plain",
+        "logger.tensorboard=false", "logger.expert_load_every=0", "checkpoint.every=0",
+        "checkpoint.save_final=false"]
+RUN_TRAIN = ("python -m trainer.train", "python -m trainer.train model=dense_tiny",
+             "python -m trainer.train model.moe.num_experts=16",
+             "python -m trainer.train run_dir=runs/exp1",
+             "python -m trainer.train data=indexed")
+
+
+def _run(cmd: str, tmp: Path, cache: Path, extra: list[str] = ()) -> str:
+    argv = shlex.split(cmd) + list(extra)
+    assert argv[0] == "python"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOEFOLD_CACHE=str(cache), WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, f"{cmd}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path, moefold_cache):
+    cmds = readme_commands()
+    for must in ("make demo", "make test", "source .venv/bin/activate"):
+        assert must in cmds
+    train = [c for c in cmds if c == RUN_TRAIN[0] or c.startswith(RUN_TRAIN[1:])]
+    assert len(train) == len(RUN_TRAIN), train
+    # ~6 s each on a loaded CPU: the default, the MoE options and your own data run; the
+    # dense_tiny and run_dir=runs/exp1 lines are checked to be there (same entry point,
+    # different overrides covered by tests/test_train_e2e.py).
+    train = [train[0], train[2], train[4]]
+    pre = [c for c in cmds if c.startswith("python scripts/preprocess_data.py")]
+    plot = [c for c in cmds if c.startswith("python scripts/plot_metrics.py")]
+    assert len(pre) == 1 and len(plot) == 1
+
+    # Your own data: the README's files under data/ live in tmp; the vocabulary shrinks
+    # from 32000 to what a few kilobytes of text can train (the only edit to the command).
+    data = tmp_path / "data"
+    data.mkdir()
+    from pydoc_data.topics import topics
+
+    with open(data / "docs.jsonl", "w") as f:
+        for k in sorted(topics)[:40]:
+            f.write(json.dumps({"text": topics[k]}) + "\n")
+    own = lambda c: c.replace("data/", f"{data}/").replace("32000", "1000")  # noqa: E731
+    out = _run(own(pre[0]), tmp_path, moefold_cache)
+    assert f"{data}/corpus_text_document.bin" in out
+
+    runs = {}
+    for i, cmd in enumerate(train):
+        run_dir = tmp_path / f"run{i}"
+        if cmd.startswith("python -m trainer.train data=indexed"):
+            cmd = own(cmd)
+        _run(cmd, tmp_path, moefold_cache, [*TINY, f"run_dir={run_dir}"])
+        runs[cmd] = read_metrics(run_dir)
+        assert sorted(runs[cmd]) == [1, 2]
+    png = tmp_path / "loss.png"
+    _run(plot[0].replace("runs/demo/<timestamp>", str(tmp_path / "run0"))
+         .replace("loss.png", str(png)), tmp_path, moefold_cache)
+    assert png.stat().st_size > 0
