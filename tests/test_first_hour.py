@@ -229,3 +229,16 @@ def test_readme_commands_run_as_written(tmp_path, moefold_cache):
     _run(plot[0].replace("runs/demo/<timestamp>", str(tmp_path / "run0"))
          .replace("loss.png", str(png)), tmp_path, moefold_cache)
     assert png.stat().st_size > 0
+
+
+def test_help_describes_every_key():
+    from trainer.config import key_descriptions
+
+    rows = key_descriptions()
+    assert not [k for k, d in rows if not d]
+    p = subprocess.run([sys.executable, "-m", "trainer.train", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "model: " in p.stdout and "== Keys ==" in p.stdout
+    for key, _ in rows:
+        assert re.search(rf"^  {re.escape(key)} ", p.stdout, flags=re.M), key
