@@ -27,9 +27,11 @@ class DataConfig:
     # into cache_dir. indexed: Megatron indexed datasets listed in ``blend``.
     source: str = "builtin"
     # Megatron-style blend: ["prefix"] or [w1, "prefix1", w2, "prefix2", ...]; a prefix
-    # names <prefix>.bin / <prefix>.idx written by scripts/preprocess_data.py.
+    # names <prefix>.bin / <prefix>.idx (scripts/preprocess_data.py writes
+    # <output-prefix>_text_document.bin/.idx).
     blend: list = field(default_factory=list)
-    # sentencepiece model; empty with source=builtin -> trained on the corpus (cached).
+    # sentencepiece .model or Hugging Face tokenizer.json / its directory; empty with
+    # source=builtin -> a sentencepiece model trained on the corpus (cached).
     tokenizer_model: str = ""
     # vocabulary of the tokenizer trained for the builtin corpus
     builtin_vocab_size: int = 2048
