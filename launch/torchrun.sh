@@ -11,9 +11,10 @@
 # in MOEFOLD_EXIT_FILE: 75 preempted, 3 diverged, 4 hung peer, 2 config error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; else
-  NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 2)"); fi
+# The venv's python when there is one (`make install`), else $PYTHON or python on PATH.
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then NPROC=$1; shift; else
+  NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)"); fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OWN_EXIT_FILE=""
 if [[ -z "${MOEFOLD_EXIT_FILE:-}" ]]; then

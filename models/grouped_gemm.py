@@ -15,17 +15,15 @@ from __future__ import annotations
 import torch
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (the CPU
-    ``_grouped_mm`` backward rejects strided gradients)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
+def _contiguous_grad(y: torch.Tensor) -> torch.Tensor:
+    """``y``, whose incoming gradient is made contiguous (the CPU ``_grouped_mm`` backward
+    rejects strided gradients). A tensor hook rather than an identity autograd Function:
+    that one returned a view of ``y``, which FSDP2 warns about ("returned a view tensor
+    ... can produce wrong gradients") when ``y`` is an FSDP-wrapped module's output, as
+    the experts' is."""
+    if y.requires_grad:
+        y.register_hook(lambda g: g.contiguous())
+    return y
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -75,11 +73,11 @@ def grouped_mm_fused(
     # free (no device), so the masks are skipped when every row belongs to an expert.
     if x_ND.device.type == "cpu" and int(offs[-1]) == x_ND.shape[0]:
         y = torch._grouped_mm(x_ND.contiguous(), w_EDF, offs=offs.to(torch.int32))
-        return _ContiguousGrad.apply(y)
+        return _contiguous_grad(y)
     valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1]).unsqueeze(1)
     x_ND = torch.where(valid_N1, x_ND, 0).contiguous()
     y = torch._grouped_mm(x_ND, w_EDF, offs=offs.to(torch.int32))
-    return torch.where(valid_N1, _ContiguousGrad.apply(y), 0)
+    return torch.where(valid_N1, _contiguous_grad(y), 0)
 
 
 def grouped_mm(

@@ -1,17 +1,27 @@
-"""Tokenise text into a Megatron indexed dataset (``<output_prefix>.bin/.idx``).
+"""Tokenise text into a Megatron indexed dataset (``<prefix>_text_document.bin/.idx``).
 
     moefold-preprocess --input 'data/*.jsonl' --output-prefix data/web \\
         --train-tokenizer --vocab-size 32000 --workers 8
     moefold-preprocess --input notes/*.txt --txt-doc-sep blankline \\
         --output-prefix data/notes --tokenizer-model data/web.model
+    moefold-preprocess --hf-dataset wikitext --hf-config wikitext-2-raw-v1 --split train \\
+        --output-prefix data/wiki --tokenizer-model path/to/hf_tokenizer_dir
 
 Inputs are local .jsonl/.json (``--text-key``), .parquet (``--text-key``) or .txt files
 (one document per file, or per blank-line-separated paragraph), loaded with HF
-``datasets`` (offline). An end-of-document token (the tokenizer's eos) follows every
-document. Outputs are written under temporary names and renamed into place; an existing
-output is never overwritten without ``--overwrite``. Train with::
+``datasets`` (offline), or a Hugging Face dataset by name or local path
+(``--hf-dataset``: a directory written by ``Dataset.save_to_disk`` is read with
+``load_from_disk``, anything else with ``load_dataset``; ``--streaming`` reads it without
+downloading it whole). The tokenizer is a sentencepiece ``.model`` or a Hugging Face
+``tokenizer.json`` / tokenizer directory (``--tokenizer-model``), or a sentencepiece model
+trained on the input (``--train-tokenizer``, written to ``<prefix>.model``). An
+end-of-document token (the tokenizer's eos) follows every document. Outputs follow
+Megatron's naming, ``<prefix>_text_document.{bin,idx}`` (a prefix that already ends in
+``_text_document`` is used as is); they are written under temporary names and renamed into
+place; an existing output is never overwritten without ``--overwrite``. Train with::
 
-    python -m trainer.train data=indexed data.blend=[data/web] data.tokenizer_model=data/web.model
+    python -m trainer.train data=indexed 'data.blend=[data/web_text_document]' \\
+        data.tokenizer_model=data/web.model model.vocab_size=32000
 """
 
 from __future__ import annotations
@@ -72,9 +82,70 @@ def _expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
+DOCUMENT_SUFFIX = "_text_document"
+
+
+def dataset_prefix(output_prefix: str) -> str:
+    """Megatron's ``<prefix>_text_document`` (unchanged if it already ends so)."""
+    p = os.path.abspath(output_prefix)
+    return p if p.endswith(DOCUMENT_SUFFIX) else p + DOCUMENT_SUFFIX
+
+
+def _load_hf_dataset(args: argparse.Namespace, hf_cache: str):
+    """``--hf-dataset``: a Dataset (or IterableDataset with ``--streaming``) with a single
+    ``text`` column, and the number of documents dropped later as empty (None: unknown)."""
+    import datasets
+
+    name = args.hf_dataset
+    local = os.path.expanduser(name)
+    try:
+        if os.path.isdir(local) and (
+            os.path.isfile(os.path.join(local, "dataset_info.json"))
+            or os.path.isfile(os.path.join(local, "dataset_dict.json"))
+        ):
+            ds = datasets.load_from_disk(local)
+            if isinstance(ds, datasets.DatasetDict):
+                if args.split not in ds:
+                    raise DataError(
+                        f"--hf-dataset {name}: no split {args.split!r} (splits: "
+                        f"{', '.join(ds)}); set --split"
+                    )
+                ds = ds[args.split]
+            if args.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            ds = datasets.load_dataset(
+                local if os.path.exists(local) else name, args.hf_config, split=args.split,
+                streaming=args.streaming, cache_dir=hf_cache,
+            )
+    except DataError:
+        raise
+    except Exception as err:  # hub/network/format errors carry the details
+        raise DataError(f"--hf-dataset {name}: could not load it: {err}") from None
+    columns = ds.column_names
+    if columns is not None and args.text_key not in columns:
+        raise DataError(
+            f"--hf-dataset {name}: no column {args.text_key!r} (columns: "
+            f"{', '.join(columns)}); set --text-key"
+        )
+    ds = ds.select_columns([args.text_key])
+    if args.text_key != "text":
+        ds = ds.rename_column(args.text_key, "text")
+    return ds
+
+
 def _load_documents(args: argparse.Namespace, files: list[str], hf_cache: str):
     """One HF dataset with a single ``text`` column, documents in input order."""
     import datasets
+
+    if args.hf_dataset:
+        ds = _load_hf_dataset(args, hf_cache)
+        if args.streaming:
+            return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]],
+                             batched=True), None
+        n_before = len(ds)
+        ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+        return ds, n_before - len(ds)
 
     groups: list[tuple[str, list[str]]] = []  # consecutive files of one format
     for path in files:
@@ -117,11 +188,28 @@ def _load_documents(args: argparse.Namespace, files: list[str], hf_cache: str):
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="moefold-preprocess",
-        description="Tokenise local text/jsonl/parquet files into a Megatron indexed dataset.",
+        description="Tokenise local text/jsonl/parquet files or a Hugging Face dataset into a "
+        "Megatron indexed dataset.",
     )
-    p.add_argument("--input", nargs="+", required=True, help="files or globs")
-    p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
-    p.add_argument("--text-key", default="text", help="column holding the text (jsonl/parquet)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="files or globs")
+    src.add_argument(
+        "--hf-dataset",
+        help="a Hugging Face dataset: a Hub name or a local path (save_to_disk directory, "
+        "or anything datasets.load_dataset reads)",
+    )
+    p.add_argument("--hf-config", default=None, help="with --hf-dataset: the config name")
+    p.add_argument("--split", default="train", help="with --hf-dataset: the split")
+    p.add_argument("--streaming", action="store_true",
+                   help="with --hf-dataset: stream it instead of downloading it whole")
+    p.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes <prefix>_text_document.bin/.idx (and <prefix>.model with "
+        "--train-tokenizer)",
+    )
+    p.add_argument("--text-key", default="text",
+                   help="column holding the text (jsonl/parquet/--hf-dataset)")
     p.add_argument(
         "--txt-doc-sep",
         choices=("file", "blankline"),
@@ -129,7 +217,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=".txt files: one document per file, or per blank-line-separated paragraph",
     )
     tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer-model", help="an existing sentencepiece .model")
+    tok.add_argument(
+        "--tokenizer-model",
+        help="an existing sentencepiece .model, or a Hugging Face tokenizer.json or "
+        "tokenizer directory",
+    )
     tok.add_argument(
         "--train-tokenizer",
         action="store_true",
@@ -152,16 +244,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, int]:
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} must be >= 1")
-    prefix = os.path.abspath(args.output_prefix)
+    if args.workers > 1 and args.streaming:
+        raise ConfigError("--streaming tokenises in one process (drop --workers)")
+    prefix = dataset_prefix(args.output_prefix)
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
-    model_path = prefix + ".model" if args.train_tokenizer else None
+    base = prefix[: -len(DOCUMENT_SUFFIX)]
+    model_path = base + ".model" if args.train_tokenizer else None
     outputs = [bin_path, idx_path] + ([model_path] if model_path else [])
     existing = [p for p in outputs if os.path.exists(p)]
     if existing and not args.overwrite:
         raise DataError(
             f"{existing[0]} already exists; refusing to overwrite it (pass --overwrite)"
         )
-    files = _expand_inputs(args.input)
+    files = _expand_inputs(args.input) if args.input else []
+    source = ", ".join(files) if files else f"--hf-dataset {args.hf_dataset}"
     tokenizer = None if args.train_tokenizer else Tokenizer(args.tokenizer_model)
     out_dir = os.path.dirname(prefix)
     os.makedirs(out_dir, exist_ok=True)
@@ -176,34 +272,42 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.tmp-", dir=out_dir)
     try:
         ds, n_empty = _load_documents(args, files, os.path.join(work, "hf_cache"))
-        if len(ds) == 0:
-            raise DataError(f"no non-empty documents in {', '.join(files)}")
+        streaming = n_empty is None
+        if not streaming and len(ds) == 0:
+            raise DataError(f"no non-empty documents in {source}")
         if tokenizer is None:
+            texts = (r["text"] for r in ds) if streaming else ds["text"]
             proto = train_tokenizer(
-                document_lines(ds["text"]),
+                document_lines(texts),
                 args.vocab_size,
                 args.tokenizer_type,
                 num_threads=args.workers,
                 max_sentences=args.tokenizer_max_sentences,
-                source=", ".join(files),
+                source=source,
             )
             with open(os.path.join(work, "tokenizer.model"), "wb") as f:
                 f.write(proto)
             tokenizer = Tokenizer.from_proto(proto, model_path)
 
         tok = tokenizer
-        ids = ds.map(
-            lambda b: {"ids": tok.encode_batch(b["text"])},
-            batched=True,
-            num_proc=args.workers if args.workers > 1 else None,
-            remove_columns=["text"],
-            desc="tokenising",
-        )
+        if streaming:  # one pass over the stream, in batches
+            docs = (row for batch in ds.iter(batch_size=1024)
+                    for row in tok.encode_batch(batch["text"]))
+        else:
+            ids = ds.map(
+                lambda b: {"ids": tok.encode_batch(b["text"])},
+                batched=True,
+                num_proc=args.workers if args.workers > 1 else None,
+                remove_columns=["text"],
+                desc="tokenising",
+            )
+            docs = (row for batch in ids.iter(batch_size=1024) for row in batch["ids"])
         tmp_prefix = os.path.join(work, "data")
-        docs = (row for batch in ids.iter(batch_size=1024) for row in batch["ids"])
         n_docs, n_tokens = write_indexed_dataset(
             tmp_prefix, docs, vocab_size=tok.vocab_size, eod=tok.eod
         )
+        if n_docs == 0:
+            raise DataError(f"no non-empty documents in {source}")
         if model_path:
             os.replace(os.path.join(work, "tokenizer.model"), model_path)
         # What the data was tokenised with: the trainer checks its tokenizer against it.
@@ -224,7 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, int]:
     )
     if model_path:
         print(f"wrote tokenizer {model_path}")
-    return {"documents": n_docs, "tokens": n_tokens, "empty_skipped": n_empty}
+    return {"documents": n_docs, "tokens": n_tokens, "empty_skipped": n_empty or 0,
+            "prefix": prefix}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,8 +188,9 @@ def test_preprocess_roundtrip(tmp_path, capsys):
     for s in SENTENCES:
         assert tok.decode(tok.encode(s)) == s
     docs = src["jsonl"] + src["parquet"] + src["txt"]
-    assert _read_docs(str(out)) == [tok.encode(d) + [tok.eod] for d in docs]
-    assert D.check_indexed_dataset(str(out)) == len(docs)
+    # Megatron's naming: <prefix>_text_document.{bin,idx}, the tokenizer at <prefix>.model
+    assert _read_docs(f"{out}_text_document") == [tok.encode(d) + [tok.eod] for d in docs]
+    assert D.check_indexed_dataset(f"{out}_text_document") == len(docs)
 
     # Blank-line separated .txt with an existing tokenizer: one document per paragraph.
     out2 = tmp_path / "out" / "paras"
@@ -200,13 +201,14 @@ def test_preprocess_roundtrip(tmp_path, capsys):
         ]
     )  # fmt: skip
     assert rc == 0
-    assert _read_docs(str(out2)) == [tok.encode(p) + [tok.eod] for p in src["paragraphs"]]
+    assert _read_docs(f"{out2}_text_document") == [
+        tok.encode(p) + [tok.eod] for p in src["paragraphs"]]
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
 
 
 def test_preprocess_refuses_to_overwrite(tmp_path, builtin, capsys):
     (tmp_path / "x.txt").write_text("first version of the document")
-    out = str(tmp_path / "x")
+    out = str(tmp_path / "x_text_document")  # already Megatron's name: used as is
     args = ["--input", str(tmp_path / "x.txt"), "--output-prefix", out]
     args += ["--tokenizer-model", builtin["model"], "--quiet"]
     assert preprocess_main(args) == 0

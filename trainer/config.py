@@ -27,9 +27,11 @@ class DataConfig:
     # into cache_dir. indexed: Megatron indexed datasets listed in ``blend``.
     source: str = "builtin"
     # Megatron-style blend: ["prefix"] or [w1, "prefix1", w2, "prefix2", ...]; a prefix
-    # names <prefix>.bin / <prefix>.idx written by scripts/preprocess_data.py.
+    # names <prefix>.bin / <prefix>.idx (scripts/preprocess_data.py writes
+    # <output-prefix>_text_document.bin/.idx).
     blend: list = field(default_factory=list)
-    # sentencepiece model; empty with source=builtin -> trained on the corpus (cached).
+    # sentencepiece .model or Hugging Face tokenizer.json / its directory; empty with
+    # source=builtin -> a sentencepiece model trained on the corpus (cached).
     tokenizer_model: str = ""
     # vocabulary of the tokenizer trained for the builtin corpus
     builtin_vocab_size: int = 2048
@@ -218,6 +220,108 @@ def multirun_subdir() -> str:
     return "/" + safe
 
 
+# --help descriptions of the fields that carry no comment in their dataclass.
+_KEY_HELP = {
+    "model.name": "preset name (run_dir default, checkpoint metadata)",
+    "model.vocab_size": "embedding rows; >= the data tokenizer's vocabulary",
+    "model.hidden_size": "model width", "model.num_layers": "transformer blocks",
+    "model.num_heads": "attention query heads",
+    "model.num_kv_heads": "key/value heads (GQA); divides num_heads",
+    "model.max_seq_len": "longest sequence the RoPE tables cover",
+    "model.rope_theta": "RoPE base", "model.norm_eps": "RMSNorm epsilon",
+    "model.tie_embeddings": "share the input embedding and the output head",
+    "model.init_std": "std of the normal weight initialisation",
+    "model.moe.num_experts": "routed experts per MoE layer (0: dense MLPs)",
+    "model.moe.top_k": "experts per token",
+    "model.moe.topk_scaling_factor": "scale of the top-k routing weights",
+    "model.moe.group_topk": "groups kept per token by group-limited routing",
+    "model.moe.expert_bias_update_rate": "step of the aux-loss-free expert bias update",
+    "model.moe.pad_to_capacity": "pad every expert to its capacity (fixed shapes)",
+    "model.moe.min_capacity": "lower bound of an expert's capacity in tokens",
+    "model.mamba.d_state": "Mamba SSM state size", "model.mamba.d_conv": "Mamba conv width",
+    "model.mamba.expand": "Mamba inner width / hidden_size",
+    "model.mamba.dt_min": "Mamba dt initialisation range, low",
+    "model.mamba.dt_max": "Mamba dt initialisation range, high",
+    "data.name": "data preset name", "data.cache_dir": "tokenizer / corpus / index cache",
+    "parallel.tp": "tensor-parallel size (attention, dense MLPs)",
+    "parallel.cp": "context-parallel size (folded with EP)",
+    "parallel.pp": "pipeline stages", "parallel.ep": "expert-parallel size",
+    "parallel.etp": "tensor-parallel size inside experts",
+    "parallel.sequence_parallel": "shard norms/dropout activations over TP ranks",
+    "parallel.activation_checkpointing": "recompute activations in backward",
+    "optim.name": "optimizer (adamw)", "optim.lr": "peak learning rate",
+    "optim.min_lr": "learning rate at the end of the decay",
+    "optim.weight_decay": "AdamW weight decay", "optim.beta1": "AdamW beta1",
+    "optim.beta2": "AdamW beta2", "optim.eps": "AdamW epsilon",
+    "optim.warmup_steps": "linear warm-up steps",
+    "trainer.max_steps": "optimizer steps of the whole run",
+    "trainer.seed": "seeds initialisation and data order",
+    "trainer.micro_batch_size": "sequences per forward/backward on one rank",
+    "trainer.global_batch_size": "sequences per optimizer step, all ranks",
+    "trainer.seq_len": "tokens per sequence", "trainer.log_every": "steps between metric lines",
+    "trainer.skip_budget": "skipped steps allowed within skip_window",
+    "trainer.skip_window": "window (steps) of skip_budget",
+    "checkpoint.dir": "where checkpoints go",
+    "checkpoint.save_final": "checkpoint the last step",
+    "logger.tensorboard": "write TensorBoard events to <run_dir>/tb",
+    "logger.wandb.project": "wandb project", "logger.wandb.entity": "wandb entity",
+    "logger.wandb.name": "wandb run name", "logger.wandb.tags": "wandb tags",
+}
+
+
+def key_descriptions(cls: type = None, prefix: str = "") -> list[tuple[str, str]]:
+    """``[(dotted key, one-line description)]`` of every leaf of the schema, the
+    descriptions taken from the comments beside or above each dataclass field."""
+    import dataclasses
+    import inspect
+
+    cls = Config if cls is None else cls
+    comments: dict[str, str] = {}
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        lines = []
+    pending: list[str] = []
+    for line in lines[1:]:
+        body = line.rstrip("\n")
+        m = re.match(r"^    #\s?(.*)$", body)
+        if m:
+            pending.append(m.group(1).strip())
+            continue
+        m = re.match(r"^    (\w+)\s*:\s*[^#]*?(?:\s+#\s?(.*))?$", body)
+        if m and not body.strip().startswith(("def ", "@")):
+            comments[m.group(1)] = (m.group(2) or " ".join(pending)).strip()
+        pending = []
+    out: list[tuple[str, str]] = []
+    for f in dataclasses.fields(cls):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(default):
+            out += key_descriptions(type(default), key + ".")
+        else:
+            out.append((key, comments.get(f.name) or _KEY_HELP.get(key, "")))
+    return out
+
+
+def help_template() -> str:
+    """``python -m trainer.train --help``: the groups, then every key with its comment."""
+    rows = key_descriptions()
+    width = max(len(k) for k, _ in rows) + 2
+    keys = "\n".join(f"  {k:<{width}}{d}".rstrip() for k, d in rows)
+    keys = keys.replace("${", "\\${")  # comments quoting interpolations stay text
+    return (
+        "moefold trainer: python -m trainer.train [group=option] [key=value] ...\n"
+        "(README.md; every group and key: docs/configs.md)\n\n"
+        "== Configuration groups ==\n"
+        "Compose your configuration from those groups (group=option)\n\n"
+        "$APP_CONFIG_GROUPS\n\n"
+        "== Keys ==\n"
+        "Override any of them (key=value); print the composed config with --cfg job\n\n"
+        f"{keys}\n"
+    )
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
 
@@ -226,6 +330,11 @@ def register_configs() -> None:
     # Group YAMLs merge onto the typed nodes of this schema, so a typo in any of them
     # (or on the command line) is an error naming the key.
     cs.store(name="moefold_schema", node=Config)
+    # --help lists every key with the comment of its dataclass field (configs/config.yaml
+    # selects it with `override hydra/help: moefold`)
+    cs.store(group="hydra/help", name="moefold",
+             node={"app_name": "moefold", "header": "", "footer": "",
+                   "template": help_template()})
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:

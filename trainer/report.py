@@ -9,6 +9,7 @@ import torch
 
 from models.config import MODALITY_ARCHS
 from models.flops import flops_per_token_by_modality, param_counts, training_flops_per_token
+from trainer.config import moe_layer_pattern
 from trainer.perf import Throughput, peak_flops_per_device
 
 __all__ = ["startup_report"]
@@ -22,9 +23,10 @@ def startup_report(tr: Any) -> Throughput:
     peak, peak_src = peak_flops_per_device(tr.device, tr.amp_dtype or torch.float32,
                                            t.peak_tflops)
     total, active = param_counts(tr.model_cfg)  # analytic: shards would undercount
+    n_moe = sum(moe_layer_pattern(cfg.model))  # the whole model's, not this PP stage's
     tr.logger.info(
         f"model {cfg.model.name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
-        f"active), {len(tr.pm.moe.layer_ids)} MoE layers; {flops / 1e6:.1f} MFLOP/token; "
+        f"active), {n_moe} MoE layers; {flops / 1e6:.1f} MFLOP/token; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {tr.device}")
     if cfg.model.arch in MODALITY_ARCHS:
         per = flops_per_token_by_modality(tr.model_cfg, t.seq_len)
@@ -39,4 +41,5 @@ def startup_report(tr: Any) -> Throughput:
     if tr.resume_from is not None:
         tr.logger.info(f"resumed from {tr.resume_from} at step {tr.state.step} "
                          f"({tr.state.consumed_samples} samples consumed)")
-    return Throughput(flops_per_token=flops, peak_flops=peak, world_size=tr.world_size)
+    return Throughput(flops_per_token=flops, peak_flops=peak, world_size=tr.world_size,
+                      peak_is_lower_bound=peak_src.startswith("measured"))

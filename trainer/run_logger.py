@@ -72,7 +72,7 @@ def _jsonable(v: Any) -> Any:
     return v if math.isfinite(v) else None
 
 
-def _is_console_handler(h: logging.Handler) -> bool:
+def is_console_handler(h: logging.Handler) -> bool:
     if type(h).__name__ == "RichHandler":
         return True
     if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
@@ -90,7 +90,7 @@ def _to_log_files(msg: str, level: int = logging.INFO) -> None:
     node: logging.Logger | None = log
     while node is not None:
         for h in node.handlers:
-            if not _is_console_handler(h) and record.levelno >= h.level:
+            if not is_console_handler(h) and record.levelno >= h.level:
                 h.handle(record)
         node = node.parent if node.propagate else None
 
@@ -141,8 +141,10 @@ class RunLogger:
         total_steps: int,
         start_step: int,
         run_config: dict | None = None,
+        show_aux: bool = True,
     ):
         self.active = bool(is_main)
+        self.show_aux = show_aux  # False for dense models: no "aux 0.0000" on the console
         self.run_dir = Path(run_dir)
         self.total_steps = int(total_steps)
         self.start_step = int(start_step)
@@ -155,7 +157,6 @@ class RunLogger:
         self._progress = None  # live bar, only on a terminal
         self._task = None
         self._last_printed: int | None = None  # step of the last printed line (rich)
-        self._eta_anchor: tuple[float, int] | None = None
         if not self.active:
             return
         if self.console not in ("rich", "plain", "none"):
@@ -280,16 +281,16 @@ class RunLogger:
                         skipped: str | None = None) -> None:
         if self.console == "none":
             return
-        now = time.perf_counter()
-        if self._eta_anchor is None:
-            self._eta_anchor = (now, step)
-        t_a, s_a = self._eta_anchor
-        eta = (now - t_a) / (step - s_a) * (self.total_steps - step) if step > s_a else None
+        # ETA: the smoothed step time (the throughput window, which leaves out the first,
+        # warm-up step; validation and checkpoints are not steps) x the steps left.
+        step_time = scalars.get("step_time_s")
+        eta = (step_time * (self.total_steps - step)
+               if step_time is not None and step > self.start_step + 1 else None)
         parts = [f"step {step}/{self.total_steps}"]
         parts += [
             f"{label} {_fmt(scalars[k], spec)}"
             for k, (label, spec) in _CONSOLE_KEYS.items()
-            if k in scalars
+            if k in scalars and (self.show_aux or k != "aux_loss")
         ]
         # multimodal runs: the per-modality and diffusion losses after the LM loss
         parts[3:3] = [f"{k} {scalars[k]:.4f}" for k in scalars

@@ -94,7 +94,8 @@ class Trainer:
             self.resume.notes.append(roll_back_metrics(cfg.run_dir, self.state.step))
         self.logger = RunLogger(cfg.logger, Path(cfg.run_dir), is_main=self.rank == 0,
                                 total_steps=t.max_steps, start_step=self.state.step,
-                                run_config=OmegaConf.to_container(cfg, resolve=True))
+                                run_config=OmegaConf.to_container(cfg, resolve=True),
+                                show_aux=any(moe_layer_pattern(cfg.model)))
         self.throughput = startup_report(self)
 
     # -- one step -------------------------------------------------------------------
@@ -262,8 +263,35 @@ def run(cfg: DictConfig) -> None:
             dist.destroy_process_group()
 
 
+def per_rank_logging(rank: int, world_size: int) -> None:
+    """Under a launcher, only rank 0 logs INFO to the console and to the run dir's
+    ``train.log`` (Hydra's job log); rank r > 0 logs to ``train_rank{r}.log`` and shows
+    only its warnings and errors on the console, prefixed ``[rank r]`` (Python warnings
+    included), so an N-process run prints each INFO line once."""
+    if world_size <= 1 or rank == 0:
+        return
+    from trainer.run_logger import is_console_handler
+
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            path = Path(h.baseFilename)
+            own = logging.FileHandler(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"),
+                                      mode="a", encoding=h.encoding)
+            own.setFormatter(h.formatter)
+            own.setLevel(h.level)
+            root.removeHandler(h)
+            h.close()
+            root.addHandler(own)
+        elif is_console_handler(h):
+            h.setLevel(logging.WARNING)
+            h.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)  # warnings.warn -> the handlers above, with the rank
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    per_rank_logging(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     try:
         run(cfg)
     except UserError as e:

@@ -225,10 +225,14 @@ def _sources(cfg_data: Any, cache_dir: str, model_vocab_size: int
         prefixes, weights = [prefix], None
     elif cfg_data.source == "indexed":
         prefixes, weights = parse_blend(cfg_data.blend)
+        # `data/web` finds `data/web_text_document` (what scripts/preprocess_data.py writes
+        # for --output-prefix data/web) when there is no `data/web.bin`.
+        prefixes = [p + "_text_document" if not os.path.exists(p + ".bin")
+                    and os.path.exists(p + "_text_document.bin") else p for p in prefixes]
         if not tokenizer_model:
             raise ConfigError(
-                "data.source=indexed needs data.tokenizer_model=<the sentencepiece .model "
-                "the data was tokenised with>"
+                "data.source=indexed needs data.tokenizer_model=<the sentencepiece .model or "
+                "Hugging Face tokenizer.json / directory the data was tokenised with>"
             )
     else:
         raise ConfigError(f"data.source={cfg_data.source!r} is not one of 'builtin', 'indexed'")

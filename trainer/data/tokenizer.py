@@ -1,14 +1,16 @@
-"""The sentencepiece tokenizer of the pretraining data.
+"""The tokenizer of the pretraining data: sentencepiece (default) or Hugging Face.
 
-- ``Tokenizer``: a sentencepiece model with the attributes Megatron's GPTDataset reads
-  (``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``).
-- ``train_tokenizer``: trains a lossless BPE or unigram model with fixed special ids
-  (``SPECIAL_IDS``) and returns its serialized proto.
+- ``Tokenizer``: a sentencepiece ``.model``, or a Hugging Face ``tokenizer.json`` (or a
+  directory holding one, as ``save_pretrained`` writes it), with the attributes Megatron's
+  GPTDataset reads (``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``).
+- ``train_tokenizer``: trains a lossless sentencepiece BPE or unigram model with fixed
+  special ids (``SPECIAL_IDS``) and returns its serialized proto.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -21,23 +23,107 @@ from trainer.errors import ConfigError, DataError
 # Fixed special ids for tokenizers we train: unk, bos, eos (= document separator), pad.
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 
+# End-of-document candidates of a Hugging Face tokenizer without a tokenizer_config.json
+# naming its eos_token, first present wins.
+HF_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+HF_PAD_TOKENS = ("<pad>", "<|pad|>", "[PAD]")
+
+
+def _hf_files(path: str) -> tuple[str, str | None] | None:
+    """(tokenizer.json, tokenizer_config.json or None) if ``path`` is a Hugging Face
+    tokenizer (a tokenizer.json file or a directory holding one), else None."""
+    if os.path.isdir(path):
+        tj = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tj):
+            raise DataError(
+                f"tokenizer directory {path} has no tokenizer.json (expected a Hugging Face "
+                "tokenizer directory, a tokenizer.json, or a sentencepiece .model)"
+            )
+        cfg = os.path.join(path, "tokenizer_config.json")
+        return tj, cfg if os.path.isfile(cfg) else None
+    if path.endswith(".json"):
+        cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        return path, cfg if os.path.isfile(cfg) else None
+    return None
+
 
 # -- tokenizer ----------------------------------------------------------------------------
 class Tokenizer:
-    """A sentencepiece model with the attributes Megatron's GPTDataset expects.
+    """A sentencepiece model or a Hugging Face tokenizer, with the attributes Megatron's
+    GPTDataset expects.
 
-    ``eod`` (= sentencepiece's eos id) separates documents in the indexed datasets;
-    ``pad`` is -1 when the model has no pad piece (Megatron's own "no pad" value).
+    ``eod`` (sentencepiece's eos id; for a Hugging Face tokenizer the ``eos_token`` of its
+    tokenizer_config.json, else the first of ``HF_EOS_TOKENS`` it has) separates documents
+    in the indexed datasets; ``pad`` is -1 when there is no pad token (Megatron's own "no
+    pad" value). ``kind`` is ``"sentencepiece"`` or ``"hf"``.
     """
 
     def __init__(self, model_path: str | os.PathLike) -> None:
         path = os.fspath(model_path)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise DataError(
-                f"tokenizer model {path} not found (expected a sentencepiece .model file)"
+                f"tokenizer model {path} not found (expected a sentencepiece .model file, a "
+                "Hugging Face tokenizer.json or a directory holding one)"
             )
+        hf = _hf_files(path)
+        if hf is not None:
+            with open(hf[0], "rb") as f:
+                data = f.read()
+            config = None
+            if hf[1] is not None:
+                with open(hf[1], "rb") as f:
+                    config = f.read()
+            self._load_hf(data, config, path)
+            return
         with open(path, "rb") as f:
             self._load(f.read(), path)
+
+    def _load_hf(self, data: bytes, config: bytes | None, name: str) -> None:
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError(
+                f"{name}: a Hugging Face tokenizer needs the 'tokenizers' package "
+                "(pip install tokenizers)"
+            ) from None
+        try:
+            tk = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # tokenizers raises its own Exception subclass
+            raise DataError(f"{name}: not a valid Hugging Face tokenizer.json ({err})") from None
+        eos = None
+        if config is not None:
+            try:
+                tok_cfg = json.loads(config)
+            except ValueError:
+                raise DataError(f"{name}: its tokenizer_config.json is not JSON") from None
+            eos = tok_cfg.get("eos_token")
+            if isinstance(eos, dict):  # AddedToken serialised as a dict
+                eos = eos.get("content")
+        candidates = [eos] if eos else list(HF_EOS_TOKENS)
+        ids = [tk.token_to_id(t) for t in candidates]
+        eod = next((i for i in ids if i is not None), None)
+        if eod is None:
+            raise DataError(
+                f"{name}: Hugging Face tokenizer has no end-of-document token (looked for "
+                f"{', '.join(candidates)}); add one, or set eos_token in tokenizer_config.json"
+            )
+        pad = next((i for i in map(tk.token_to_id, HF_PAD_TOKENS) if i is not None), -1)
+        self.kind = "hf"
+        self.model_path = name
+        self._state = {"kind": "hf", "data": data, "config": config, "name": name}
+        self._hf = tk
+        self._sp = None
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size: int = tk.get_vocab_size(with_added_tokens=True)
+        self.eod: int = eod
+        self.eos: int = eod
+        self.bos: int = -1
+        self.unk: int = -1
+        self.pad: int = pad
+        self.unique_identifiers = OrderedDict(
+            [("class", "moefold.Tokenizer"), ("sha256", self.sha256),
+             ("vocab_size", self.vocab_size)]
+        )
 
     @classmethod
     def from_proto(cls, proto: bytes, name: str = "<in-memory tokenizer>") -> Tokenizer:
@@ -58,9 +144,11 @@ class Tokenizer:
                 f"{name}: sentencepiece model has no eos piece (eos_id=-1); it is needed as the "
                 "end-of-document token (train it with eos_id >= 0)"
             )
+        self.kind = "sentencepiece"
         self.model_path = name
-        self._proto = proto
+        self._state = {"kind": "sentencepiece", "proto": proto, "name": name}
         self._sp = sp
+        self._hf = None
         self.sha256 = hashlib.sha256(proto).hexdigest()
         self.vocab_size: int = sp.get_piece_size()
         self.eod: int = sp.eos_id()
@@ -78,14 +166,20 @@ class Tokenizer:
         )
 
     def encode(self, text: str) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=False).ids
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._hf is not None:
+            return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
         return self._sp.encode(texts)
 
     def decode(self, ids: Iterable[int]) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        if self._hf is not None:
+            return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
         return self._sp.decode([int(i) for i in ids])
 
     # Megatron-style names.
@@ -93,13 +187,17 @@ class Tokenizer:
     detokenize = decode
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for datasets.map(num_proc=N)
-        return {"proto": self._proto, "name": self.model_path}
+        return self._state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._load(state["proto"], state["name"])
+        if state.get("kind") == "hf":
+            self._load_hf(state["data"], state["config"], state["name"])
+        else:
+            self._load(state["proto"], state["name"])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
+        return (f"Tokenizer({self.model_path!r}, {self.kind}, vocab_size={self.vocab_size}, "
+                f"eod={self.eod})")
 
 
 def train_tokenizer(
