@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from parallel.dims import ParallelDims
 from trainer import checkpoint as ckpt
 from trainer.config import moe_layer_pattern, register_configs, validate
-from trainer.errors import UserError, report_user_error
+from trainer.errors import ConfigError, UserError, report_user_error
 from trainer.guards import RunStopped, StepGuard, Verdict
 from trainer.reliability import collective_failure, end_of_step, exit_with, watch
 from trainer.report import startup_report
@@ -38,6 +38,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig):
         # Imports that pull in heavy packages stay here so `--help`/validation is fast.
+        from parallel.hf_load import InitSourceError
         from parallel.parallelize import parallelize
         from trainer.data import build_data
         from trainer.objective import Objective
@@ -70,9 +71,12 @@ class Trainer:
                                model_cfg=cfg.model, rank=self.rank, world_size=self.world_size)
 
         self.model_cfg = OmegaConf.to_object(cfg.model)
-        self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
-                              seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
-                              moe_pattern=moe_layer_pattern(cfg.model))
+        try:  # model.init_from / moe.upcycle_from: a bad source is a user error
+            self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
+                                  seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
+                                  moe_pattern=moe_layer_pattern(cfg.model))
+        except InitSourceError as e:
+            raise ConfigError(str(e)) from None
         self.model = self.pm.model
         self.objective = Objective.from_config(cfg, self.pm.loss_sum)
         self.runner = self.pm.step_runner(self.objective,
