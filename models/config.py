@@ -58,7 +58,7 @@ class MoEConfig:
     # Sparse upcycling (docs/interop.md): a dense checkpoint dir or hf:<dir> whose FFNs
     # are copied into every expert; each copy times (1 + upcycle_noise * N(0, 1)).
     upcycle_from: str = ""
-    upcycle_noise: float = 0.0
+    upcycle_noise: float = 0.0  # relative noise on each expert copy (0 = identical experts)
 
 
 @dataclass
