@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunLogger", "render_expert_load"]
+__all__ = ["RunLogger", "per_rank_logging", "render_expert_load"]
 
 log = logging.getLogger("moefold")
 
@@ -79,6 +79,30 @@ def is_console_handler(h: logging.Handler) -> bool:
         std = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
         return getattr(h, "stream", None) in std
     return False
+
+
+def per_rank_logging(rank: int, world_size: int) -> None:
+    """Under a launcher, only rank 0 logs INFO to the console and to the run dir's
+    ``train.log`` (Hydra's job log); rank r > 0 logs to ``train_rank{r}.log`` and shows
+    only its warnings and errors on the console, prefixed ``[rank r]`` (Python warnings
+    included), so an N-process run prints each INFO line once."""
+    if world_size <= 1 or rank == 0:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler):
+            path = Path(h.baseFilename)
+            own = logging.FileHandler(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"),
+                                      mode="a", encoding=h.encoding)
+            own.setFormatter(h.formatter)
+            own.setLevel(h.level)
+            root.removeHandler(h)
+            h.close()
+            root.addHandler(own)
+        elif is_console_handler(h):
+            h.setLevel(logging.WARNING)
+            h.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)  # warnings.warn -> the handlers above, with the rank
 
 
 def _to_log_files(msg: str, level: int = logging.INFO) -> None:

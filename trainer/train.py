@@ -27,6 +27,7 @@ from trainer.guards import RunStopped, StepGuard, Verdict
 from trainer.reliability import collective_failure, end_of_step, exit_with, watch
 from trainer.report import startup_report
 from trainer.run_dir import owned_run_dir, precheck_run_dir, roll_back_metrics
+from trainer.run_logger import per_rank_logging
 from trainer.runtime import autocast_dtype, autocast_factory, init_distributed, pick_device
 from trainer.signals import StopRequest
 
@@ -265,32 +266,6 @@ def run(cfg: DictConfig) -> None:
     finally:
         if dist.is_initialized() and not had_group:
             dist.destroy_process_group()
-
-
-def per_rank_logging(rank: int, world_size: int) -> None:
-    """Under a launcher, only rank 0 logs INFO to the console and to the run dir's
-    ``train.log`` (Hydra's job log); rank r > 0 logs to ``train_rank{r}.log`` and shows
-    only its warnings and errors on the console, prefixed ``[rank r]`` (Python warnings
-    included), so an N-process run prints each INFO line once."""
-    if world_size <= 1 or rank == 0:
-        return
-    from trainer.run_logger import is_console_handler
-
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if isinstance(h, logging.FileHandler):
-            path = Path(h.baseFilename)
-            own = logging.FileHandler(path.with_name(f"{path.stem}_rank{rank}{path.suffix}"),
-                                      mode="a", encoding=h.encoding)
-            own.setFormatter(h.formatter)
-            own.setLevel(h.level)
-            root.removeHandler(h)
-            h.close()
-            root.addHandler(own)
-        elif is_console_handler(h):
-            h.setLevel(logging.WARNING)
-            h.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
-    logging.captureWarnings(True)  # warnings.warn -> the handlers above, with the rank
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
