@@ -8,7 +8,8 @@ run.
   after another on ``world`` gloo ranks of one ``tests.distributed_utils.spawn``; each
   rank sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE as torchrun would and calls
   ``run(compose_config(overrides + [run_dir=...]))``. Returns ``{name: error or None}``.
-  A job that raises (or hangs) fails its whole spawn: the error is recorded for that job,
+  A job that raises (or hangs) fails its whole spawn: the error is recorded for that job
+  (a rank killed by a signal is first retried once from an empty run_dir),
   with the ranks' tracebacks, and the jobs after it run in a fresh spawn, so one broken
   layout fails its own test and no other.
 
@@ -21,6 +22,7 @@ process group it created itself. The run loggers close their files on exit.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import traceback
 from pathlib import Path
@@ -87,6 +89,7 @@ def train_batch(world: int, jobs: list[tuple[str, list[str], Path]], cache: Path
     assert len({name for name, _, _ in jobs}) == len(jobs), "job names must be unique"
     errors: dict[str, str | None] = {}
     todo = [(name, list(overrides), str(run_dir)) for name, overrides, run_dir in jobs]
+    retried: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="moefold_batch_") as status_dir:
         while todo:
             try:
@@ -99,9 +102,20 @@ def train_batch(world: int, jobs: list[tuple[str, list[str], Path]], cache: Path
             done = set(os.listdir(status_dir))
             while todo and all(f"{todo[0][0]}.rank{r}.done" in done for r in range(world)):
                 errors[todo.pop(0)[0]] = None
-            if todo:  # the first unfinished job is the one that failed
-                name = todo.pop(0)[0]
-                errors[name] = err or f"{name}: the ranks returned without finishing it"
+            if not todo:
+                break
+            # The first unfinished job is the one that failed. A rank killed by a signal
+            # (not a Python exception: seen once in five full suites, a SIGABRT with no
+            # traceback, not reproduced) gets one more try from an empty run_dir in a
+            # fresh process group; a second failure, or any exception, fails the job.
+            name, overrides, run_dir = todo[0]
+            if err and "terminated with signal" in err and name not in retried:
+                retried.add(name)
+                print(f"tests/inproc.py: retrying {name!r} once after: {err}", flush=True)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                continue
+            todo.pop(0)
+            errors[name] = err or f"{name}: the ranks returned without finishing it"
     return errors
 
 
