@@ -112,6 +112,9 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down
         self.expert_offset = 0
+        # Global (logical) ids of the local experts; None = expert_offset + 0 .. E_l - 1.
+        # An expert placement (parallel/expert_placement.py) makes them non-contiguous.
+        self.expert_ids: list[int] | None = None
         self.ffn_offset, self.ffn_full = 0, hidden
         # set by parallel/expert_parallel.py when it shards the experts
         self.ep_size, self.etp_size = 1, 1
@@ -130,7 +133,8 @@ class GroupedExperts(nn.Module):
         for name, ffn_dim, std in (("w1", 1, init.std), ("w3", 1, init.std),
                                    ("w2", 0, init.out_std)):
             def row(e: int, name: str = name, ffn_dim: int = ffn_dim, std: float = std):
-                expert = init.normal(f"{prefix}.{name}[{self.expert_offset + e}]", std)
+                g = self.expert_ids[e] if self.expert_ids is not None else self.expert_offset + e
+                expert = init.normal(f"{prefix}.{name}[{g}]", std)
                 return init.narrowed(expert, ffn_dim, self.ffn_offset, self.ffn_full)
             init.apply(getattr(self, name), init.rows(row))
 

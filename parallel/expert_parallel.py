@@ -1,8 +1,9 @@
 """Expert parallelism: shard every MoE layer's routed experts over the EP and ETP groups.
 
 Rank ``r`` of the EP group keeps the contiguous global experts ``r*E_l .. r*E_l + E_l - 1``
-(``E_l = E / ep``) — the same placement the dispatchers assume — and sets
-``GroupedExperts.expert_offset`` so that ``init_weights()`` seeds each local expert by its
+(``E_l = E / ep``) — the same placement the dispatchers assume — or, with a placement
+(parallel/expert_placement.py), the experts of its slots, and sets
+``GroupedExperts.expert_ids`` so that ``init_weights()`` seeds each local expert by its
 global name: a meta-device model sharded here and initialised later equals the slice of
 the unsharded model. With ``etp > 1`` rank q of the ETP group also keeps only the FFN
 slice ``q*F/etp .. (q+1)*F/etp`` (``w1``/``w3`` columns, ``w2`` rows; ``ffn_offset``) and
@@ -16,6 +17,8 @@ they are reduced over ``edp`` only (see DESIGN.md §3).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,6 +27,7 @@ from models.moe import LocalDispatcher, MoELayer
 from parallel.dims import ParallelDims, divisors
 from parallel.dispatch import make_dispatcher
 from parallel.etp_dispatch import ETPDispatcher
+from parallel.expert_placement import Placement, PlacedDispatcher, moe_layer_names
 
 __all__ = [
     "DISPATCHERS",
@@ -62,13 +66,16 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def apply_expert_parallel(
-    model: nn.Module, dims: ParallelDims, dispatcher: str = "alltoall", *, dedup: bool = True
+    model: nn.Module, dims: ParallelDims, dispatcher: str = "alltoall", *, dedup: bool = True,
+    placement: Optional[Placement] = None,
 ) -> list[MoELayer]:
     """Slice each MoE layer's experts to this EP (and ETP) rank and install the dispatcher.
 
     ``dispatcher``: alltoall | allgather (over the EP group); ``dedup`` applies to
     alltoall. Works on an initialised model (the real weights are sliced and copied) and
     on a meta-device one. With ``ep == etp == 1`` nothing changes. Returns the layers.
+    ``placement`` (parallel/expert_placement.py): which experts each EP rank holds;
+    None = contiguous.
     The sizes must pass :func:`check_expert_parallel` (config validation runs it).
     """
     layers = moe_layers(model)
@@ -84,24 +91,38 @@ def apply_expert_parallel(
     for kind, rank in (("ep", ep_rank), ("etp", etp_rank)):
         if dims.size(kind) > 1 and dist.get_rank(dims.group(kind)) != rank:
             raise RuntimeError(f"{kind} group rank != {kind} coordinate {rank}")
+    named = moe_layer_names(model)
+    names = {id(m): n for n, m in named.items()}
+    if placement is not None and dims.pp == 1:  # a stage holds only some of the layers
+        placement.check({n: m.experts.w1.shape[0] for n, m in named.items()},
+                        placement.info.get("source", "the placement"))
     for layer in layers:
         ex = layer.experts
         E, F = ex.w1.shape[0], ex.w1.shape[2]
-        ids = local_expert_range(E, ep, ep_rank)
+        slots = list(range(E))
+        if placement is not None:
+            slots = placement.slots(names[id(layer)], E)
+        ids = sorted(slots[ep_rank * (E // ep):(ep_rank + 1) * (E // ep)])
         F_l = F // etp
         f0 = etp_rank * F_l
+        rows = torch.tensor(ids)
         for name, ffn_dim in (("w1", 2), ("w3", 2), ("w2", 1)):
             p = getattr(ex, name)
-            local = p.detach()[ids.start : ids.stop].narrow(ffn_dim, f0, F_l)
+            local = p.detach().index_select(0, rows.to(p.device)).narrow(ffn_dim, f0, F_l)
             # clone: drop the reference to the full tensor so its memory can be freed.
             setattr(ex, name, nn.Parameter(local.clone(), requires_grad=p.requires_grad))
-        ex.expert_offset = ids.start
+        ex.expert_offset = ids[0]
+        ex.expert_ids = ids
         ex.ffn_offset, ex.ffn_full = f0, F
         ex.ep_size, ex.etp_size = ep, etp
         ex.num_global_experts = E
         inner = (make_dispatcher(dispatcher, dims.group("ep"), E, dedup=dedup)
                  if ep > 1 else LocalDispatcher())
         layer.dispatcher = ETPDispatcher(inner, dims.group("etp")) if etp > 1 else inner
+        if slots != list(range(E)):
+            physical_of = torch.empty(E, dtype=torch.long)
+            physical_of[torch.tensor(slots)] = torch.arange(E)
+            layer.dispatcher = PlacedDispatcher(layer.dispatcher, physical_of)
     return layers
 
 

@@ -32,6 +32,7 @@ from parallel.context_parallel import apply_context_parallel, shard_batch
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.expert_placement import Placement
 from parallel.moe_stats import MoEStats
 from parallel.pipeline import (
     SCHEDULES,
@@ -101,10 +102,12 @@ class ParallelModel:
 def parallelize(
     model_cfg: Any, pcfg: Any, dims: ParallelDims, *, device: torch.device, seed: int,
     seq_len: int, num_micro: int, moe_pattern: list[bool], materialize: bool = True,
+    placement: Optional[Placement] = None,
 ) -> ParallelModel:
     """This rank's model: every layout transform is applied on the meta device, then only
     the local shards are allocated and initialised (parallel/sharded_init.py).
-    ``materialize=False`` leaves the model on meta (the dry run: trainer/dry_run.py)."""
+    ``materialize=False`` leaves the model on meta (the dry run: trainer/dry_run.py).
+    ``placement``: which experts each EP rank holds (parallel/expert_placement.py)."""
     model = build_model(model_cfg, device="meta")
     split, report = None, ""
     if dims.pp > 1:
@@ -116,7 +119,7 @@ def parallelize(
         report = pipeline_report(model, split, pcfg.pp_schedule, num_micro)
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
-        apply_expert_parallel(model, dims, pcfg.dispatcher)
+        apply_expert_parallel(model, dims, pcfg.dispatcher, placement=placement)
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"), sequence_parallel=pcfg.sequence_parallel,
                               src_data_rank=None)

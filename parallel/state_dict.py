@@ -19,6 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from parallel.dims import ParallelDims
+from parallel.expert_placement import placed_view
 
 
 def _is_expert_key(key: str) -> bool:
@@ -35,7 +36,15 @@ def _stride(shape) -> tuple[int, ...]:
     return torch.empty(shape, device="meta").stride()
 
 
-def _global_view(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
+def _expert_ids(key: str, placed: dict[str, list[int]]) -> list[int] | None:
+    for prefix, ids in placed.items():
+        if key.startswith(prefix + ".") or f".{prefix}." in key:
+            return ids
+    return None
+
+
+def _global_view(t: torch.Tensor, key: str, dims: ParallelDims,
+                 placed: dict[str, list[int]]) -> torch.Tensor:
     if t.ndim == 0:
         return t  # e.g. Adam's step counter
     ffn = _ffn_dim(key)
@@ -49,8 +58,10 @@ def _global_view(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
     local = t.to_local() if isinstance(t, DTensor) else t
     mesh = dims.expert_mesh["edp", "ep", "etp"]
     placements = (edp_placement, Shard(0), Shard(ffn))
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=tuple(shape),
+    view = DTensor.from_local(local, mesh, placements, run_check=False, shape=tuple(shape),
                               stride=_stride(shape))
+    ids = _expert_ids(key, placed)
+    return view if ids is None else placed_view(view, ids)
 
 
 def _to_local(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
@@ -58,12 +69,28 @@ def _to_local(t: torch.Tensor, key: str, dims: ParallelDims) -> torch.Tensor:
         return t
     edp_placement = t.placements[0]
     if not edp_placement.is_shard():
-        return t.to_local()
+        return _plain(t.to_local())
     shape = list(t.shape)  # back to the FSDP DTensor over edp
     shape[0] //= dims.ep
     shape[_ffn_dim(key)] //= dims.etp
-    return DTensor.from_local(t.to_local(), dims.mesh("edp"), (edp_placement,),
+    return DTensor.from_local(_plain(t.to_local()), dims.mesh("edp"), (edp_placement,),
                               run_check=False, shape=tuple(shape), stride=_stride(shape))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor and not isinstance(
+        t, torch.nn.Parameter) else t
+
+
+def placed_expert_ids(model: torch.nn.Module) -> dict[str, list[int]]:
+    """``{experts module FQN: ids}`` for every expert block holding non-contiguous
+    logical experts (an expert placement)."""
+    out = {}
+    for name, m in model.named_modules():
+        ids = getattr(m, "expert_ids", None)
+        if ids is not None and list(ids) != list(range(ids[0], ids[0] + len(ids))):
+            out[name.replace("_checkpoint_wrapped_module.", "")] = list(ids)
+    return out
 
 
 def _walk(obj: Any, fn, key: str | None = None) -> Any:
@@ -84,11 +111,15 @@ def _sharded(dims: ParallelDims) -> bool:
     return dims.ep * dims.etp > 1
 
 
-def expert_tensors_to_global(state: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:
-    """Model/optimizer state dict (FQN-keyed) with expert tensors as global DTensors."""
+def expert_tensors_to_global(state: dict[str, Any], dims: ParallelDims,
+                             placed: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Model/optimizer state dict (FQN-keyed) with expert tensors as global DTensors.
+    ``placed``: ``{experts module FQN: logical ids}`` of layers whose experts are not
+    a contiguous range (an expert placement, :func:`placed_expert_ids`)."""
     if not _sharded(dims):
         return state
-    return _walk(state, lambda t, key: _global_view(t, key, dims))
+    placed = placed or {}
+    return _walk(state, lambda t, key: _global_view(t, key, dims, placed))
 
 
 def expert_tensors_to_local(state: dict[str, Any], dims: ParallelDims) -> dict[str, Any]:

@@ -59,7 +59,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel.dims import ParallelDims
-from parallel.state_dict import expert_tensors_to_global, expert_tensors_to_local
+from parallel.state_dict import (
+    expert_tensors_to_global,
+    expert_tensors_to_local,
+    placed_expert_ids,
+)
 from trainer.errors import CheckpointError
 from trainer.guards import params_finite
 
@@ -384,8 +388,9 @@ def _app_state(
         options=_OPTIONS,
     )
     if dims is not None:  # expert-parallel slices -> global tensors, so DCP can reshard
-        model_sd = expert_tensors_to_global(model_sd, dims)
-        optim_sd = expert_tensors_to_global(optim_sd, dims)
+        placed = placed_expert_ids(model)
+        model_sd = expert_tensors_to_global(model_sd, dims, placed)
+        optim_sd = expert_tensors_to_global(optim_sd, dims, placed)
     return {
         "model": model_sd,
         "optim": optim_sd,

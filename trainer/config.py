@@ -73,6 +73,10 @@ class ParallelConfig:
     # launched world size and cluster.*; sizes set > 1 (tp, cp, pp, vpp, ep, etp) and a
     # pp_schedule other than 1f1b stay fixed, the rest is chosen
     auto: bool = False
+    # which EP rank holds which experts (parallel/expert_placement.py): contiguous | auto
+    # (optimised from the run_dir's routing traces, logger.routing_trace_every) | a
+    # placement JSON file (scripts/expert_placement.py); checkpoints stay layout-free
+    expert_placement: str = "contiguous"
 
 
 @dataclass
@@ -156,6 +160,9 @@ class LoggerConfig:
     tensorboard: bool = True
     # expert-load heatmap image every N steps (0 disables)
     expert_load_every: int = 50
+    # record which experts every token chose on every N-th step into run_dir/routing/
+    # (input of parallel.expert_placement=auto and scripts/expert_placement.py); 0 = off
+    routing_trace_every: int = 0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -595,6 +602,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     from parallel.context_parallel import check_context_parallel
     from parallel.dims import ParallelDims  # the one source of truth for layouts
     from parallel.expert_parallel import check_expert_parallel
+    from parallel.expert_placement import check_placement_spec
     from parallel.pipeline import SCHEDULES, check_pipeline
     from parallel.tensor_parallel import check_tensor_parallel
 
@@ -623,6 +631,11 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; "
                               f"not parallel.tp={p.tp} / parallel.cp={p.cp} yet")
         check_context_parallel(t.seq_len, p.cp, p.tp)
+        check_placement_spec(p.expert_placement)
+        if p.expert_placement not in ("", "contiguous") and cfg.checkpoint.async_save:
+            raise ConfigError("parallel.expert_placement other than contiguous does not work "
+                              "with checkpoint.async_save=true yet (DCP's staging copy drops "
+                              "the placed-expert chunk map); use a synchronous save")
         check_pipeline(p.pp, p.vpp, p.pp_schedule, t.global_batch_size // (
             t.micro_batch_size * dims.dp), m.num_layers, list(p.pp_layers or []) or None,
             m.tie_embeddings)

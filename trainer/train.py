@@ -39,6 +39,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig):
         # Imports that pull in heavy packages stay here so `--help`/validation is fast.
+        from parallel.expert_placement import PlacementError, RoutingTrace, resolve_placement
         from parallel.hf_load import InitSourceError
         from parallel.parallelize import parallelize
         from trainer.data import build_data
@@ -72,13 +73,19 @@ class Trainer:
                                model_cfg=cfg.model, rank=self.rank, world_size=self.world_size)
 
         self.model_cfg = OmegaConf.to_object(cfg.model)
-        try:  # model.init_from / moe.upcycle_from: a bad source is a user error
+        try:  # model.init_from / moe.upcycle_from / a placement file: a bad source is a user error
+            placement = resolve_placement(cfg.parallel.expert_placement, cfg.run_dir, self.dims,
+                                          cfg.cluster.gpus_per_node, cfg.model.moe.num_experts)
             self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
                                   seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
-                                  moe_pattern=moe_layer_pattern(cfg.model))
-        except InitSourceError as e:
+                                  moe_pattern=moe_layer_pattern(cfg.model), placement=placement)
+        except (InitSourceError, PlacementError) as e:
             raise ConfigError(str(e)) from None
         self.model = self.pm.model
+        self.trace = None  # which experts tokens choose, for parallel.expert_placement=auto
+        if cfg.logger.routing_trace_every:
+            self.trace = RoutingTrace(self.model, Path(cfg.run_dir) / "routing",
+                                      cfg.logger.routing_trace_every, self.rank)
         self.objective = Objective.from_config(cfg, self.pm.loss_sum)
         self.runner = self.pm.step_runner(self.objective,
                                           autocast_factory(self.device, self.amp_dtype))
@@ -218,6 +225,8 @@ class Trainer:
             while self.state.step < t.max_steps:
                 self.watchdog.beat(f"step {self.state.step + 1}", self.state.step)
                 self.throughput.start_step()
+                if self.trace is not None:
+                    self.trace.before_step(self.state.step + 1)
                 m = self.train_step()
                 step = self.state.step
                 m["tokens"] = m["tokens"].item()  # one host sync per step
@@ -238,6 +247,8 @@ class Trainer:
                 if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
                     self.logger.info(f"stopping after {steps_this_run} steps (stop_after_steps)")
                     break
+            if self.trace is not None:
+                self.trace.close()
             path = self.saver.finish()  # a periodic checkpoint still written in the background
             if path is not None:
                 self.logger.info(f"saved checkpoint {path}")
