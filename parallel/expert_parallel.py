@@ -100,9 +100,10 @@ def apply_expert_parallel(
         ex = layer.experts
         E, F = ex.w1.shape[0], ex.w1.shape[2]
         slots = list(range(E))
-        if placement is not None:
-            slots = placement.slots(names[id(layer)], E)
-        ids = sorted(slots[ep_rank * (E // ep):(ep_rank + 1) * (E // ep)])
+        if placement is not None:  # each rank's experts ascending: local j = slot r*E_l + j
+            raw, n = placement.slots(names[id(layer)], E), E // ep
+            slots = [e for r in range(ep) for e in sorted(raw[r * n:(r + 1) * n])]
+        ids = slots[ep_rank * (E // ep):(ep_rank + 1) * (E // ep)]
         F_l = F // etp
         f0 = etp_rank * F_l
         rows = torch.tensor(ids)
@@ -112,7 +113,7 @@ def apply_expert_parallel(
             # clone: drop the reference to the full tensor so its memory can be freed.
             setattr(ex, name, nn.Parameter(local.clone(), requires_grad=p.requires_grad))
         ex.expert_offset = ids[0]
-        ex.expert_ids = ids
+        ex.expert_ids = ids if slots != list(range(E)) else None  # None: the contiguous block
         ex.ffn_offset, ex.ffn_full = f0, F
         ex.ep_size, ex.etp_size = ep, etp
         ex.num_global_experts = E

@@ -83,12 +83,12 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def placed_expert_ids(model: torch.nn.Module) -> dict[str, list[int]]:
-    """``{experts module FQN: ids}`` for every expert block holding non-contiguous
-    logical experts (an expert placement)."""
+    """``{experts module FQN: ids}`` for every expert block placed by an expert
+    placement (``GroupedExperts.expert_ids``; not the contiguous block of its EP rank)."""
     out = {}
     for name, m in model.named_modules():
         ids = getattr(m, "expert_ids", None)
-        if ids is not None and list(ids) != list(range(ids[0], ids[0] + len(ids))):
+        if ids is not None:
             out[name.replace("_checkpoint_wrapped_module.", "")] = list(ids)
     return out
 

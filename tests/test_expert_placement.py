@@ -111,8 +111,8 @@ def placement_runs(tmp_path_factory, moefold_cache):
     from tests.test_parity_distributed import COMMON, MODES
 
     root = tmp_path_factory.mktemp("placement")
-    path = root / "scrambled.json"
-    Placement(SCRAMBLED).save(path)
+    path = Path(__file__).parent / "assets" / "placement_moe_tiny.json"
+    assert Placement.load(path).layers == SCRAMBLED
     base = [*COMMON, *MODES["dropless"], "parallel.ep=2", "checkpoint.keep_last=0"]
     shared = root / "auto"  # steps 1-3 contiguous with a trace, 4-5 placed from it
     jobs = [

@@ -35,6 +35,7 @@ COMMON = [
     "model.moe.z_loss_coeff=0.001",
     "checkpoint.keep_last=1",
 ]
+PLACED = Path(__file__).parent / "assets" / "placement_moe_tiny.json"
 MODES = {
     "dropless": ["model.moe.expert_bias=true"],
     "capacity": ["model.moe.capacity_factor=1.0", "model.moe.drop_policy=probs"],
@@ -75,6 +76,9 @@ LAYOUTS = [
     ("tp2_etp2_padded", 2, "capacity",
      ["parallel.tp=2", "parallel.etp=2", "model.moe.pad_to_capacity=true"]),
     ("dp4_ep2xetp2", 4, "dropless", ["parallel.ep=2", "parallel.etp=2"]),
+    # experts placed by a scrambled permutation (parallel/expert_placement.py), FSDP over
+    # edp2: the checkpoint still holds them in logical order
+    ("dp4_ep2_placed", 4, "dropless", ["parallel.ep=2", f"parallel.expert_placement={PLACED}"]),
     # Pipeline parallelism (torch.distributed.pipelining), aux losses through every stage
     ("pp2_gpipe_uneven", 2, "capacity",
      ["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_layers=[1,3]"]),
