@@ -42,6 +42,7 @@ from models.moe import Dispatcher, MoELayer
 from models.router import Routing
 
 __all__ = [
+    "rank_load_imbalance",
     "Placement",
     "PlacementError",
     "PlacedDispatcher",
@@ -487,3 +488,17 @@ def resolve_placement(spec: str, run_dir: str | Path, dims: Any, gpus_per_node: 
     if dist.get_rank() == 0:  # what this run used, for the record
         placement.save(trace_dir / "placement.json")
     return placement
+
+
+def rank_load_imbalance(trace: dict[str, torch.Tensor], placement: Placement,
+                        num_experts: int, ep: int) -> float:
+    """Max over layers of (busiest rank's assignments / mean): what a placement costs in
+    load balance (the all-to-all waits for the busiest rank)."""
+    worst = 1.0
+    E_l = num_experts // ep
+    for name, idx in trace.items():
+        load = np.bincount(idx.numpy().reshape(-1), minlength=num_experts)
+        slots = np.asarray(placement.slots(name, num_experts))
+        per_rank = load[slots].reshape(ep, E_l).sum(1)
+        worst = max(worst, float(per_rank.max() / max(per_rank.mean(), 1e-9)))
+    return worst

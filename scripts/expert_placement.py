@@ -22,6 +22,7 @@ from parallel.expert_placement import (
     cross_node_rows,
     load_trace,
     optimise_placement,
+    rank_load_imbalance,
 )
 
 LAYOUTS = [(8, 2), (8, 4), (16, 2), (16, 4), (16, 8), (64, 2), (64, 4), (64, 8)]
@@ -44,8 +45,9 @@ def table(trace, experts: int, fit: float, hidden: int, layouts) -> str:
         "",
         "| EP | nodes | placement | rows to remote ranks / token / layer | remote nodes / "
         "token / layer | KB across nodes / token / layer (D=" + str(hidden) + ", bf16) | "
-        "ExFlow-style (token stays with its top-1 expert): rows to remote ranks |",
-        "|---|---|---|---|---|---|---|",
+        "ExFlow-style (token stays with its top-1 expert): rows to remote ranks | busiest rank "
+        "load / mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for ep, nodes in layouts:
         if experts % ep:
@@ -67,7 +69,8 @@ def table(trace, experts: int, fit: float, hidden: int, layouts) -> str:
             lines.append(
                 f"| {ep} | {nodes} | {name} | {home['rank_rows']:.3f}{rel} | "
                 f"{home['node_rows']:.3f} | {home['rank_rows'] * row_kb:.1f} | "
-                f"{follow['rank_rows']:.3f} |")
+                f"{follow['rank_rows']:.3f} | "
+                f"{rank_load_imbalance(test, plan, experts, ep):.2f} |")
         lines.append(f"<!-- ep={ep} nodes={nodes}: both placements optimised in {secs:.1f} s -->")
     return "\n".join(lines)
 

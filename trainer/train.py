@@ -182,6 +182,8 @@ class Trainer:
     def save_checkpoint(self, sync: bool = True) -> Path | None:
         """Checkpoint this step (in the background when ``checkpoint.async_save`` and not
         ``sync``); returns its path, None for non-finite parameters."""
+        if self.trace is not None:  # the routing recorded so far survives a crash
+            self.trace.flush()
         meta = {"model": OmegaConf.to_container(self.cfg.model, resolve=True),
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "world_size": self.world_size}
