@@ -27,7 +27,7 @@ from models.moe import LocalDispatcher, MoELayer
 from parallel.dims import ParallelDims, divisors
 from parallel.dispatch import make_dispatcher
 from parallel.etp_dispatch import ETPDispatcher
-from parallel.expert_placement import Placement, PlacedDispatcher, moe_layer_names
+from parallel.expert_placement import PlacedDispatcher, Placement, moe_layer_names
 
 __all__ = [
     "DISPATCHERS",

@@ -207,13 +207,12 @@ class _PlacedLocal(torch.Tensor):
         return [c for _, _, c in self._chunks()]
 
     def __create_write_items__(self, fqn: str, obj: Any):
-        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
         from torch.distributed.checkpoint.planner import (
             TensorWriteData,
             WriteItem,
             WriteItemType,
         )
-        from torch.distributed.checkpoint.metadata import TensorProperties
         props = TensorProperties.create_from_tensor(self._plain())
         return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
                           tensor_data=TensorWriteData(chunk=c, properties=props,
