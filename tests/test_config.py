@@ -176,6 +176,10 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
             2,
             "trainer.global_batch_size=4 is not a multiple of trainer.micro_batch_size*dp=4*2",
         ),
+        (["parallel.ep=2", "parallel.expert_placement=/no/such/placement.json"], 2,
+         "parallel.expert_placement=/no/such/placement.json is neither contiguous"),
+        (["parallel.ep=2", "parallel.expert_placement=auto", "checkpoint.async_save=true"], 2,
+         "does not work with checkpoint.async_save=true"),
     ],
 )
 def test_impossible_layouts_fail_before_launch(overrides, world, message):
