@@ -19,7 +19,7 @@ from tests.distributed_utils import spawn
 from tests.helpers import FAST, read_metrics
 from tests.inproc import LazyRuns, selected_ids
 
-pytestmark = [pytest.mark.distributed]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 3  # step 1 balances with uniform f, steps 2-3 with the lagged counts
 COMMON = [
