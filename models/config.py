@@ -38,10 +38,21 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0  # switch-style, over the micro-batch
     seq_aux_loss_coeff: float = 0.0  # per-sequence (DeepSeek-V2/V3)
     z_loss_coeff: float = 0.0  # mean(logsumexp(logits)^2)
+    # What the switch loss's expert-load fractions f_i count (docs/moe_features.md):
+    # micro_batch = this micro-batch's routing (Switch / Megatron default);
+    # global_batch = the whole previous step's global batch (all micro-batches, all DP
+    # ranks; Qwen's global-batch balance, lagged one step so every layout gives the same
+    # loss; no balance gradient before the first step's counts exist).
+    aux_loss_scope: str = "micro_batch"
     # Aux-loss-free balancing: a per-expert bias added to scores for selection only,
     # updated after each optimizer step by ``rate * sign(mean_count - count)``.
     expert_bias: bool = False
     expert_bias_update_rate: float = 1e-3
+
+    # AdaMoE null experts: n extra router rows whose experts compute nothing and return
+    # zero; top_k is taken over num_experts + n, so a token uses 0..top_k real experts.
+    # Null picks are never dispatched and never dropped by capacity. 0 disables.
+    num_null_experts: int = 0
 
     # Capacity. None = dropless (default). Otherwise capacity per expert =
     # ceil(tokens * top_k / num_experts * capacity_factor), at least min_capacity.

@@ -7,6 +7,11 @@ top_k routed experts plus the shared experts and their gate, the router, and the
 head (the tied embedding matrix when embeddings are tied), but not the embedding lookup
 nor the norm weights. The attention term counts QK^T and AV for every (query, key) pair,
 without halving for the causal mask.
+
+Null experts (AdaMoE) cost nothing but their router rows; how many real experts a token
+uses is decided by training, so the static count takes ``real_experts_per_token`` (default:
+top_k, the upper bound) and the measured figure (the trainer's ``real_experts_per_token``
+metric) gives the actual FLOPs (scripts/compare_moe_features.py does so).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
-def _layer_matmul_params(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
-    """(total, active) matmul parameters of one block."""
+def _layer_matmul_params(cfg: ModelConfig, is_moe: bool,
+                         real_experts_per_token: float | None = None) -> tuple[int, int]:
+    """(total, active) matmul parameters of one block; ``real_experts_per_token``: routed
+    experts a token really runs (null experts: fewer than top_k; default top_k)."""
     d, hd = cfg.hidden_size, _head_dim(cfg)
     attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
     if not is_moe:
@@ -33,9 +40,10 @@ def _layer_matmul_params(cfg: ModelConfig, is_moe: bool) -> tuple[int, int]:
     if m.num_shared_experts:
         width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
         shared = 3 * d * m.num_shared_experts * width + (d if m.shared_expert_gate else 0)
-    router = d * m.num_experts
+    router = d * (m.num_experts + m.num_null_experts)
     common = attn + shared + router
-    return common + m.num_experts * expert, common + m.top_k * expert
+    k_real = m.top_k if real_experts_per_token is None else real_experts_per_token
+    return common + m.num_experts * expert, common + round(k_real * expert)
 
 
 def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
@@ -115,14 +123,16 @@ def flops_per_token_by_modality(cfg: ModelConfig, seq_len: int) -> dict[str, flo
             for name, a in zip(cfg.mot.modalities, active)}
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def training_flops_per_token(cfg: ModelConfig, seq_len: int,
+                             real_experts_per_token: float | None = None) -> float:
     """Forward + backward FLOPs per token (see the module docstring for the convention);
-    MoT: the mean over modalities (:func:`flops_per_token_by_modality`)."""
+    MoT: the mean over modalities (:func:`flops_per_token_by_modality`).
+    ``real_experts_per_token``: the measured mean (null experts), default top_k."""
     if cfg.arch in MODALITY_ARCHS:
         per = flops_per_token_by_modality(cfg, seq_len)
         return sum(per.values()) / len(per)
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)
     for is_moe in moe_layer_pattern(cfg):
-        matmul += _layer_matmul_params(cfg, is_moe)[1]
+        matmul += _layer_matmul_params(cfg, is_moe, real_experts_per_token)[1]
     attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
     return float(6 * matmul + attention)

@@ -65,6 +65,8 @@ def hf_family(cfg: ModelConfig) -> str:
                 "Mixtral / Qwen2-MoE)")
     if m.capacity_factor is not None:
         _refuse("model.moe.capacity_factor set (HF MoE blocks are dropless)")
+    if m.num_null_experts:
+        _refuse(f"model.moe.num_null_experts={m.num_null_experts} (AdaMoE null experts)")
     if m.num_shared_experts == 0:
         if not m.norm_topk_prob:
             _refuse("model.moe.norm_topk_prob=false without shared experts (Mixtral "

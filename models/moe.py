@@ -180,7 +180,9 @@ class MoELayer(nn.Module):
         self.token_group: TokenGroup = SINGLE
         self.aux_loss_scale = 1.0
         # Statistics since the last pop_stats(); never synced to the host in forward.
-        self.register_buffer("stat_counts", torch.zeros(m.num_experts, dtype=torch.long), False)
+        # [E + num_null_experts]: the null experts' picks are counted too (they are balanced)
+        n_counts = m.num_experts + m.num_null_experts
+        self.register_buffer("stat_counts", torch.zeros(n_counts, dtype=torch.long), False)
         self.register_buffer("stat_dropped", torch.zeros((), dtype=torch.long), False)
         self.register_buffer("stat_assignments", torch.zeros((), dtype=torch.long), False)
         for name in _STAT_LOSSES:
@@ -235,12 +237,15 @@ class MoELayer(nn.Module):
             getattr(self, f"stat_{name}").add_(value.detach() * self.aux_loss_scale)
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
-        """Statistics since the last pop (counts [E] before capacity drops; dropped and
-        total assignments; aux losses as coeff * value * aux_loss_scale), then reset."""
+        """Statistics since the last pop (counts [E + num_null_experts] before capacity
+        drops, real experts first; dropped and total assignments; tokens routed; aux
+        losses as coeff * value * aux_loss_scale), then reset."""
         out = {
             "counts": self.stat_counts.float(),
             "dropped": self.stat_dropped.float(),
             "assignments": self.stat_assignments.float(),
+            "tokens": torch.div(self.stat_assignments, self.moe.top_k,
+                                rounding_mode="floor").float(),
         }
         out.update({n: getattr(self, f"stat_{n}").clone() for n in _STAT_LOSSES})
         with torch.no_grad():

@@ -32,6 +32,21 @@ the switch / per-sequence / z losses are summed over the group in one all-reduce
 capacity drops are decided on the group's gathered expert ids, so the loss and the drops
 are exactly those of one process holding the whole micro-batch (Megatron computes the
 capacity per rank, which makes the drops depend on TP and CP).
+
+Null experts (AdaMoE, ``num_null_experts`` = n; docs/moe_features.md): the router has
+E + n rows, top-k runs over all E + n, and a pick of a null expert (id >= E) becomes an
+unused slot: ``expert_idx`` -1, ``kept`` False, weight 0, so no dispatcher moves or
+computes anything for it, and it is not a capacity drop (capacity applies to real experts
+only). As AdaMoE's released code, the real picks' weights are renormalised among
+themselves (``norm_topk_prob``), so a token's output is a weighted mean of its real
+experts (zero when all k picks are null). Counts and the load-balancing losses cover all
+E + n entries (the null experts' use is steered like any expert's).
+
+Global-batch balance (``aux_loss_scope=global_batch``): the switch loss's load fractions
+f_i come from ``lb_counts``, a persistent buffer holding the previous step's assignment
+counts over the whole global batch (set by ``parallel.moe_stats.MoEStats.pop`` from the
+counts it reduces anyway); P_i stays this micro-batch's (differentiable). Before the first
+step's counts exist (all zero) f is uniform: a constant loss, no balance gradient.
 """
 
 from __future__ import annotations
@@ -96,8 +111,8 @@ class Routing:
 class RouterOutput:
     routing: Routing
     logits_TE: torch.Tensor  # fp32
-    counts_E: torch.Tensor  # int64 assignments per expert, before capacity drops
-    num_dropped: torch.Tensor  # int64 scalar
+    counts_E: torch.Tensor  # int64 assignments per expert (E real, then n null), before drops
+    num_dropped: torch.Tensor  # int64 scalar (real experts only: null picks never drop)
     num_assignments: int  # T * k (counts_E, num_dropped, the losses: over the token group)
     aux_loss: Optional[torch.Tensor] = None  # unweighted switch loss (coeff > 0 only)
     seq_aux_loss: Optional[torch.Tensor] = None  # unweighted per-sequence loss
@@ -133,20 +148,34 @@ class Router(nn.Module):
         m = cfg.moe
         self.moe = m
         self.num_experts, self.top_k = m.num_experts, m.top_k
-        self.weight = nn.Parameter(torch.empty(m.num_experts, cfg.hidden_size))
+        self.num_null = m.num_null_experts
+        # one row per real expert, then one per null expert (AdaMoE gives each its own)
+        self.weight = nn.Parameter(torch.empty(m.num_experts + self.num_null, cfg.hidden_size))
         if m.expert_bias:
             self.register_buffer("expert_bias", torch.zeros(m.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        if m.aux_loss_scope == "global_batch":  # persistent: checkpoints carry it
+            self.register_buffer("lb_counts", torch.zeros(self.weight.shape[0]))
+        else:
+            self.lb_counts = None
 
     def _apply(self, fn, recurse=True):
-        return keep_fp32_apply(self, ("expert_bias",), fn, recurse)
+        return keep_fp32_apply(self, ("expert_bias", "lb_counts"), fn, recurse)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         init.normal_(self.weight, f"{prefix}.weight", init.std)
-        if self.expert_bias is not None:
-            with torch.no_grad():
-                self.expert_bias.zero_()
+        with torch.no_grad():
+            for buf in (self.expert_bias, self.lb_counts):
+                if buf is not None:
+                    buf.zero_()
+
+    @torch.no_grad()
+    def set_global_counts(self, counts: torch.Tensor) -> None:
+        """The step's assignment counts over the global batch ([E + n], reduced over every
+        rank): the next step's switch-loss load fractions (global_batch scope only)."""
+        if self.lb_counts is not None:
+            self.lb_counts.copy_(counts.to(self.lb_counts.device, torch.float32))
 
     def _topk(self, sel_TE: torch.Tensor) -> torch.Tensor:
         m, T, E, k = self.moe, sel_TE.shape[0], self.num_experts, self.top_k
@@ -171,6 +200,7 @@ class Router(nn.Module):
 
     def _route(self, x_TD: torch.Tensor, num_seqs: int, group: TokenGroup) -> RouterOutput:
         m, E, k = self.moe, self.num_experts, self.top_k
+        En = E + self.num_null  # every router entry, null experts included
         B = num_seqs
         T = x_TD.shape[0] * group.size  # the micro-batch's tokens
         S = T // B
@@ -181,11 +211,16 @@ class Router(nn.Module):
             sel = sel + self.expert_bias
         idx = self._topk(sel.detach())
         top_scores = scores.gather(1, idx)
-        weights = top_scores
-        if m.norm_topk_prob and m.score_func == "softmax":
+        real = idx < E if self.num_null else None  # [T, k] picks of a real expert
+        weights = top_scores if real is None else top_scores * real
+        if real is not None and m.norm_topk_prob and m.score_func == "softmax":
+            # renormalised over the real picks only; all-null tokens keep zero weights
+            denom = weights.sum(-1, keepdim=True)
+            weights = weights / torch.where(denom > 0, denom, 1.0)
+        elif m.norm_topk_prob and m.score_func == "softmax":
             weights = top_scores / top_scores.sum(-1, keepdim=True)
         elif m.norm_topk_prob and k > 1:
-            weights = top_scores / (top_scores.sum(-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if m.topk_scaling_factor != 1.0:
             weights = weights * m.topk_scaling_factor
 
@@ -195,9 +230,12 @@ class Router(nn.Module):
             capacity = expert_capacity(T, E, k, m.capacity_factor, m.min_capacity)
             kept, num_dropped = self._capacity_mask(idx, top_scores.detach(), B, capacity, group)
             weights = weights * kept
+        elif real is not None:
+            kept = real
 
         # Statistics of the micro-batch: local sums, then one all-reduce over the group.
-        stats: dict[str, torch.Tensor] = {"counts": torch.bincount(idx.flatten(), minlength=E)}
+        stats: dict[str, torch.Tensor] = {"counts": torch.bincount(idx.flatten(), minlength=En)}
+        global_lb = m.aux_loss_scope == "global_batch"
         if m.aux_loss_coeff > 0 or m.seq_aux_loss_coeff > 0:
             aux_scores = scores
             if m.score_func == "sigmoid":
@@ -207,27 +245,35 @@ class Router(nn.Module):
                 plain = aux_scores.detach().topk(k, dim=-1)[1]
             if m.aux_loss_coeff > 0:
                 stats["scores_sum"] = aux_scores.sum(0)
-                if plain is not idx:
-                    stats["plain_counts"] = torch.bincount(plain.flatten(), minlength=E)
+                if plain is not idx and not global_lb:
+                    stats["plain_counts"] = torch.bincount(plain.flatten(), minlength=En)
             if m.seq_aux_loss_coeff > 0:
                 S_l = plain.shape[0] // B
-                seq_of = torch.arange(B, device=idx.device).repeat_interleave(S_l * k) * E
-                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * E)
-                stats["seq_counts"] = seq_counts.view(B, E)
-                stats["seq_scores"] = aux_scores.view(B, S_l, E).sum(1)
+                seq_of = torch.arange(B, device=idx.device).repeat_interleave(S_l * k) * En
+                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * En)
+                stats["seq_counts"] = seq_counts.view(B, En)
+                stats["seq_scores"] = aux_scores.view(B, S_l, En).sum(1)
         if m.z_loss_coeff > 0:
             stats["z_sum"] = torch.logsumexp(logits, dim=-1).square().sum()
         stats = _group_sum(stats, group)
 
         counts = stats["counts"]
+        if real is not None:  # a null pick is an unused slot for every dispatcher
+            idx = torch.where(real, idx, -1)
         routing = Routing(idx, weights, E, kept, capacity, m.pad_to_capacity)
         out = RouterOutput(routing, logits, counts, num_dropped, T * k)
-        if m.aux_loss_coeff > 0:
+        if m.aux_loss_coeff > 0 and global_lb:
+            # f_i: the previous step's global-batch load fractions (uniform before any)
+            g = self.lb_counts
+            total = g.sum()
+            f = torch.where(total > 0, g / total.clamp_min(1.0), torch.full_like(g, 1.0 / En))
+            out.aux_loss = (stats["scores_sum"] * f).sum() * (En / T)
+        elif m.aux_loss_coeff > 0:
             plain_counts = stats.get("plain_counts", counts)
-            out.aux_loss = (stats["scores_sum"] * plain_counts).sum() * (E / (k * T * T))
+            out.aux_loss = (stats["scores_sum"] * plain_counts).sum() * (En / (k * T * T))
         if m.seq_aux_loss_coeff > 0:
             per_seq = (stats["seq_scores"] * stats["seq_counts"]).sum(-1)
-            out.seq_aux_loss = per_seq.mean() * (E / (k * S * S))
+            out.seq_aux_loss = per_seq.mean() * (En / (k * S * S))
         if m.z_loss_coeff > 0:
             out.z_loss = stats["z_sum"] / T
         return out
@@ -236,8 +282,10 @@ class Router(nn.Module):
         self, idx_TK, key_TK, num_seqs: int, capacity: int, group: TokenGroup
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(kept [T_local, k], dropped count of the micro-batch): ranks within each expert
-        are taken over the whole micro-batch in single-process token order."""
+        are taken over the whole micro-batch in single-process token order. Null picks
+        are not kept and not counted as dropped."""
         m, E = self.moe, self.num_experts
+        En = E + self.num_null
         T_l, k = idx_TK.shape
         by_probs = m.drop_policy == "probs"
         idx_g = idx_TK
@@ -247,8 +295,10 @@ class Router(nn.Module):
             packed = group.gather_seq(packed).reshape(-1, 2 * k)
             idx_g, key_g = packed[:, :k].long(), packed[:, k:] if by_probs else None
         key_A = key_g.flatten() if key_g is not None else None
-        kept_g = (rank_within_expert(idx_g.flatten(), E, key_A) < capacity).view(-1, k)
-        num_dropped = (~kept_g).sum()
+        kept_g = (rank_within_expert(idx_g.flatten(), En, key_A) < capacity).view(-1, k)
+        real_g = idx_g < E  # capacity is for real experts; a null pick is never kept
+        num_dropped = (real_g & ~kept_g).sum()
+        kept_g = kept_g & real_g
         if group.size > 1:
             kept_g = group.local_seq(kept_g.view(num_seqs, -1, k)).reshape(T_l, k)
         return kept_g, num_dropped

@@ -13,7 +13,15 @@ and nowhere else:
 So one all-reduce over ``dp`` and one over ``pp`` per step, whatever the layout. The same
 object owns what the layout decides about the aux losses and the dispatchers: the scale
 that makes ``d(objective)/d(aux)`` independent of the micro-batch split, the aux-loss-free
-expert-bias update from the reduced counts, and the activation bytes the dispatchers sent.
+expert-bias update from the reduced counts, the global-batch load-balancing counts
+(``model.moe.aux_loss_scope=global_batch``: each router keeps this step's reduced counts
+for the next step's switch loss, identical whatever the layout), and the activation bytes
+the dispatchers sent.
+
+Null experts (``num_null_experts`` = n): the table carries E + n count columns (the
+global-batch counts need the null ones); ``counts_LE`` and the load metrics keep the E
+real experts, and ``real_experts_per_token`` (per layer and mean) is the real picks over
+the tokens routed.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from parallel.dims import ParallelDims
 
 __all__ = ["MoEStats"]
 
-_KEYS = ("dropped", "assignments", "aux_loss", "seq_aux_loss", "z_loss")
+_KEYS = ("dropped", "assignments", "tokens", "aux_loss", "seq_aux_loss", "z_loss")
 
 
 class MoEStats:
@@ -36,8 +44,10 @@ class MoEStats:
     (stage) module, holding some of them (``model.layers`` keeps the global keys)."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, moe_pattern: list[bool],
-                 num_experts: int, num_micro: int, device: torch.device):
+                 num_experts: int, num_micro: int, device: torch.device,
+                 num_null_experts: int = 0):
         self.dims, self.num_experts, self.device = dims, num_experts, device
+        self.num_null = num_null_experts
         self.layer_ids = [i for i, moe in enumerate(moe_pattern) if moe]
         self.layers: list[MoELayer] = list(model.moe_layers())
         # the table row of each local MoE layer (model.moe_layers() is in layer order)
@@ -68,19 +78,28 @@ class MoEStats:
         sent, self._bytes_sent = self._bytes_sent, 0
         if not self.layer_ids:
             return {"aux_loss": 0.0, "dispatch_mb_sent": sent / 2**20}
-        E = self.num_experts
-        table = torch.zeros(len(self.layer_ids), E + len(_KEYS), device=self.device)
+        E, C = self.num_experts, self.num_experts + self.num_null
+        table = torch.zeros(len(self.layer_ids), C + len(_KEYS), device=self.device)
         for row, layer in zip(self.rows, self.layers):
             s = layer.pop_stats()
             table[row] = torch.cat([s["counts"], torch.stack([s[k].float() for k in _KEYS])])
         table = self.dims.all_reduce_sum(self.dims.all_reduce_sum(table, "dp"), "pp")
         counts = table[:, :E]
-        col = {k: table[:, E + i] for i, k in enumerate(_KEYS)}
-        if update_expert_bias:
-            for row, layer in zip(self.rows, self.layers):
+        col = {k: table[:, C + i] for i, k in enumerate(_KEYS)}
+        for row, layer in zip(self.rows, self.layers):
+            # the whole global batch's counts of this step (global_batch scope only)
+            layer.router.set_global_counts(table[row, :C])
+            if update_expert_bias:
                 layer.update_expert_bias(counts[row])
         per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        real_per_token = counts.sum(1) / col["tokens"].clamp_min(1)
+        extra = {}
+        if self.num_null:
+            extra = {f"real_experts_per_token_layer{i}": real_per_token[r]
+                     for r, i in enumerate(self.layer_ids)}
         return {
+            "real_experts_per_token": real_per_token.mean(),
+            **extra,
             "dispatch_mb_sent": sent / 2**20,
             "aux_loss": (col["aux_loss"] + col["seq_aux_loss"] + col["z_loss"]).sum(),
             "load_balance_loss": col["aux_loss"].sum(),

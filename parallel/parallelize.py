@@ -139,7 +139,8 @@ def parallelize(
         if dims.tp > 1:  # to_empty replaced the parameters and dropped their hooks
             grads_like_params(model)
         dp.refresh_params()
-    moe = MoEStats(model, dims, moe_pattern, model_cfg.moe.num_experts, num_micro, device)
+    moe = MoEStats(model, dims, moe_pattern, model_cfg.moe.num_experts, num_micro, device,
+                   num_null_experts=model_cfg.moe.num_null_experts)
     return ParallelModel(model=model, chunks=chunks, dp=dp, dims=dims, moe=moe,
                          arch=model_cfg.arch, num_micro=num_micro,
                          pp_schedule=pcfg.pp_schedule, device=device, pp_split=split,

@@ -399,9 +399,10 @@ def validate_model(m: ModelConfig) -> None:
     if moe.num_experts == 0:
         return
     _positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
-    if not 1 <= moe.top_k <= moe.num_experts:
+    if not 1 <= moe.top_k <= moe.num_experts + max(moe.num_null_experts, 0):
         raise ConfigError(
             f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={moe.num_experts}"
+            + (f" + num_null_experts={moe.num_null_experts}" if moe.num_null_experts else "")
         )
     _positive("model.moe.topk_scaling_factor", moe.topk_scaling_factor)
     for key in ("expert_bias_update_rate", "min_capacity", "num_shared_experts",
@@ -433,6 +434,25 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff"):
         if getattr(moe, key) < 0:
             raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be >= 0")
+    _validate_moe_features(moe)
+
+
+def _validate_moe_features(moe) -> None:
+    """Null experts and the global-batch load-balancing scope (docs/moe_features.md)."""
+    _non_negative("model.moe.num_null_experts", moe.num_null_experts)
+    _choice("model.moe.aux_loss_scope", moe.aux_loss_scope, ("micro_batch", "global_batch"))
+    if moe.aux_loss_scope == "global_batch" and moe.aux_loss_coeff <= 0:
+        raise ConfigError("model.moe.aux_loss_scope=global_batch needs "
+                          f"model.moe.aux_loss_coeff > 0 (got {moe.aux_loss_coeff})")
+    n = moe.num_null_experts
+    if not n:
+        return
+    if moe.expert_bias:  # the bias update balances real experts only: nulls would starve
+        raise ConfigError(f"model.moe.num_null_experts={n} does not support "
+                          "model.moe.expert_bias=true (use model.moe.aux_loss_coeff > 0)")
+    if moe.num_groups:
+        raise ConfigError(f"model.moe.num_null_experts={n} does not support "
+                          f"model.moe.num_groups={moe.num_groups} (null experts have no group)")
 
 
 def _validate_mot(m: ModelConfig) -> None:
