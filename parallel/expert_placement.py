@@ -325,17 +325,24 @@ def _node_layout(ep: int, nodes: int) -> tuple[int, int]:
 def _co_selection(idx_TK: np.ndarray, E: int) -> np.ndarray:
     """[E, E] number of tokens that chose both i and j (diagonal zero)."""
     T = idx_TK.shape[0]
-    onehot = np.zeros((T, E), dtype=np.float64)
-    np.put_along_axis(onehot, idx_TK, 1.0, axis=1)
-    co = onehot.T @ onehot
+    onehot = np.zeros((T, E + 1), dtype=np.float64)  # column E: null picks (id -1)
+    np.put_along_axis(onehot, np.where(idx_TK >= 0, idx_TK, E), 1.0, axis=1)
+    co = onehot[:, :E].T @ onehot[:, :E]
     np.fill_diagonal(co, 0.0)
     return co
+
+
+def _load(idx_TK: np.ndarray, E: int) -> np.ndarray:
+    """Assignments per expert (null picks, id -1, excluded)."""
+    return np.bincount(idx_TK[idx_TK >= 0].reshape(-1), minlength=E).astype(np.float64)
 
 
 def _affinity(prev_TK: np.ndarray, idx_TK: np.ndarray, E_prev: int, E: int) -> np.ndarray:
     """[E_prev, E]: tokens whose top-1 expert in the previous layer was i and that chose j."""
     a = np.zeros((E_prev, E))
-    np.add.at(a, (np.repeat(prev_TK[:, 0], idx_TK.shape[1]), idx_TK.reshape(-1)), 1.0)
+    rows, cols = np.repeat(prev_TK[:, 0], idx_TK.shape[1]), idx_TK.reshape(-1)
+    ok = (rows >= 0) & (cols >= 0)
+    np.add.at(a, (rows[ok], cols[ok]), 1.0)
     return a
 
 
@@ -401,7 +408,7 @@ def optimise_placement(trace: dict[str, torch.Tensor], num_experts: int, ep: int
     for name, idx in trace.items():
         a = idx.numpy()
         E = num_experts
-        load = np.bincount(a.reshape(-1), minlength=E).astype(np.float64)
+        load = _load(a, E)
         # co-selections beyond what independent choices would give (a modularity
         # weight): a pair of heavily loaded experts repels, so groups stay balanced
         W = _co_selection(a, E) - np.outer(load, load) / max(a.shape[0], 1)
@@ -443,7 +450,8 @@ def cross_node_rows(trace: dict[str, torch.Tensor], placement: Placement, num_ex
         rank_of[np.asarray(slots)] = np.arange(num_experts) // E_l
         if src is None or not follow or src.shape[0] != T:
             src = np.arange(T) % ep
-        dest = rank_of[a]  # [T, k]
+        # [T, k]; a null pick (id -1, null experts) goes nowhere: counted as local
+        dest = np.where(a >= 0, rank_of[np.clip(a, 0, None)], src[:, None])
         dest_node, src_node = dest // per_node, src // per_node
         # distinct remote ranks / nodes per token
         d_sorted = np.sort(dest, axis=1)
@@ -496,7 +504,7 @@ def rank_load_imbalance(trace: dict[str, torch.Tensor], placement: Placement,
     worst = 1.0
     E_l = num_experts // ep
     for name, idx in trace.items():
-        load = np.bincount(idx.numpy().reshape(-1), minlength=num_experts)
+        load = _load(idx.numpy(), num_experts)
         slots = np.asarray(placement.slots(name, num_experts))
         per_rank = load[slots].reshape(ep, E_l).sum(1)
         worst = max(worst, float(per_rank.max() / max(per_rank.mean(), 1e-9)))

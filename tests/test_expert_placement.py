@@ -182,3 +182,13 @@ def test_auto_placement_from_recorded_trace(placement_runs, single_run):
     assert any(s != sorted(s) for s in chosen.layers.values())  # not the contiguous one
     ref = read_metrics(single_run([*COMMON, *MODES["dropless"]]))
     _check_losses(read_metrics(root / "auto"), ref, range(1, STEPS + 1))
+
+
+def test_null_picks_are_ignored():
+    """Null experts (id -1, model.moe.num_null_experts) cost no traffic and no load."""
+    trace = _paired_trace(E=8, T=500)
+    with_null = {n: torch.cat([t, torch.full((t.shape[0], 1), -1)], 1) for n, t in trace.items()}
+    a = optimise_placement(trace, 8, 4, 2)
+    b = optimise_placement(with_null, 8, 4, 2)
+    assert a.layers == b.layers
+    assert cross_node_rows(trace, a, 8, 4, 2) == cross_node_rows(with_null, b, 8, 4, 2)
