@@ -1,0 +1,227 @@
+"""The one attention core: causal / packed-document / block-bidirectional masks in O(T)
+mask memory.
+
+Every attention module (``Attention``, ``MoTAttention``, the context-parallel core, MLA)
+ends here. Two paths:
+
+* No document or block ids, queries and keys the same positions: SDPA with
+  ``is_causal`` — the fused kernels, no mask at all.
+* Otherwise (ids, or CP's local queries against the gathered keys): *blocked* attention.
+  The queries are cut into blocks of ``BLOCK_Q`` consecutive positions; each block gets
+  one SDPA call over the one key range its queries can see (from the document start of
+  its first document to its last query, or to the end of a bidirectional block that looks
+  ahead), with a boolean ``[block, range]`` mask built from global positions and ids
+  (:func:`mask_from_ids`). Fully masked key ranges are skipped; the mask exists for one
+  block at a time. Each block runs under non-reentrant activation checkpointing, so
+  autograd keeps only its inputs (views of q/k/v) and the mask is rebuilt in the
+  backward instead of being saved: the masks cost ``O(BLOCK_Q * T)`` transient memory
+  instead of ``O(T^2)`` kept until the backward, at the price of recomputing the
+  attention forward once per block in the backward.
+
+Why not ``flex_attention`` + ``BlockMask``: in torch 2.13 flex_attention raises
+``NotImplementedError`` for backward on CPU ("FlexAttention does not support backward on
+CPU"), and this core must train on CPU (gloo parity tests, benchmarks) as it does on GPUs.
+
+Head dims: q/k have ``Dqk``, v has ``Dv`` (MLA: ``Dv != Dqk`` is allowed). SDPA's fused
+CPU kernel needs equal dims, so the narrower side is zero-padded (zero q/k columns add
+nothing to the scores; zero v columns are sliced off) and the scale is passed explicitly
+(default ``Dqk ** -0.5``; a caller such as MLA may pass its own ``scale``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "BLOCK_Q",
+    "AttentionPlan",
+    "blocked_attention",
+    "causal_attention",
+    "mask_from_ids",
+    "plan_attention",
+    "sdpa",
+]
+
+BLOCK_Q = 256
+"""Queries per block of the blocked path: the transient mask is ``[B, 1, BLOCK_Q, keys]``."""
+
+
+def mask_from_ids(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+    q_blk: Optional[torch.Tensor] = None,
+    k_blk: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Boolean attention mask [B or 1, 1, Tq, Tk] (True = may attend) from token indices in
+    the sequence (``*_idx`` [Tq] / [Tk]), optional document ids [B, T] (packed sequences:
+    no attention across documents) and block ids [B, T] (tokens sharing a block id > 0
+    see each other both ways, e.g. an image's patches; causal otherwise). The indices are
+    global, so the same mask serves a context-parallel shard that holds any subset of
+    the query positions and all keys. The dense reference; the blocked path builds it for
+    one query block and one key range at a time."""
+    allowed = k_idx[None, None, :] <= q_idx[None, :, None]
+    if q_blk is not None:
+        same = q_blk[:, :, None] == k_blk[:, None, :]
+        allowed = allowed | (same & (q_blk[:, :, None] > 0))
+    if q_doc is not None:
+        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
+    return allowed.unsqueeze(1)
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with GQA (``H % Hkv == 0``) and ``Dv != Dqk``
+    kept on the fused kernels (module docstring). q [B, H, Tq, Dqk], k [B, Hkv, Tk, Dqk],
+    v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv]."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    scale = dqk ** -0.5 if scale is None else scale
+    if dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    elif dv > dqk:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[..., :dv] if dv < dqk else out
+
+
+@dataclass
+class AttentionPlan:
+    """Which keys each query block sees, for one micro-batch (shared by every layer).
+
+    ``blocks``: ``(q_lo, q_hi, k_lo, k_hi)`` per block, local query rows ``q_lo:q_hi``
+    against keys ``k_lo:k_hi``. ``q_idx`` [Tq]: global sequence positions of the queries;
+    the keys are positions ``0 .. Tk-1`` (sequence order). Ids are [B, Tq] / [B, Tk] or
+    None."""
+
+    blocks: list[tuple[int, int, int, int]]
+    q_idx: torch.Tensor
+    q_doc: Optional[torch.Tensor]
+    k_doc: Optional[torch.Tensor]
+    q_blk: Optional[torch.Tensor]
+    k_blk: Optional[torch.Tensor]
+
+    def mask(self, q_lo: int, q_hi: int, k_lo: int, k_hi: int) -> torch.Tensor:
+        """The boolean mask of one block: [B or 1, 1, q_hi-q_lo, k_hi-k_lo]."""
+        def rows(t, lo, hi):
+            return None if t is None else t[:, lo:hi]
+        k_idx = torch.arange(k_lo, k_hi, device=self.q_idx.device)
+        return mask_from_ids(self.q_idx[q_lo:q_hi], k_idx,
+                             rows(self.q_doc, q_lo, q_hi), rows(self.k_doc, k_lo, k_hi),
+                             rows(self.q_blk, q_lo, q_hi), rows(self.k_blk, k_lo, k_hi))
+
+
+def _first_last(q_ids: torch.Tensor, k_ids: torch.Tensor, last: bool) -> torch.Tensor:
+    """For each query (b, i): the first (``last``: last) key position j with
+    ``k_ids[b, j] == q_ids[b, i]``; ``Tk`` (``last``: -1) when there is none. O(T)."""
+    B, tk = k_ids.shape
+    uniq, inv = torch.unique(torch.cat([k_ids, q_ids], dim=1), return_inverse=True)
+    flat = inv + torch.arange(B, device=inv.device)[:, None] * uniq.numel()
+    k_flat, q_flat = flat[:, :tk].reshape(-1), flat[:, tk:].reshape(-1)
+    pos = torch.arange(tk, device=k_ids.device).expand(B, tk).reshape(-1)
+    fill = -1 if last else tk
+    out = torch.full((B * uniq.numel(),), fill, dtype=pos.dtype, device=pos.device)
+    out = out.scatter_reduce(0, k_flat, pos, "amax" if last else "amin")
+    return out[q_flat].view(q_ids.shape)
+
+
+def plan_attention(
+    q_idx: torch.Tensor,
+    num_keys: int,
+    q_doc: Optional[torch.Tensor] = None,
+    k_doc: Optional[torch.Tensor] = None,
+    q_blk: Optional[torch.Tensor] = None,
+    k_blk: Optional[torch.Tensor] = None,
+    block_q: Optional[int] = None,
+) -> AttentionPlan:
+    """Cut the queries (global positions ``q_idx``, [Tq]) into blocks of at most
+    ``block_q`` consecutive positions and find each block's key range among keys
+    ``0 .. num_keys-1``: from the first key of the earliest document any of its queries
+    is in (0 without documents) to its last query, or further to the last key of a
+    bidirectional block (id > 0) one of its queries is in. O(T) work and memory, one
+    host sync (the ranges are Python ints). ``block_q``: default :data:`BLOCK_Q`."""
+    block_q = block_q or BLOCK_Q
+    tq = q_idx.shape[0]
+    lo_q = torch.zeros_like(q_idx)
+    if q_doc is not None:
+        lo_q = _first_last(q_doc, k_doc, last=False).amin(0)  # [Tq], over the batch
+    hi_q = q_idx.clone()
+    if q_blk is not None:
+        blk_end = _first_last(q_blk, k_blk, last=True).masked_fill(q_blk <= 0, -1)
+        hi_q = torch.maximum(hi_q, blk_end.amax(0))
+    # block starts: every block_q rows, and wherever the positions stop being consecutive
+    # (CP: the head and the tail chunk)
+    step = torch.ones(tq, dtype=torch.bool, device=q_idx.device)
+    step[1:] = q_idx[1:] != q_idx[:-1] + 1
+    starts = torch.nonzero(step).flatten().tolist() + [tq]
+    cuts = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        cuts += [(lo, min(lo + block_q, b)) for lo in range(a, b, block_q)]
+    ranges = torch.stack([
+        torch.stack([lo_q[lo:hi].min(), hi_q[lo:hi].max() + 1]) for lo, hi in cuts
+    ]).clamp(0, num_keys).tolist()
+    blocks = [(lo, hi, int(kl), int(kh)) for (lo, hi), (kl, kh) in zip(cuts, ranges)]
+    return AttentionPlan(blocks, q_idx, q_doc, k_doc, q_blk, k_blk)
+
+
+def _block(plan: AttentionPlan, blk: tuple[int, int, int, int], scale: Optional[float],
+           q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return sdpa(q, k, v, attn_mask=plan.mask(*blk), scale=scale)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                      scale: Optional[float] = None) -> torch.Tensor:
+    """Masked attention of q [B, H, Tq, Dqk] against k [B, Hkv, Tk, Dqk], v [B, Hkv, Tk,
+    Dv] in the blocks of ``plan`` (module docstring) -> [B, H, Tq, Dv]."""
+    outs = []
+    for blk in plan.blocks:
+        q_lo, q_hi, k_lo, k_hi = blk
+        args = (q[:, :, q_lo:q_hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            outs.append(checkpoint(_block, plan, blk, scale, *args, use_reentrant=False))
+        else:
+            outs.append(_block(plan, blk, scale, *args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+_plan_cache: list = []  # [(key, doc ids, block ids, plan)]: the last micro-batch's plan
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids_BT: Optional[torch.Tensor] = None,
+    block_ids_BT: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Default attention core. q [B, H, T, Dqk]; k [B, Hkv, T, Dqk], v [B, Hkv, T, Dv]
+    (GQA: H % Hkv == 0) -> [B, H, T, Dv]. Causal; with ``doc_ids_BT`` also within
+    documents, with ``block_ids_BT`` bidirectional inside each block (:func:`mask_from_ids`).
+    ``scale``: softmax scale, default ``Dqk ** -0.5``. No ids: fused causal SDPA; ids:
+    blocked attention (module docstring), its plan built once per micro-batch (every layer
+    is handed the same id tensors, so the last plan is reused while they are)."""
+    if doc_ids_BT is None and block_ids_BT is None:
+        return sdpa(q, k, v, is_causal=True, scale=scale)
+    T = q.shape[2]
+    key = (T, str(q.device))
+    if _plan_cache and _plan_cache[0][0] == key and _plan_cache[0][1] is doc_ids_BT \
+            and _plan_cache[0][2] is block_ids_BT:
+        plan = _plan_cache[0][3]
+    else:
+        idx = torch.arange(T, device=q.device)
+        plan = plan_attention(idx, T, doc_ids_BT, doc_ids_BT, block_ids_BT, block_ids_BT)
+        _plan_cache[:] = [(key, doc_ids_BT, block_ids_BT, plan)]
+    return blocked_attention(q, k, v, plan, scale)
