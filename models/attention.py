@@ -75,6 +75,17 @@ def mask_from_ids(
     return allowed.unsqueeze(1)
 
 
+def _pad_dims(q, k, v, scale):
+    """Equal head dims for the fused kernels (module docstring): (q, k, v, scale, Dv)."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    scale = dqk ** -0.5 if scale is None else scale
+    if dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    elif dv > dqk:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    return q, k, v, scale, dv
+
+
 def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -85,16 +96,18 @@ def sdpa(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with GQA (``H % Hkv == 0``) and ``Dv != Dqk``
     kept on the fused kernels (module docstring). q [B, H, Tq, Dqk], k [B, Hkv, Tk, Dqk],
-    v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv]."""
-    dqk, dv = q.shape[-1], v.shape[-1]
-    scale = dqk ** -0.5 if scale is None else scale
-    if dv < dqk:
-        v = F.pad(v, (0, dqk - dv))
-    elif dv > dqk:
-        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv]. On CUDA a mask with GQA has no fused kernel
+    (flash takes no mask, memory-efficient no GQA with a mask), so there K/V are repeated
+    to H heads (for one block of the blocked path: O(block keys) extra)."""
+    q, k, v, scale, dv = _pad_dims(q, k, v, scale)
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and attn_mask is not None and q.device.type == "cuda":
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        gqa = False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    return out[..., :dv] if dv < dqk else out
+                                         scale=scale, enable_gqa=gqa)
+    return out[..., :dv]
 
 
 @dataclass
@@ -181,15 +194,63 @@ def _block(plan: AttentionPlan, blk: tuple[int, int, int, int], scale: Optional[
     return sdpa(q, k, v, attn_mask=plan.mask(*blk), scale=scale)
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
+
+
+class _CpuFlashBlock(torch.autograd.Function):
+    """One block on the fused CPU flash kernel, keeping its output and logsumexp (O(block)
+    each) for the backward and rebuilding the mask there: no forward recomputation, no
+    saved mask. Inputs already padded to equal head dims and cast to the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: AttentionPlan, blk, scale: float):
+        bias = _additive(plan.mask(*blk), q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.blk, ctx.scale = plan, blk, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        bias = _additive(ctx.plan.mask(*ctx.blk), q.dtype)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _cpu_flash_block(plan, blk, scale, q, k, v) -> torch.Tensor:
+    q, k, v, scale, dv = _pad_dims(q, k, v, scale)
+    if torch.is_autocast_enabled("cpu"):  # SDPA's autocast rule: run in the autocast dtype
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention inputs must share a dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    with torch.autocast("cpu", enabled=False):
+        out = _CpuFlashBlock.apply(q, k, v, plan, blk, scale)
+    return out[..., :dv]
+
+
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
                       scale: Optional[float] = None) -> torch.Tensor:
     """Masked attention of q [B, H, Tq, Dqk] against k [B, Hkv, Tk, Dqk], v [B, Hkv, Tk,
-    Dv] in the blocks of ``plan`` (module docstring) -> [B, H, Tq, Dv]."""
+    Dv] in the blocks of ``plan`` (module docstring) -> [B, H, Tq, Dv]. With autograd: on
+    CPU (fp32/bf16) each block is a :class:`_CpuFlashBlock` (mask rebuilt in the
+    backward); elsewhere each block runs under non-reentrant checkpointing (the mask and
+    the block's forward are recomputed in the backward)."""
     outs = []
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    cpu_flash = grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
     for blk in plan.blocks:
         q_lo, q_hi, k_lo, k_hi = blk
         args = (q[:, :, q_lo:q_hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi])
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        if cpu_flash:
+            outs.append(_cpu_flash_block(plan, blk, scale, *args))
+        elif grad:
             outs.append(checkpoint(_block, plan, blk, scale, *args, use_reentrant=False))
         else:
             outs.append(_block(plan, blk, scale, *args))
