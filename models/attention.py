@@ -12,11 +12,14 @@ ends here. Two paths:
   its first document to its last query, or to the end of a bidirectional block that looks
   ahead), with a boolean ``[block, range]`` mask built from global positions and ids
   (:func:`mask_from_ids`). Fully masked key ranges are skipped; the mask exists for one
-  block at a time. Each block runs under non-reentrant activation checkpointing, so
-  autograd keeps only its inputs (views of q/k/v) and the mask is rebuilt in the
-  backward instead of being saved: the masks cost ``O(BLOCK_Q * T)`` transient memory
-  instead of ``O(T^2)`` kept until the backward, at the price of recomputing the
-  attention forward once per block in the backward.
+  block at a time and is never saved for the backward, which rebuilds it: the masks cost
+  ``O(BLOCK_Q * T)`` transient memory instead of ``O(T^2)`` kept until the backward.
+  On CPU (fp32, bf16) each block is an autograd Function around the fused CPU flash
+  kernel that keeps the block's output and logsumexp (O(block)) and calls the kernel's
+  backward directly; elsewhere (CUDA, fp64) each block runs SDPA under non-reentrant
+  activation checkpointing (its forward recomputed once in the backward). On CUDA a mask
+  with GQA has no fused SDPA kernel, so :func:`sdpa` repeats K/V to H heads for the block
+  (the memory-efficient kernel then applies). The CUDA path is untested here (no GPU).
 
 Why not ``flex_attention`` + ``BlockMask``: in torch 2.13 flex_attention raises
 ``NotImplementedError`` for backward on CPU ("FlexAttention does not support backward on

@@ -141,3 +141,13 @@ def test_masked_path_has_no_t_by_t_tensor(case):
                                        attn_mask=mask_from_ids(idx, idx, doc, doc),
                                        enable_gqa=True)
     assert dense.largest >= t * t
+
+
+def test_no_grad(monkeypatch):
+    """Without autograd the blocks are plain SDPA calls (no Function, no checkpoint)."""
+    monkeypatch.setattr("models.attention.BLOCK_Q", 5)
+    q, k, v, _, doc, blk = _case("bidirectional", DQK)
+    with torch.no_grad():
+        got = causal_attention(q, k, v, doc, blk)
+    torch.testing.assert_close(got, _dense(q, k, v, doc, blk, DQK ** -0.5),
+                               atol=2e-5, rtol=2e-5)
