@@ -118,11 +118,13 @@ class AttentionPlan:
     """Which keys each query block sees, for one micro-batch (shared by every layer).
 
     ``blocks``: ``(q_lo, q_hi, k_lo, k_hi)`` per block, local query rows ``q_lo:q_hi``
-    against keys ``k_lo:k_hi``. ``q_idx`` [Tq]: global sequence positions of the queries;
-    the keys are positions ``0 .. Tk-1`` (sequence order). Ids are [B, Tq] / [B, Tk] or
-    None."""
+    against keys ``k_lo:k_hi``; ``unmasked[i]``: block i's queries may all attend every
+    key in ``k_lo:unmasked[i]`` (no mask needed there; ``== k_lo`` when none). ``q_idx``
+    [Tq]: global sequence positions of the queries; the keys are positions ``0 .. Tk-1``
+    (sequence order). Ids are [B, Tq] / [B, Tk] or None."""
 
     blocks: list[tuple[int, int, int, int]]
+    unmasked: list[int]
     q_idx: torch.Tensor
     q_doc: Optional[torch.Tensor]
     k_doc: Optional[torch.Tensor]
@@ -166,13 +168,23 @@ def plan_attention(
     ``block_q`` consecutive positions and find each block's key range among keys
     ``0 .. num_keys-1``: from the first key of the earliest document any of its queries
     is in (0 without documents) to its last query, or further to the last key of a
-    bidirectional block (id > 0) one of its queries is in. O(T) work and memory, one
-    host sync (the ranges are Python ints). ``block_q``: default :data:`BLOCK_Q`."""
+    bidirectional block (id > 0) one of its queries is in. The keys from that start up
+    to the block's first query need no mask when, in every row, each query's document
+    runs unbroken from there to the query (``unmasked``). O(T) work and memory, one host
+    sync (the ranges are Python ints). The queries must be a subset of the key positions
+    (self-attention; CP's local queries among the gathered keys). ``block_q``: default
+    :data:`BLOCK_Q`."""
     block_q = block_q or BLOCK_Q
     tq = q_idx.shape[0]
     lo_q = torch.zeros_like(q_idx)
+    run_q = torch.zeros_like(q_idx)  # where each query's unbroken document run starts
     if q_doc is not None:
         lo_q = _first_last(q_doc, k_doc, last=False).amin(0)  # [Tq], over the batch
+        pos = torch.arange(num_keys, device=k_doc.device).expand_as(k_doc)
+        new_run = torch.ones_like(k_doc, dtype=torch.bool)
+        new_run[:, 1:] = k_doc[:, 1:] != k_doc[:, :-1]
+        run_start = torch.where(new_run, pos, 0).cummax(1).values  # [B, Tk]
+        run_q = run_start.index_select(1, q_idx).amax(0)
     hi_q = q_idx.clone()
     if q_blk is not None:
         blk_end = _first_last(q_blk, k_blk, last=True).masked_fill(q_blk <= 0, -1)
@@ -186,10 +198,14 @@ def plan_attention(
     for a, b in zip(starts[:-1], starts[1:]):
         cuts += [(lo, min(lo + block_q, b)) for lo in range(a, b, block_q)]
     ranges = torch.stack([
-        torch.stack([lo_q[lo:hi].min(), hi_q[lo:hi].max() + 1]) for lo, hi in cuts
+        torch.stack([lo_q[lo:hi].min(), hi_q[lo:hi].max() + 1, run_q[lo:hi].max(), q_idx[lo]])
+        for lo, hi in cuts
     ]).clamp(0, num_keys).tolist()
-    blocks = [(lo, hi, int(kl), int(kh)) for (lo, hi), (kl, kh) in zip(cuts, ranges)]
-    return AttentionPlan(blocks, q_idx, q_doc, k_doc, q_blk, k_blk)
+    blocks, unmasked = [], []
+    for (lo, hi), (kl, kh, run, first) in zip(cuts, ranges):
+        blocks.append((lo, hi, int(kl), int(kh)))
+        unmasked.append(int(first) if run <= kl else int(kl))
+    return AttentionPlan(blocks, unmasked, q_idx, q_doc, k_doc, q_blk, k_blk)
 
 
 def _block(plan: AttentionPlan, blk: tuple[int, int, int, int], scale: Optional[float],
@@ -202,30 +218,52 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~mask, float("-inf"))
 
 
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
 class _CpuFlashBlock(torch.autograd.Function):
-    """One block on the fused CPU flash kernel, keeping its output and logsumexp (O(block)
-    each) for the backward and rebuilding the mask there: no forward recomputation, no
-    saved mask. Inputs already padded to equal head dims and cast to the compute dtype."""
+    """One block on the fused CPU flash kernel: its keys ``[:split]`` with no mask, the
+    rest with the block's mask, the two partial softmaxes merged by their logsumexps.
+    Keeps the output and logsumexp (O(block)) for the backward, which runs the kernel's
+    backward on each part with the merged output and logsumexp (exact: each part's
+    probabilities are its scores minus the global logsumexp) and rebuilds the mask: no
+    forward recomputation, no saved mask. Inputs already padded to equal head dims and
+    cast to the compute dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: AttentionPlan, blk, scale: float):
-        bias = _additive(plan.mask(*blk), q.dtype)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    def forward(ctx, q, k, v, plan: AttentionPlan, blk, split: int, scale: float):
+        q_lo, q_hi, k_lo, k_hi = blk
+        bias = _additive(plan.mask(q_lo, q_hi, k_lo + split, k_hi), q.dtype)
+        out, lse = _flash_cpu(q, k[:, :, split:], v[:, :, split:], 0.0, False,
+                              attn_mask=bias, scale=scale)
+        if split:
+            out0, lse0 = _flash_cpu(q, k[:, :, :split], v[:, :, :split], 0.0, False,
+                                    scale=scale)
+            total = torch.logaddexp(lse0, lse)
+            out = (out0.float() * (lse0 - total).exp()[..., None]
+                   + out.float() * (lse - total).exp()[..., None]).to(q.dtype)
+            lse = total
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.blk, ctx.scale = plan, blk, scale
+        ctx.plan, ctx.blk, ctx.split, ctx.scale = plan, blk, split, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        bias = _additive(ctx.plan.mask(*ctx.blk), q.dtype)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
-        return dq, dk, dv, None, None, None
+        q_lo, q_hi, k_lo, k_hi = ctx.blk
+        split, dout = ctx.split, dout.contiguous()
+        bias = _additive(ctx.plan.mask(q_lo, q_hi, k_lo + split, k_hi), q.dtype)
+        dq, dk, dv = _flash_cpu_bwd(dout, q, k[:, :, split:], v[:, :, split:], out, lse,
+                                    0.0, False, attn_mask=bias, scale=ctx.scale)
+        if split:
+            dq0, dk0, dv0 = _flash_cpu_bwd(dout, q, k[:, :, :split], v[:, :, :split], out,
+                                           lse, 0.0, False, scale=ctx.scale)
+            dq, dk, dv = dq + dq0, torch.cat([dk0, dk], 2), torch.cat([dv0, dv], 2)
+        return dq, dk, dv, None, None, None, None
 
 
-def _cpu_flash_block(plan, blk, scale, q, k, v) -> torch.Tensor:
+def _cpu_flash_block(plan, blk, split, scale, q, k, v) -> torch.Tensor:
     q, k, v, scale, dv = _pad_dims(q, k, v, scale)
     if torch.is_autocast_enabled("cpu"):  # SDPA's autocast rule: run in the autocast dtype
         dtype = torch.get_autocast_dtype("cpu")
@@ -234,7 +272,7 @@ def _cpu_flash_block(plan, blk, scale, q, k, v) -> torch.Tensor:
         raise TypeError(f"attention inputs must share a dtype, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     with torch.autocast("cpu", enabled=False):
-        out = _CpuFlashBlock.apply(q, k, v, plan, blk, scale)
+        out = _CpuFlashBlock.apply(q, k, v, plan, blk, split, scale)
     return out[..., :dv]
 
 
@@ -248,11 +286,11 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     outs = []
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     cpu_flash = grad and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-    for blk in plan.blocks:
+    for blk, unmasked in zip(plan.blocks, plan.unmasked):
         q_lo, q_hi, k_lo, k_hi = blk
         args = (q[:, :, q_lo:q_hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi])
         if cpu_flash:
-            outs.append(_cpu_flash_block(plan, blk, scale, *args))
+            outs.append(_cpu_flash_block(plan, blk, unmasked - k_lo, scale, *args))
         elif grad:
             outs.append(checkpoint(_block, plan, blk, scale, *args, use_reentrant=False))
         else:

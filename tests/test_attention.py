@@ -91,6 +91,13 @@ def test_plan_skips_masked_keys():
     idx = torch.arange(T)
     plan = plan_attention(idx, T, block_q=8)
     assert plan.blocks[:2] == [(0, 8, 0, 8), (8, 16, 0, 16)]
+    assert plan.unmasked[:2] == [0, 8]  # keys before the block need no mask
+    # document 0 again after document 1: its keys start at 0, but not unbroken
+    reused = torch.tensor([[0] * 13 + [1] * 12 + [0] * 15])
+    plan = plan_attention(idx[32:], T, reused[:, 32:], reused, block_q=8)
+    assert plan.blocks == [(0, 8, 0, 40)] and plan.unmasked == [0]
+    plan = plan_attention(idx[32:], T, doc[:1, 32:], doc[:1], block_q=8)
+    assert plan.blocks == [(0, 8, 25, 40)] and plan.unmasked == [32]
     plan = plan_attention(idx[21:25], T, doc[1:, 21:25], doc[1:], blk[1:, 21:25], blk[1:],
                           block_q=8)
     assert plan.blocks == [(0, 4, 21, 30)]  # doc 1 starts at 21, block 5 ends at 29
