@@ -15,8 +15,11 @@ ends here. Two paths:
   block at a time and is never saved for the backward, which rebuilds it: the masks cost
   ``O(BLOCK_Q * T)`` transient memory instead of ``O(T^2)`` kept until the backward.
   On CPU (fp32, bf16) each block is an autograd Function around the fused CPU flash
-  kernel that keeps the block's output and logsumexp (O(block)) and calls the kernel's
-  backward directly; elsewhere (CUDA, fp64) each block runs SDPA under non-reentrant
+  kernel: the keys before the block's first query that all its queries may see (the
+  plan's ``unmasked`` prefix) run with no mask, the rest with the block's mask, the two
+  merged by logsumexp; it keeps the output and logsumexp (O(block)) and calls the
+  kernel's backward directly (no recomputation). Pure causal CP blocks thus only build a
+  ``[BLOCK_Q, BLOCK_Q]`` mask. Elsewhere (CUDA, fp64) each block runs SDPA under non-reentrant
   activation checkpointing (its forward recomputed once in the backward). On CUDA a mask
   with GQA has no fused SDPA kernel, so :func:`sdpa` repeats K/V to H heads for the block
   (the memory-efficient kernel then applies). The CUDA path is untested here (no GPU).
