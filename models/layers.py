@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention import causal_attention, mask_from_ids  # noqa: F401 (re-exported)
 from models.config import ModelConfig
 
 Index = tuple[slice, ...]
@@ -229,52 +230,12 @@ class RotaryEmbedding(nn.Module):
         return (xf * cos + rotated * sin).to(x_BTHD.dtype)
 
 
-def mask_from_ids(
-    q_idx: torch.Tensor,
-    k_idx: torch.Tensor,
-    q_doc: Optional[torch.Tensor] = None,
-    k_doc: Optional[torch.Tensor] = None,
-    q_blk: Optional[torch.Tensor] = None,
-    k_blk: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Boolean attention mask [B or 1, 1, Tq, Tk] (True = may attend) from token indices in
-    the sequence (``*_idx`` [Tq] / [Tk]), optional document ids [B, T] (packed sequences:
-    no attention across documents) and block ids [B, T] (tokens sharing a block id > 0
-    see each other both ways, e.g. an image's patches; causal otherwise). The indices are
-    global, so the same mask serves a context-parallel shard that holds any subset of
-    the query positions and all keys."""
-    allowed = k_idx[None, None, :] <= q_idx[None, :, None]
-    if q_blk is not None:
-        same = q_blk[:, :, None] == k_blk[:, None, :]
-        allowed = allowed | (same & (q_blk[:, :, None] > 0))
-    if q_doc is not None:
-        allowed = allowed & (q_doc[:, :, None] == k_doc[:, None, :])
-    return allowed.unsqueeze(1)
-
-
-def causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    doc_ids_BT: Optional[torch.Tensor] = None,
-    block_ids_BT: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Default attention core. q [B, H, T, Dh]; k, v [B, Hkv, T, Dh] (GQA: H % Hkv == 0).
-    Causal; with ``doc_ids_BT`` also within documents, with ``block_ids_BT`` bidirectional
-    inside each block (:func:`mask_from_ids`)."""
-    gqa = k.shape[1] != q.shape[1]
-    if doc_ids_BT is None and block_ids_BT is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    idx = torch.arange(q.shape[2], device=q.device)
-    mask = mask_from_ids(idx, idx, doc_ids_BT, doc_ids_BT, block_ids_BT, block_ids_BT)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
 class Attention(nn.Module):
     """GQA self-attention with RoPE. ``attn_fn`` is the replaceable core (context
-    parallelism swaps it): ``attn_fn(q [B,H,T,Dh], k [B,Hkv,T,Dh], v [B,Hkv,T,Dh],
-    doc_ids_BT, block_ids_BT) -> [B,H,T,Dh]`` (masks: :func:`causal_attention`). ``rope`` may be shared by all
-    layers (one table per model instead of one per layer)."""
+    parallelism swaps it): ``attn_fn(q [B,H,T,Dqk], k [B,Hkv,T,Dqk], v [B,Hkv,T,Dv],
+    doc_ids_BT, block_ids_BT, scale=None) -> [B,H,T,Dv]`` (masks and kernels:
+    :func:`models.attention.causal_attention`). ``rope`` may be shared by all layers (one
+    table per model instead of one per layer)."""
 
     def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
         super().__init__()

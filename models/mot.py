@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.attention import causal_attention
 from models.config import ModelConfig, layer_kinds, moe_layer_pattern
 from models.diffusion import PatchIO
-from models.layers import RotaryEmbedding, causal_attention
+from models.layers import RotaryEmbedding
 from models.mamba import MambaBlock
 from models.modality import (
     SINGLE_DEVICE,

@@ -7,11 +7,12 @@ every micro-batch tensor (tokens, labels, loss mask, positions, document ids) wi
 index (:func:`cp_index`), so RoPE positions follow the sharding.
 
 Attention: all-gather of K and V over the CP group (Llama 3's choice), put in sequence
-order, then masked SDPA of each local chunk against its causal prefix of the keys (all
-keys when bidirectional blocks may look ahead). The masks are built from *global* token
-indices (and gathered document / block ids), so causal, packed-document and
-block-bidirectional masks (models/layers.py ``mask_from_ids``) are exact with no per-mask
-code. Why not ring
+order, then the blocked attention of models/attention.py: the local queries in blocks of
+``BLOCK_Q``, each against the key range it can see (its causal prefix from its documents'
+start, further ahead inside a bidirectional block), with a per-block mask built from
+*global* token indices and the gathered document / block ids — so causal, packed-document
+and block-bidirectional masks are exact with no per-mask code, and no ``[T/cp, T]`` mask
+ever exists (mask memory O(BLOCK_Q * T) transient, O(T) kept). Why not ring
 attention: with GQA the gathered K/V is ``2*Hkv/H`` of the activations the ring would pass
 anyway, arbitrary masks need no chunk-pair bookkeeping, and the backward is a plain
 reduce-scatter; the cost is O(T) K/V per rank, where a ring holds O(T/cp) (see
@@ -32,10 +33,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from models.layers import mask_from_ids
+from models.attention import AttentionPlan, blocked_attention, plan_attention
 from parallel.collectives import all_gather_autograd, sum_backward
 from parallel.token_group import SeqChunkGroup, gather_seq
 
@@ -77,14 +77,16 @@ def shard_batch(mb: dict[str, torch.Tensor], cp: int, rank: int) -> dict[str, to
 
 class ContextParallelAttention:
     """``Attention.attn_fn`` under CP: all-gather K/V (and the mask ids) over the CP group,
-    then masked SDPA of the local query chunks against the keys they can see."""
+    then blocked attention (models/attention.py) of the local queries against the keys
+    they can see. ``scale``: softmax scale (default ``Dqk ** -0.5``); ``Dv != Dqk`` works
+    (MLA)."""
 
     def __init__(self, group):
         self.group = group
         self.cp = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._idx: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mask: tuple = ()  # (key, doc ids, block ids, additive mask): see _bias
+        self._cached: tuple = ()  # (key, doc ids, block ids, AttentionPlan): see _plan
 
     def _indices(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Global positions of the local queries, and the permutation that puts the
@@ -96,45 +98,28 @@ class ContextParallelAttention:
                               torch.argsort(gathered))
         return self._idx[key]
 
-    def _masks(self, q, doc_ids_BT, block_ids_BT) -> list[tuple[int, torch.Tensor]]:
-        """``(number of keys, additive mask)`` per query chunk, for this micro-batch.
-
-        Without blocks each of the two local chunks (head, tail) attends only its causal
-        prefix of the sequence-ordered keys: ``(2cp+1)/(4cp)`` of the all-keys work. With
-        bidirectional blocks a query may look ahead inside its block, so one chunk of all
-        local queries against all keys. Every layer sees the same positions and ids, so
-        the masks are built once per micro-batch and the same tensors go to every layer's
-        SDPA: autograd keeps one copy, not one per layer (at long sequence lengths the
-        masks are a small model's largest activation)."""
-        key = (q.shape[2], q.device, q.dtype)
-        if self._mask and self._mask[0] == key and self._mask[1] is doc_ids_BT \
-                and self._mask[2] is block_ids_BT:
-            return self._mask[3]
-        t_local = q.shape[2]
-        seq_len = t_local * self.cp
+    def _plan(self, q, doc_ids_BT, block_ids_BT) -> AttentionPlan:
+        """The blocked-attention plan of this micro-batch: the local queries (global
+        positions: head chunk ``rank``, tail chunk ``2cp-1-rank``) in blocks, each against
+        the key range of the sequence-ordered gathered keys it can see — its causal prefix
+        (from its documents' start), or further ahead inside a bidirectional block. The
+        ids are gathered once (O(T)); no dense mask exists, each block builds its own
+        ``[block, range]`` mask (models/attention.py). Every layer sees the same positions
+        and ids, so the plan is built once per micro-batch."""
+        key = (q.shape[2], q.device)
+        c = self._cached
+        if c and c[0] == key and c[1] is doc_ids_BT and c[2] is block_ids_BT:
+            return c[3]
+        seq_len = q.shape[2] * self.cp
         q_idx, order = self._indices(seq_len, q.device)
         k_doc = k_blk = None
         if doc_ids_BT is not None:
             k_doc = gather_seq(doc_ids_BT, self.group).index_select(1, order)
         if block_ids_BT is not None:
             k_blk = gather_seq(block_ids_BT, self.group).index_select(1, order)
-            chunks = [(0, t_local, seq_len)]
-        else:
-            c = t_local // 2  # head chunk `rank`, tail chunk `2cp-1-rank` (cp_index)
-            chunks = [(0, c, (self.rank + 1) * c), (c, t_local, (2 * self.cp - self.rank) * c)]
-        masks = []
-        for lo, hi, n_keys in chunks:
-            q_doc = doc_ids_BT[:, lo:hi] if doc_ids_BT is not None else None
-            q_blk = block_ids_BT[:, lo:hi] if block_ids_BT is not None else None
-            allowed = mask_from_ids(
-                q_idx[lo:hi], torch.arange(n_keys, device=q.device),
-                q_doc, None if k_doc is None else k_doc[:, :n_keys],
-                q_blk, None if k_blk is None else k_blk[:, :n_keys],
-            )
-            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
-            masks.append((n_keys, bias.masked_fill_(~allowed, float("-inf"))))
-        self._mask = (key, doc_ids_BT, block_ids_BT, masks)
-        return masks
+        plan = plan_attention(q_idx, seq_len, doc_ids_BT, k_doc, block_ids_BT, k_blk)
+        self._cached = (key, doc_ids_BT, block_ids_BT, plan)
+        return plan
 
     def _gather_kv(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         # [B, H, T_l, Dh] -> [B, H, T, Dh] in sequence order; the gradient is
@@ -149,18 +134,12 @@ class ContextParallelAttention:
         v: torch.Tensor,
         doc_ids_BT: Optional[torch.Tensor] = None,
         block_ids_BT: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
     ) -> torch.Tensor:
-        masks = self._masks(q, doc_ids_BT, block_ids_BT)
+        plan = self._plan(q, doc_ids_BT, block_ids_BT)
         _, order = self._indices(q.shape[2] * self.cp, q.device)
         k_seq, v_seq = self._gather_kv(k, order), self._gather_kv(v, order)
-        outs, lo = [], 0
-        for n_keys, bias in masks:
-            hi = lo + bias.shape[2]
-            outs.append(F.scaled_dot_product_attention(
-                q[:, :, lo:hi], k_seq[:, :, :n_keys], v_seq[:, :, :n_keys], attn_mask=bias,
-                enable_gqa=k.shape[1] != q.shape[1]))
-            lo = hi
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return blocked_attention(q, k_seq, v_seq, plan, scale)
 
 
 class IndexedSeqGroup(SeqChunkGroup):

@@ -1,5 +1,6 @@
-"""Context-parallel attention equals full attention (outputs and q/k/v gradients) for
-causal, packed-document and block-bidirectional masks, on CP2 and CP4 gloo ranks; and the
+"""Context-parallel attention equals full dense-mask attention (outputs and q/k/v
+gradients) for causal, packed-document and block-bidirectional masks, on CP2 and CP4 gloo
+ranks (blocked attention with small query blocks); and the
 load-balanced sharding and mask construction, in one process."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from models.layers import causal_attention, mask_from_ids
+import models.attention
+from models.attention import mask_from_ids
 from parallel.context_parallel import ContextParallelAttention, IndexedSeqGroup, cp_index
 from tests.distributed_utils import spawn
 
@@ -37,12 +39,17 @@ def _full(mask: str):
     q, k, v, dy, doc, blk = _inputs()
     use_doc, use_blk = MASKS[mask]
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = causal_attention(q, k, v, doc if use_doc else None, blk if use_blk else None)
+    # the dense-mask reference (one SDPA over the whole [T, T] mask)
+    idx = torch.arange(T)
+    mask = mask_from_ids(idx, idx, doc if use_doc else None, doc if use_doc else None,
+                         blk if use_blk else None, blk if use_blk else None)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     out.backward(dy)
     return out.detach(), q.grad, k.grad, v.grad
 
 
 def _worker(rank: int, world: int):
+    models.attention.BLOCK_Q = 3  # several query blocks per chunk, one straddling a cut
     cp_group = dist.new_group(list(range(world)))
     attn = ContextParallelAttention(cp_group)
     idx = cp_index(T, world, rank)
