@@ -418,6 +418,8 @@ def validate_model(m: ModelConfig) -> None:
     fewest = min(e for e in counts if e)
     if not 1 <= moe.top_k <= fewest:
         raise ConfigError(
+            f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={fewest}"
+            if isinstance(moe.num_experts, int) else
             f"model.moe.top_k={moe.top_k} must be in 1..{fewest} (the fewest experts of a "
             f"MoE layer, model.moe.num_experts={_spec(moe.num_experts)})"
         )
@@ -652,8 +654,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ConfigError(
                 f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dims.dp}")
-        check_expert_parallel(experts_per_layer_checked(m), m.moe.expert_ffn_hidden_size,
-                              p.ep, p.etp, p.dispatcher)
+        counts = experts_per_layer_checked(m)  # pyramid MoE: each layer's E must divide
+        check_expert_parallel(m.moe.num_experts if isinstance(m.moe.num_experts, int)
+                              else counts, m.moe.expert_ffn_hidden_size, p.ep, p.etp,
+                              p.dispatcher)
         if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
             raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; "
                               f"not parallel.tp={p.tp} / parallel.cp={p.cp} yet")
