@@ -155,8 +155,8 @@ MODES = {
     "pyramid": [*PYRAMID, "model.moe.expert_bias=true"],
     "residual": RESIDUAL,
 }
+# (plain EP2 alone was folded into these two for CI time; both modes are pyramids)
 LAYOUTS = [
-    ("ep2_pyramid", 2, "pyramid", ["parallel.ep=2"]),
     # stage 0 holds layers 0-1 (dense, 4 experts), stage 1 layers 2-3 (8 experts each)
     ("pp2xdp2_ep2_pyramid", 4, "pyramid", ["parallel.pp=2", "parallel.ep=2"]),
     # the dense branch is a sequence-parallel MLP like the shared experts, the mix weight a
