@@ -202,7 +202,6 @@ def _differs(a: Any, b: Any) -> bool:
 def hf_entries(cfg: ModelConfig) -> list[Entry]:
     """Every weight of the model: our init name -> HF tensor name (+ transpose)."""
     family = hf_family(cfg)
-    m = cfg.moe
     out = [Entry("tok_embeddings.weight", "model.embed_tokens.weight"),
            Entry("norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
