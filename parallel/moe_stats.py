@@ -87,12 +87,13 @@ class MoEStats:
         if update_expert_bias:
             for row, layer in zip(self.rows, self.layers):
                 layer.update_expert_bias(counts[row, : self.row_experts[row]])
-        # the padding is zero: the mean divides by each layer's own expert count
-        E_L = torch.tensor(self.row_experts, device=counts.device, dtype=counts.dtype)
-        per_layer_max_over_mean = counts.max(dim=1).values / (counts.sum(dim=1) / E_L).clamp_min(
-            1e-9)
-        if min(self.row_experts) < E:
+        mean = counts.mean(dim=1)
+        if min(self.row_experts) < E:  # ragged: the mean over each layer's own experts
+            E_L = torch.tensor(self.row_experts, device=counts.device, dtype=counts.dtype)
+            mean = counts.sum(dim=1) / E_L  # (the padding is zero)
             pad = torch.arange(E, device=counts.device)[None, :] >= E_L[:, None]
+        per_layer_max_over_mean = counts.max(dim=1).values / mean.clamp_min(1e-9)
+        if min(self.row_experts) < E:
             counts = counts.masked_fill(pad, float("nan"))
         return {
             "dispatch_mb_sent": sent / 2**20,
