@@ -6,7 +6,7 @@ nests these into the full run schema.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 
@@ -14,7 +14,10 @@ from typing import Any, Optional
 class MoEConfig:
     """Routed-expert layer. ``num_experts == 0`` means every layer is a dense MLP."""
 
-    num_experts: int = 0
+    # Routed experts per MoE layer: an int (every MoE layer), or a list with one entry per
+    # layer (model.num_layers entries; pyramid MoE): >= 1 on the MoE layers layer_freq /
+    # first_k_dense pick, 0 on the dense ones. Read it only through experts_per_layer().
+    num_experts: Any = 0
     top_k: int = 2
     # FFN width of one routed expert (fine-grained MoE uses a small value).
     expert_ffn_hidden_size: int = 0
@@ -70,6 +73,11 @@ class MoEConfig:
     # are copied into every expert; each copy times (1 + upcycle_noise * N(0, 1)).
     upcycle_from: str = ""
     upcycle_noise: float = 0.0  # relative noise on each expert copy (0 = identical experts)
+
+    # Residual MoE (DeepSpeed-MoE): every MoE layer adds a dense SwiGLU branch of width
+    # shared_expert_ffn_hidden_size (0 -> expert_ffn_hidden_size), mixed per token with
+    # the routed output by softmax(Linear(D, 2)(x)); the paper routes top_k=1.
+    residual: bool = False
 
 
 @dataclass
@@ -156,6 +164,18 @@ def layer_kinds(model: ModelConfig) -> str:
     return model.mamba.layers or "M" * model.num_layers
 
 
+def _experts_spec(model: ModelConfig) -> list[int] | int:
+    ne = model.moe.num_experts
+    return ne if isinstance(ne, int) else [int(e) for e in ne]
+
+
+def has_experts(model: ModelConfig) -> bool:
+    """Whether ``model.moe.num_experts`` asks for any routed experts (int > 0, or a list
+    with a non-zero entry)."""
+    ne = _experts_spec(model)
+    return ne > 0 if isinstance(ne, int) else any(e > 0 for e in ne)
+
+
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """Which layers are MoE (True) — the single place that reads ``moe.layer_freq`` (for
     ``arch: mom``, the ``E`` letters of ``mamba.layers``).
@@ -165,7 +185,7 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """
     moe = model.moe
     n = model.num_layers
-    if moe.num_experts == 0:
+    if not has_experts(model):
         return [False] * n
     if model.arch == "mom":  # hybrid stacks name their MoE layers: E in mamba.layers
         return [kind == "E" for kind in layer_kinds(model)]
@@ -182,3 +202,42 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
             )
         pattern = [bool(f) for f in freq]
     return [p and i >= moe.first_k_dense for i, p in enumerate(pattern)]
+
+
+def experts_per_layer(model: ModelConfig) -> list[int]:
+    """Routed experts of each layer (``model.num_layers`` entries, 0 on dense layers) — the
+    single place that reads ``moe.num_experts`` (an int, or a per-layer list: pyramid MoE).
+
+    Raises ``ValueError`` (one line) when a list does not fit the layer pattern.
+    """
+    pattern = moe_layer_pattern(model)
+    ne = _experts_spec(model)
+    if isinstance(ne, int):
+        if ne < 0:
+            raise ValueError(f"model.moe.num_experts={ne} must be >= 0")
+        return [ne if p else 0 for p in pattern]
+    if len(ne) != model.num_layers:
+        raise ValueError(f"model.moe.num_experts={ne} must be an int or have "
+                         f"model.num_layers={model.num_layers} entries (0 on dense layers)")
+    for i, (p, e) in enumerate(zip(pattern, ne)):
+        if p and e < 1:
+            raise ValueError(f"model.moe.num_experts[{i}]={e} but layer {i} is a MoE layer "
+                             "(by model.moe.layer_freq / first_k_dense): must be >= 1")
+        if not p and e != 0:
+            raise ValueError(f"model.moe.num_experts[{i}]={e} but layer {i} is dense (by "
+                             "model.moe.layer_freq / first_k_dense): must be 0")
+    return ne
+
+
+def max_experts(model: ModelConfig) -> int:
+    """The largest per-layer expert count (0 for a dense model)."""
+    return max(experts_per_layer(model), default=0)
+
+
+def moe_layer_config(model: ModelConfig, layer: int) -> ModelConfig:
+    """The config MoE layer ``layer`` is built from: a copy whose ``moe.num_experts`` is
+    that layer's int count, so the router, experts and stats see one plain int."""
+    E = experts_per_layer(model)[layer]
+    if model.moe.num_experts == E:
+        return model
+    return replace(model, moe=replace(model.moe, num_experts=E))

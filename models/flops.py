@@ -16,7 +16,7 @@ metric) gives the actual FLOPs (scripts/compare_moe_features.py does so).
 
 from __future__ import annotations
 
-from models.config import MODALITY_ARCHS, ModelConfig, layer_kinds, moe_layer_pattern
+from models.config import MODALITY_ARCHS, ModelConfig, experts_per_layer, layer_kinds
 from models.mamba import dt_rank
 from models.modality import moe_modality, untied_parts
 
@@ -25,28 +25,31 @@ def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
-def _layer_matmul_params(cfg: ModelConfig, is_moe: bool,
+def _layer_matmul_params(cfg: ModelConfig, num_experts: int,
                          real_experts_per_token: float | None = None) -> tuple[int, int]:
-    """(total, active) matmul parameters of one block; ``real_experts_per_token``: routed
-    experts a token really runs (null experts: fewer than top_k; default top_k)."""
+    """(total, active) matmul parameters of one block with ``num_experts`` routed experts
+    (0: a dense block); ``real_experts_per_token``: routed experts a token really runs
+    (null experts: fewer than top_k; default top_k)."""
     d, hd = cfg.hidden_size, _head_dim(cfg)
     attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
-    if not is_moe:
+    if not num_experts:
         mlp = 3 * d * cfg.ffn_hidden_size
         return attn + mlp, attn + mlp
     m = cfg.moe
     expert = 3 * d * m.expert_ffn_hidden_size
     shared = 0
-    if m.num_shared_experts:
-        width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
+    width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
+    if m.residual:  # residual MoE: one dense FFN branch + the Linear(D, 2) mix
+        shared = 3 * d * width + 2 * d
+    elif m.num_shared_experts:
         shared = 3 * d * m.num_shared_experts * width + (d if m.shared_expert_gate else 0)
-    router = d * (m.num_experts + m.num_null_experts)
+    router = d * (num_experts + m.num_null_experts)
     common = attn + shared + router
     k_real = m.top_k if real_experts_per_token is None else real_experts_per_token
-    return common + m.num_experts * expert, common + round(k_real * expert)
+    return common + num_experts * expert, common + round(k_real * expert)
 
 
-def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
+def _mot_layer(cfg: ModelConfig, num_experts: int) -> tuple[int, list[int]]:
     """One MoT block: (total parameters, [active matmul+norm parameters per token of each
     modality]). Each modality-specific part has one copy per modality; a token uses its
     modality's copy; with MoT+MoE the MoE modality's FFN is the routed layer."""
@@ -59,9 +62,9 @@ def _mot_layer(cfg: ModelConfig, is_moe: bool) -> tuple[int, list[int]]:
     total = attn * copies["attn"] + ffn * copies["ffn"] + norms * copies["norms"]
     active = [attn + ffn + norms] * M
     m = moe_modality(cfg)
-    if is_moe and m >= 0:
+    if num_experts and m >= 0:
         moe_total, moe_active = (x - attn + (2 * hd if cfg.mot.qk_norm else 0)
-                                 for x in _layer_matmul_params(cfg, True))
+                                 for x in _layer_matmul_params(cfg, num_experts))
         total += moe_total - ffn
         active[m] += moe_active - ffn
     return total, active
@@ -82,8 +85,8 @@ def _mamba_layer(cfg: ModelConfig) -> tuple[int, list[int]]:
 
 def _mot_counts(cfg: ModelConfig) -> tuple[int, list[int]]:
     total, active = 0, [0] * len(cfg.mot.modalities)
-    for kind, is_moe in zip(layer_kinds(cfg), moe_layer_pattern(cfg)):
-        t, a = _mamba_layer(cfg) if kind == "M" else _mot_layer(cfg, is_moe)
+    for kind, E in zip(layer_kinds(cfg), experts_per_layer(cfg)):
+        t, a = _mamba_layer(cfg) if kind == "M" else _mot_layer(cfg, E)
         total, active = total + t, [x + y for x, y in zip(active, a)]
     return total, active
 
@@ -100,8 +103,8 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
         return embed + d + io + total, embed + d + io + round(sum(active) / len(active))
     norms = d * (2 * cfg.num_layers + 1)
     total = active = embed + norms
-    for is_moe in moe_layer_pattern(cfg):
-        t, a = _layer_matmul_params(cfg, is_moe)
+    for E in experts_per_layer(cfg):
+        t, a = _layer_matmul_params(cfg, E)
         total, active = total + t, active + a
     return total, active
 
@@ -132,7 +135,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int,
         per = flops_per_token_by_modality(cfg, seq_len)
         return sum(per.values()) / len(per)
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)
-    for is_moe in moe_layer_pattern(cfg):
-        matmul += _layer_matmul_params(cfg, is_moe, real_experts_per_token)[1]
+    for E in experts_per_layer(cfg):
+        matmul += _layer_matmul_params(cfg, E, real_experts_per_token)[1]
     attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
     return float(6 * matmul + attention)

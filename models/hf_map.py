@@ -18,7 +18,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from models.config import ModelConfig, moe_layer_pattern
+from models.config import (
+    ModelConfig,
+    experts_per_layer,
+    has_experts,
+    max_experts,
+    moe_layer_pattern,
+)
 
 __all__ = ["HFRefused", "Entry", "hf_family", "hf_config", "hf_entries", "check_hf_config"]
 
@@ -48,8 +54,13 @@ def hf_family(cfg: ModelConfig) -> str:
         _refuse(f"model.arch={cfg.arch} (MoT/MoM have no HF class; export writes the "
                 "moefold safetensors layout instead)")
     m = cfg.moe
-    if m.num_experts == 0:
+    if not has_experts(cfg):
         return "llama"
+    if len({E for E in experts_per_layer(cfg) if E}) > 1:
+        _refuse(f"model.moe.num_experts={list(m.num_experts)} (pyramid MoE: Mixtral / "
+                "Qwen2-MoE have one expert count for every layer)")
+    if m.residual:
+        _refuse("model.moe.residual=true (residual MoE has no HF class)")
     pattern = moe_layer_pattern(cfg)
     if m.score_func != "softmax":
         _refuse(f"model.moe.score_func={m.score_func} (Mixtral / Qwen2-MoE route with "
@@ -115,13 +126,13 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     elif family == "mixtral":
-        out.update(intermediate_size=m.expert_ffn_hidden_size, num_local_experts=m.num_experts,
+        out.update(intermediate_size=m.expert_ffn_hidden_size, num_local_experts=max_experts(cfg),
                    num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coeff,
                    sliding_window=None)
     else:
         pattern = moe_layer_pattern(cfg)
         width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
-        out.update(moe_intermediate_size=m.expert_ffn_hidden_size, num_experts=m.num_experts,
+        out.update(moe_intermediate_size=m.expert_ffn_hidden_size, num_experts=max_experts(cfg),
                    num_experts_per_tok=m.top_k, norm_topk_prob=m.norm_topk_prob,
                    shared_expert_intermediate_size=m.num_shared_experts * width,
                    decoder_sparse_step=1,
@@ -193,7 +204,6 @@ def _differs(a: Any, b: Any) -> bool:
 def hf_entries(cfg: ModelConfig) -> list[Entry]:
     """Every weight of the model: our init name -> HF tensor name (+ transpose)."""
     family = hf_family(cfg)
-    m = cfg.moe
     out = [Entry("tok_embeddings.weight", "model.embed_tokens.weight"),
            Entry("norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
@@ -219,7 +229,7 @@ def hf_entries(cfg: ModelConfig) -> list[Entry]:
                 out.append(Entry(f"{ours}.ffn.shared_experts.{a}.weight",
                                  f"{block}.shared_expert.{b}.weight"))
             out.append(Entry(f"{ours}.ffn.shared_gate.weight", f"{block}.shared_expert_gate.weight"))
-        for e in range(m.num_experts):
+        for e in range(max_experts(cfg)):
             for a, b in names.items():
                 out.append(Entry(f"{ours}.ffn.experts.{a}[{e}]",
                                  f"{block}.experts.{e}.{b}.weight", transpose=True))

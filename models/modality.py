@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.config import ModelConfig
+from models.config import ModelConfig, has_experts
 from models.grouped_gemm import grouped_mm
 from models.layers import Initializer, rms_normalize
 
@@ -203,6 +203,6 @@ class ModalityRMSNorm(nn.Module):
 
 def moe_modality(cfg: ModelConfig) -> int:
     """Id of the modality whose FFN is a routed MoE (MoT+MoE), -1 for none."""
-    if cfg.moe.num_experts == 0 or not cfg.mot.moe_modality:
+    if not has_experts(cfg) or not cfg.mot.moe_modality:
         return -1
     return list(cfg.mot.modalities).index(cfg.mot.moe_modality)

@@ -163,15 +163,30 @@ def _in_backward() -> bool:
 
 
 class MoELayer(nn.Module):
+    """``cfg``: this layer's config, ``cfg.moe.num_experts`` an int (a pyramid model's
+    blocks get ``models.config.moe_layer_config(model, i)``).
+
+    Residual MoE (``moe.residual``) reuses the shared-expert path: the dense branch is
+    ``shared_experts`` (one FFN, so tensor parallelism, memory and FLOP estimates treat
+    it like a shared expert) and ``residual_coef`` (Linear(D, 2), no bias) mixes it with
+    the routed output per token: ``softmax(coef)[0] * routed + softmax(coef)[1] * dense``.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         m, d = cfg.moe, cfg.hidden_size
+        if not isinstance(m.num_experts, int):
+            raise TypeError("MoELayer needs an int moe.num_experts: build it from "
+                            "models.config.moe_layer_config(model, layer)")
         self.moe = m
         self.router = Router(cfg)
         self.experts = GroupedExperts(m.num_experts, d, m.expert_ffn_hidden_size)
-        self.shared_experts = self.shared_gate = None
-        if m.num_shared_experts > 0:
-            width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
+        self.shared_experts = self.shared_gate = self.residual_coef = None
+        width = m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size
+        if m.residual:
+            self.shared_experts = FeedForward(d, width)
+            self.residual_coef = nn.Linear(d, 2, bias=False)
+        elif m.num_shared_experts > 0:
             self.shared_experts = FeedForward(d, m.num_shared_experts * width)
             if m.shared_expert_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False)
@@ -194,6 +209,8 @@ class MoELayer(nn.Module):
     def init_params(self, init: Initializer, prefix: str) -> None:
         if self.shared_gate is not None:
             init.normal_(self.shared_gate.weight, f"{prefix}.shared_gate.weight", init.std)
+        if self.residual_coef is not None:
+            init.normal_(self.residual_coef.weight, f"{prefix}.residual_coef.weight", init.std)
         with torch.no_grad():
             for buf in self.buffers(recurse=False):
                 buf.zero_()
@@ -207,10 +224,13 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher.combine(self.experts(x_ND, tokens_per_expert), ctx)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_TD)
-            if self.shared_gate is not None:
-                gate_w = g.shared_param(self.shared_gate.weight)
-                shared = shared * torch.sigmoid(F.linear(x_TD, gate_w))
-            y_TD = y_TD + shared
+            if self.residual_coef is not None:  # residual MoE: learned per-token mix
+                y_TD = _residual_mix(y_TD, shared, x_TD, g.shared_param(self.residual_coef.weight))
+            else:
+                if self.shared_gate is not None:
+                    gate_w = g.shared_param(self.shared_gate.weight)
+                    shared = shared * torch.sigmoid(F.linear(x_TD, gate_w))
+                y_TD = y_TD + shared
         weighted = self._weighted_losses(r)
         if weighted and torch.is_grad_enabled():
             y_TD = _AuxLossGrad.apply(y_TD, sum(weighted.values()), self.aux_loss_scale)
@@ -262,6 +282,14 @@ class MoELayer(nn.Module):
             return
         c = counts_E.to(device=bias.device, dtype=torch.float32)
         bias.add_(torch.sign(c.mean() - c), alpha=self.moe.expert_bias_update_rate)
+
+
+def _residual_mix(routed_TD: torch.Tensor, dense_TD: torch.Tensor, x_TD: torch.Tensor,
+                  coef_w: torch.Tensor) -> torch.Tensor:
+    """Residual MoE's combine: softmax over the two branch logits (in fp32), per token."""
+    coef_T2 = torch.softmax(F.linear(x_TD, coef_w).float(), dim=-1)
+    out = coef_T2[:, :1] * routed_TD.float() + coef_T2[:, 1:] * dense_TD.float()
+    return out.to(routed_TD.dtype)
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.attention import causal_attention
-from models.config import ModelConfig, layer_kinds, moe_layer_pattern
+from models.config import ModelConfig, layer_kinds, moe_layer_config, moe_layer_pattern
 from models.diffusion import PatchIO
 from models.layers import RotaryEmbedding
 from models.mamba import MambaBlock
@@ -159,7 +159,7 @@ class MoTTransformer(Transformer):
         rope = self._init_embedding(cfg)
         self.num_modalities = len(cfg.mot.modalities)
         self.layers = nn.ModuleDict({
-            str(i): self._block(cfg, rope, kind, is_moe)
+            str(i): self._block(moe_layer_config(cfg, i) if is_moe else cfg, rope, kind, is_moe)
             for i, (kind, is_moe) in enumerate(zip(layer_kinds(cfg), moe_layer_pattern(cfg)))})
         self._init_head(cfg)
         self.patch_io: Optional[PatchIO] = None

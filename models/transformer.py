@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig, moe_layer_pattern
+from models.config import ModelConfig, moe_layer_config, moe_layer_pattern
 from models.layers import (
     Attention,
     FeedForward,
@@ -64,7 +64,8 @@ class Transformer(nn.Module):
         rope = self._init_embedding(cfg)
         pattern = moe_layer_pattern(cfg)
         self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, is_moe, rope) for i, is_moe in enumerate(pattern)}
+            {str(i): TransformerBlock(moe_layer_config(cfg, i) if is_moe else cfg, is_moe, rope)
+             for i, is_moe in enumerate(pattern)}
         )
         self._init_head(cfg)
 

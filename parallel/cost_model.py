@@ -44,7 +44,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.config import moe_layer_pattern
+from models.config import experts_per_layer, moe_layer_pattern
 from models.flops import param_counts, training_flops_per_token
 from parallel.pipeline import bubble_fraction
 
@@ -135,8 +135,7 @@ def _layer_params(cfg: Any) -> tuple[float, float]:
     """(dense, expert) parameters of all blocks and ends, from models.flops."""
     total, _ = param_counts(cfg)
     m = cfg.moe
-    n_moe = sum(moe_layer_pattern(cfg))
-    expert = n_moe * m.num_experts * 3 * cfg.hidden_size * m.expert_ffn_hidden_size
+    expert = sum(experts_per_layer(cfg)) * 3 * cfg.hidden_size * m.expert_ffn_hidden_size
     return total - expert, expert
 
 
@@ -160,9 +159,11 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
     # EP: the ep group's members are etp apart; a destination is in-node when it is
     # among the ep members inside this rank's node
     b["ep"] = 0.0
-    E, k = cfg.moe.num_experts, cfg.moe.top_k
+    counts = [E for E in experts_per_layer(cfg) if E]  # pyramid MoE: E differs per layer
+    E, k = max(counts, default=0), cfg.moe.top_k
     if lay.ep > 1 and E:
-        units = ep_units_per_token(E, k, lay.ep, lay.dispatcher, lay.dedup)
+        units = sum(ep_units_per_token(E_l, k, lay.ep, lay.dispatcher, lay.dedup)
+                    for E_l in counts) / len(counts)  # mean over the MoE layers
         per_layer = ep_bytes_per_layer(t // lay.tp, h, units, a)
         total = (fwd + 1) * per_layer * L_moe * m
         in_node = max(1, min(lay.ep, hw.gpus_per_node // lay.etp))

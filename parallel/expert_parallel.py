@@ -41,20 +41,29 @@ __all__ = [
 DISPATCHERS = ("alltoall", "allgather")
 
 
-def check_expert_parallel(num_experts: int, expert_ffn: int, ep: int, etp: int,
+def check_expert_parallel(num_experts: int | list[int], expert_ffn: int, ep: int, etp: int,
                           dispatcher: str) -> None:
     """Raise ``ValueError`` (one line naming the keys) when the routed experts cannot be
-    split ``ep`` ways (whole experts) and ``etp`` ways (the expert FFN dim)."""
+    split ``ep`` ways (whole experts) and ``etp`` ways (the expert FFN dim).
+    ``num_experts``: one count, or each layer's (``models.config.experts_per_layer``; 0 on
+    dense layers): every MoE layer's count must divide by ``ep``."""
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"parallel.dispatcher={dispatcher!r} is not one of "
                          f"{', '.join(map(repr, DISPATCHERS))}")
-    if ep > 1 and (num_experts == 0 or num_experts % ep):
-        raise ValueError(f"parallel.ep={ep} does not divide model.moe.num_experts={num_experts}"
-                         + (f" (valid: {divisors(num_experts)})" if num_experts else ""))
-    if etp > 1 and (num_experts == 0 or expert_ffn % etp):
+    per_layer = not isinstance(num_experts, int)
+    counts = list(num_experts) if per_layer else [num_experts]
+    moe = [(i, E) for i, E in enumerate(counts) if E]
+    if ep > 1 and not moe:
+        raise ValueError(f"parallel.ep={ep} does not divide model.moe.num_experts=0")
+    for i, E in moe:
+        if ep > 1 and E % ep:
+            key = f"model.moe.num_experts[{i}]" if per_layer else "model.moe.num_experts"
+            raise ValueError(f"parallel.ep={ep} does not divide {key}={E} "
+                             f"(valid: {divisors(E)})")
+    if etp > 1 and (not moe or expert_ffn % etp):
         raise ValueError(
             f"parallel.etp={etp} does not divide model.moe.expert_ffn_hidden_size={expert_ffn}"
-            + (f" (valid: {divisors(expert_ffn)})" if num_experts else
+            + (f" (valid: {divisors(expert_ffn)})" if moe else
                " (the model has no experts)"))
 
 

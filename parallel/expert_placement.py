@@ -261,9 +261,11 @@ class RoutingTrace:
         self.active = False
         self.data: dict[str, list[torch.Tensor]] = {}
         self.tokens: dict[str, int] = {}
+        self.experts: dict[str, int] = {}  # each layer's (global) routed expert count
         self.handles = []
         for name, layer in moe_layer_names(model).items():
             self.data[name], self.tokens[name] = [], 0
+            self.experts[name] = layer.experts.num_global_experts
             self.handles.append(layer.router.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
@@ -287,7 +289,8 @@ class RoutingTrace:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"rank{self.rank}.pt"
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({n: torch.cat(v) for n, v in self.data.items() if v}, tmp)
+        torch.save({"routing": {n: torch.cat(v) for n, v in self.data.items() if v},
+                    "num_experts": self.experts}, tmp)
         tmp.replace(path)
         return path
 
@@ -303,13 +306,17 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
-def load_trace(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every rank's trace in ``directory`` merged per layer (rank order)."""
+def load_trace(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Every rank's trace in ``directory`` merged per layer (rank order), and each layer's
+    expert count."""
     merged: dict[str, list[torch.Tensor]] = {}
+    experts: dict[str, int] = {}
     for f in sorted(Path(directory).glob("rank*.pt")):
-        for name, t in torch.load(f, weights_only=True).items():
+        d = torch.load(f, weights_only=True)
+        for name, t in d["routing"].items():
             merged.setdefault(name, []).append(t.long())
-    return {n: torch.cat(v) for n, v in merged.items()}
+        experts.update(d["num_experts"])
+    return {n: torch.cat(v) for n, v in merged.items()}, experts
 
 
 # --------------------------------------------------------------------------------------
@@ -395,19 +402,20 @@ def _ranks_in_nodes(node: np.ndarray, W: np.ndarray, load: np.ndarray, nodes: in
     return slots
 
 
-def optimise_placement(trace: dict[str, torch.Tensor], num_experts: int, ep: int, nodes: int,
-                       affinity_weight: float = 0.0, max_swaps: int = 2000) -> Placement:
+def optimise_placement(trace: dict[str, torch.Tensor], num_experts: int | dict[str, int],
+                       ep: int, nodes: int, affinity_weight: float = 0.0,
+                       max_swaps: int = 2000) -> Placement:
     """A placement for ``ep`` ranks on ``nodes`` nodes from a routing trace (layers in
     model order): co-selected experts on one node, ranks balanced inside each node;
     ``affinity_weight`` > 0 adds ExFlow's pull towards the node of the tokens' previous
     top-1 expert."""
     nodes, per_node = _node_layout(ep, nodes)
-    if num_experts % ep:
-        raise ValueError(f"ep={ep} does not divide {num_experts} experts")
     layers, prev, prev_node = {}, None, None
     for name, idx in trace.items():
         a = idx.numpy()
-        E = num_experts
+        E = num_experts if isinstance(num_experts, int) else num_experts[name]
+        if E % ep:
+            raise PlacementError(f"ep={ep} does not divide the {E} experts of layer {name}")
         load = _load(a, E)
         # co-selections beyond what independent choices would give (a modularity
         # weight): a pair of heavily loaded experts repels, so groups stay balanced
@@ -415,7 +423,7 @@ def optimise_placement(trace: dict[str, torch.Tensor], num_experts: int, ep: int
         np.fill_diagonal(W, 0.0)
         lin = np.zeros((E, nodes))
         if affinity_weight > 0 and prev is not None and prev.shape[0] == a.shape[0]:
-            A = _affinity(prev, a, E, E)  # [E_prev, E]
+            A = _affinity(prev, a, prev_node.size, E)  # [E_prev, E]
             for n in range(nodes):
                 lin[:, n] = affinity_weight * A[prev_node == n].sum(0)
         if nodes == 1:
@@ -469,8 +477,8 @@ def cross_node_rows(trace: dict[str, torch.Tensor], placement: Placement, num_ex
     return {"rank_rows": rank_rows / n, "node_rows": node_rows / n}
 
 
-def resolve_placement(spec: str, run_dir: str | Path, dims: Any, gpus_per_node: int,
-                      num_experts: int) -> Optional[Placement]:
+def resolve_placement(spec: str, run_dir: str | Path, dims: Any,
+                      gpus_per_node: int) -> Optional[Placement]:
     """The placement ``parallel.expert_placement`` asks for on this layout (None =
     contiguous): a file, or ``auto`` — optimised from the routing traces a previous run
     in ``run_dir`` recorded (``logger.routing_trace_every``) for the nodes this EP group
@@ -490,7 +498,8 @@ def resolve_placement(spec: str, run_dir: str | Path, dims: Any, gpus_per_node: 
     nodes = len({r // max(gpus_per_node, 1) for r in ranks})
     if dims.ep % nodes:
         nodes = 1  # an EP group spread unevenly over nodes: balance ranks only
-    placement = optimise_placement(load_trace(trace_dir), num_experts, dims.ep, nodes)
+    trace, experts = load_trace(trace_dir)
+    placement = optimise_placement(trace, experts, dims.ep, nodes)
     placement.info["source"] = str(trace_dir)
     if dist.get_rank() == 0:  # what this run used, for the record
         placement.save(trace_dir / "placement.json")

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.config import ModelConfig, MoEConfig
+from models.config import ModelConfig, MoEConfig, has_experts
 from models.hf_map import HFRefused, check_hf_config, hf_entries, split_expert
 from models.layers import Index, Initializer
 from models.transformer import canonical_name
@@ -197,8 +197,10 @@ def check_upcycle(cfg: ModelConfig) -> None:
     why = None
     if cfg.arch != "llm":
         why = f"model.arch={cfg.arch} (llm only)"
-    elif m.num_experts == 0:
+    elif not has_experts(cfg):
         why = "model.moe.num_experts=0 (nothing to upcycle into)"
+    elif m.residual:
+        why = "model.moe.residual=true (the dense branch would be mixed with the copied FFN's)"
     elif m.num_shared_experts:
         why = "shared experts (their output would be added to the copied FFN's)"
     elif not m.norm_topk_prob or m.topk_scaling_factor != 1.0:

@@ -41,14 +41,20 @@ _KEYS = ("dropped", "assignments", "tokens", "aux_loss", "seq_aux_loss", "z_loss
 
 class MoEStats:
     """``moe_pattern``: which layers of the whole model are MoE; ``model``: this rank's
-    (stage) module, holding some of them (``model.layers`` keeps the global keys)."""
+    (stage) module, holding some of them (``model.layers`` keeps the global keys);
+    ``num_experts``: ``model.moe.num_experts`` (an int, or one count per layer: pyramid
+    MoE, whose table rows are padded to the largest count)."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, moe_pattern: list[bool],
-                 num_experts: int, num_micro: int, device: torch.device,
+                 num_experts: int | list[int], num_micro: int, device: torch.device,
                  num_null_experts: int = 0):
-        self.dims, self.num_experts, self.device = dims, num_experts, device
-        self.num_null = num_null_experts
+        self.dims, self.device = dims, device
+        self.num_null = num_null_experts  # (config validation: only with a uniform count)
         self.layer_ids = [i for i, moe in enumerate(moe_pattern) if moe]
+        # experts of each table row; the table is [rows, max E + stats], padded with zeros
+        self.row_experts = [num_experts if isinstance(num_experts, int) else
+                            int(num_experts[i]) for i in self.layer_ids]
+        self.num_experts = max(self.row_experts, default=0)
         self.layers: list[MoELayer] = list(model.moe_layers())
         # the table row of each local MoE layer (model.moe_layers() is in layer order)
         self.rows = [self.layer_ids.index(int(k)) for k in model.layers if moe_pattern[int(k)]]
@@ -74,7 +80,7 @@ class MoEStats:
     def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:
         """The step's statistics (tensors, on every rank) and, by default, the expert-bias
         update from the globally reduced counts; then reset. ``counts_LE``: routed tokens per
-        (MoE layer, expert)."""
+        (MoE layer, expert); NaN past a layer's own expert count (pyramid MoE)."""
         sent, self._bytes_sent = self._bytes_sent, 0
         if not self.layer_ids:
             return {"aux_loss": 0.0, "dispatch_mb_sent": sent / 2**20}
@@ -82,21 +88,31 @@ class MoEStats:
         table = torch.zeros(len(self.layer_ids), C + len(_KEYS), device=self.device)
         for row, layer in zip(self.rows, self.layers):
             s = layer.pop_stats()
-            table[row] = torch.cat([s["counts"], torch.stack([s[k].float() for k in _KEYS])])
+            n = s["counts"].numel()
+            table[row, :n] = s["counts"]  # E_row real (+ the null experts', uniform E)
+            table[row, C:] = torch.stack([s[k].float() for k in _KEYS])
         table = self.dims.all_reduce_sum(self.dims.all_reduce_sum(table, "dp"), "pp")
         counts = table[:, :E]
         col = {k: table[:, C + i] for i, k in enumerate(_KEYS)}
         for row, layer in zip(self.rows, self.layers):
+            E_row = self.row_experts[row]
             # the whole global batch's counts of this step (global_batch scope only)
-            layer.router.set_global_counts(table[row, :C])
+            layer.router.set_global_counts(table[row, :E_row + self.num_null])
             if update_expert_bias:
-                layer.update_expert_bias(counts[row])
-        per_layer_max_over_mean = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+                layer.update_expert_bias(counts[row, :E_row])
         real_per_token = counts.sum(1) / col["tokens"].clamp_min(1)
         extra = {}
         if self.num_null:
             extra = {f"real_experts_per_token_layer{i}": real_per_token[r]
                      for r, i in enumerate(self.layer_ids)}
+        mean = counts.mean(dim=1)
+        if min(self.row_experts) < E:  # ragged: the mean over each layer's own experts
+            E_L = torch.tensor(self.row_experts, device=counts.device, dtype=counts.dtype)
+            mean = counts.sum(dim=1) / E_L  # (the padding is zero)
+            pad = torch.arange(E, device=counts.device)[None, :] >= E_L[:, None]
+        per_layer_max_over_mean = counts.max(dim=1).values / mean.clamp_min(1e-9)
+        if min(self.row_experts) < E:
+            counts = counts.masked_fill(pad, float("nan"))
         return {
             "real_experts_per_token": real_per_token.mean(),
             **extra,

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     ap.add_argument("--affinity", type=float, default=0.0)
     ap.add_argument("--out", default="placement.json")
     a = ap.parse_args(argv)
-    trace = load_trace(a.trace)
+    trace, _ = load_trace(a.trace)
     if not trace:
         raise SystemExit(f"{a.trace} holds no routing trace (rank*.pt)")
     if a.command == "table":

@@ -174,7 +174,9 @@ def test_auto_placement_from_recorded_trace(placement_runs, single_run):
     assert errors["trace"] is None and errors["auto"] is None, (errors["trace"], errors["auto"])
     traces = sorted(p.name for p in (root / "auto" / "routing").glob("rank*.pt"))
     assert traces == ["rank0.pt", "rank1.pt"]
-    t = torch.load(root / "auto" / "routing" / "rank0.pt", weights_only=True)
+    saved = torch.load(root / "auto" / "routing" / "rank0.pt", weights_only=True)
+    t = saved["routing"]
+    assert saved["num_experts"] == {f"layers.{i}.ffn": 8 for i in range(4)}
     # 3 steps x 4 micro-batches (global batch 8 over dp 2) x 32 tokens, k=2, 4 layers
     assert sorted(t) == [f"layers.{i}.ffn" for i in range(4)]
     assert all(v.shape == (3 * 4 * 32, 2) for v in t.values())

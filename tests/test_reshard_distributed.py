@@ -24,6 +24,9 @@ ARGS = [
 
 
 KV4 = ["model.num_kv_heads=4"]  # lets TP4 split the tiny model's heads
+# pyramid + residual MoE (tests/test_pyramid_residual.py): 4, 4, 8, 8 experts per layer
+PYRAMID = ["model.moe.num_experts=[4,4,8,8]", "model.moe.residual=true", "model.moe.top_k=1",
+           "model.moe.num_shared_experts=0"]
 # (name, model overrides, save layout, resume layout); a layout is (processes, overrides).
 # EP->single, TP+SP->single and single->TP were dropped for CI time: PP2xEP2->single,
 # CP2xEP2->single, TP2->TP4+SP and single->PP2xVPP2 cover those paths.
@@ -48,6 +51,10 @@ CASES = [
     ("tp2xep2xetp2_to_tp4xetp4", KV4,
      (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.dp_engine=ddp"]),
      (4, ["parallel.tp=4", "parallel.etp=4"])),
+    # per-layer expert counts: 2/2/4/4 local experts per rank -> 1/1/2/2 (the parity
+    # layouts of tests/test_pyramid_residual.py check their EP/PP checkpoints against one
+    # process's, i.e. the global view of the per-layer shards)
+    ("pyramid_ep2_to_ep4", PYRAMID, (2, ["parallel.ep=2"]), (4, ["parallel.ep=4"])),
 ]
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import ListConfig
 
-from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig
+from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig, has_experts
+from models.config import experts_per_layer as _experts_per_layer
 from models.config import moe_layer_pattern as _moe_layer_pattern
 from parallel.dims import divisors
 from trainer.errors import ConfigError
@@ -238,7 +240,6 @@ _KEY_HELP = {
     "model.rope_theta": "RoPE base", "model.norm_eps": "RMSNorm epsilon",
     "model.tie_embeddings": "share the input embedding and the output head",
     "model.init_std": "std of the normal weight initialisation",
-    "model.moe.num_experts": "routed experts per MoE layer (0: dense MLPs)",
     "model.moe.top_k": "experts per token",
     "model.moe.topk_scaling_factor": "scale of the top-k routing weights",
     "model.moe.group_topk": "groups kept per token by group-limited routing",
@@ -367,6 +368,26 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
         raise ConfigError(str(e)) from None
 
 
+def _spec(num_experts: Any) -> Any:
+    """``model.moe.num_experts`` as the user wrote it (a plain list, not a ListConfig)."""
+    return num_experts if isinstance(num_experts, int) else list(num_experts)
+
+
+def experts_per_layer_checked(model: ModelConfig) -> list[int]:
+    """``models.config.experts_per_layer`` with its errors as one-line ``ConfigError``s."""
+    ne = model.moe.num_experts
+    if isinstance(ne, bool) or not (isinstance(ne, int) or (
+            isinstance(ne, (list, tuple, ListConfig))
+            and all(isinstance(e, int) and not isinstance(e, bool) for e in ne))):
+        raise ConfigError(f"model.moe.num_experts={ne!r} must be an int or a list of ints "
+                          f"(one per layer, model.num_layers={model.num_layers})")
+    moe_layer_pattern(model)  # layer_freq errors first
+    try:
+        return _experts_per_layer(model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
@@ -391,18 +412,25 @@ def validate_model(m: ModelConfig) -> None:
     if (m.head_dim or m.hidden_size // m.num_heads) % 2:
         raise ConfigError("model.head_dim must be even for RoPE")
     moe = m.moe
-    if moe.num_experts < 0:
-        raise ConfigError(f"model.moe.num_experts={moe.num_experts} must be >= 0")
+    counts = experts_per_layer_checked(m)
     pattern = moe_layer_pattern(m)
     if not all(pattern):
         _positive("model.ffn_hidden_size", m.ffn_hidden_size)
-    if moe.num_experts == 0:
+    if not any(counts):
+        if moe.residual:
+            raise ConfigError("model.moe.residual=true needs routed experts "
+                              "(model.moe.num_experts > 0)")
         return
     _positive("model.moe.expert_ffn_hidden_size", moe.expert_ffn_hidden_size)
-    if not 1 <= moe.top_k <= moe.num_experts + max(moe.num_null_experts, 0):
+    fewest = min(e for e in counts if e)
+    nulls = max(moe.num_null_experts, 0)
+    if not 1 <= moe.top_k <= fewest + nulls:
         raise ConfigError(
-            f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={moe.num_experts}"
-            + (f" + num_null_experts={moe.num_null_experts}" if moe.num_null_experts else "")
+            (f"model.moe.top_k={moe.top_k} must be in 1..model.moe.num_experts={fewest}"
+             if isinstance(moe.num_experts, int) else
+             f"model.moe.top_k={moe.top_k} must be in 1..{fewest} (the fewest experts of a "
+             f"MoE layer, model.moe.num_experts={_spec(moe.num_experts)})")
+            + (f" + num_null_experts={nulls}" if nulls else "")
         )
     _positive("model.moe.topk_scaling_factor", moe.topk_scaling_factor)
     for key in ("expert_bias_update_rate", "min_capacity", "num_shared_experts",
@@ -410,23 +438,33 @@ def validate_model(m: ModelConfig) -> None:
         _non_negative(f"model.moe.{key}", getattr(moe, key))
     _choice("model.moe.score_func", moe.score_func, ("softmax", "sigmoid"))
     _choice("model.moe.drop_policy", moe.drop_policy, ("probs", "position"))
+    if moe.residual and (moe.num_shared_experts or moe.shared_expert_gate):
+        raise ConfigError(
+            "model.moe.residual=true is its own dense branch: set model.moe.num_shared_experts"
+            f"=0 and shared_expert_gate=false (got {moe.num_shared_experts}, "
+            f"{moe.shared_expert_gate})")
     if moe.num_groups:
-        if moe.num_experts % moe.num_groups:
-            raise ConfigError(
-                f"model.moe.num_groups={moe.num_groups} does not divide "
-                f"model.moe.num_experts={moe.num_experts} (valid: {divisors(moe.num_experts)})"
-            )
         if not 1 <= moe.group_topk <= moe.num_groups:
             raise ConfigError(
                 f"model.moe.group_topk={moe.group_topk} must be in 1..model.moe.num_groups="
                 f"{moe.num_groups}"
             )
-        per_group = moe.num_experts // moe.num_groups
-        if moe.top_k > moe.group_topk * per_group:
-            raise ConfigError(
-                f"model.moe.top_k={moe.top_k} exceeds the {moe.group_topk * per_group} experts "
-                f"reachable in group_topk={moe.group_topk} groups of {per_group}"
-            )
+        for i, E in enumerate(counts):  # group-limited routing: every MoE layer on its own
+            if not E:
+                continue
+            where = "" if isinstance(moe.num_experts, int) else f"[{i}]"
+            if E % moe.num_groups:
+                raise ConfigError(
+                    f"model.moe.num_groups={moe.num_groups} does not divide "
+                    f"model.moe.num_experts{where}={E} (valid: {divisors(E)})"
+                )
+            per_group = E // moe.num_groups
+            if moe.top_k > moe.group_topk * per_group:
+                raise ConfigError(
+                    f"model.moe.top_k={moe.top_k} exceeds the {moe.group_topk * per_group} "
+                    f"experts of model.moe.num_experts{where}={E} reachable in group_topk="
+                    f"{moe.group_topk} groups of {per_group}"
+                )
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError(f"model.moe.capacity_factor={moe.capacity_factor} must be > 0 or null")
     if moe.pad_to_capacity and moe.capacity_factor is None:
@@ -453,6 +491,9 @@ def _validate_moe_features(moe) -> None:
     if moe.num_groups:
         raise ConfigError(f"model.moe.num_null_experts={n} does not support "
                           f"model.moe.num_groups={moe.num_groups} (null experts have no group)")
+    if not isinstance(moe.num_experts, int):
+        raise ConfigError(f"model.moe.num_null_experts={n} needs one expert count for every "
+                          f"layer, not the per-layer list model.moe.num_experts")
 
 
 def _validate_mot(m: ModelConfig) -> None:
@@ -467,12 +508,12 @@ def _validate_mot(m: ModelConfig) -> None:
         if m.mot.moe_modality not in m.mot.modalities:
             raise ConfigError(f"model.mot.moe_modality={m.mot.moe_modality!r} is not one of "
                               f"model.mot.modalities={list(m.mot.modalities)}")
-        if not m.moe.num_experts:
+        if not has_experts(m):
             raise ConfigError("model.mot.moe_modality needs model.moe.num_experts > 0")
         if "ffn" not in untied_parts(m.mot.untie):
             raise ConfigError(f"model.mot.moe_modality needs the FFN untied (model.mot.untie="
                               f"{m.mot.untie!r}; valid: ffn, ffn_qkv, all)")
-    elif m.moe.num_experts:
+    elif has_experts(m):
         raise ConfigError(f"model.arch={m.arch} with model.moe.num_experts > 0 needs "
                           "model.mot.moe_modality=<the modality whose FFN is the MoE>")
     if m.diffusion.patch_dim < 0:
@@ -500,14 +541,14 @@ def _validate_mamba(m: ModelConfig) -> None:
     if not 0 < mc.dt_min <= mc.dt_max:
         raise ConfigError(f"model.mamba.dt_min={mc.dt_min} / dt_max={mc.dt_max} need "
                           "0 < dt_min <= dt_max")
-    if m.moe.num_experts and "E" not in mc.layers:
+    if has_experts(m) and "E" not in mc.layers:
         raise ConfigError("model.arch=mom with model.moe.num_experts > 0 places its MoE "
                           "layers with the letter E in model.mamba.layers (e.g. MEMA); "
                           f"got layers={mc.layers!r}")
-    if "E" in mc.layers and not m.moe.num_experts:
+    if "E" in mc.layers and not has_experts(m):
         raise ConfigError(f"model.mamba.layers={mc.layers!r} has MoE layers (E) but "
                           "model.moe.num_experts=0")
-    if m.moe.num_experts and (m.moe.layer_freq != 1 or m.moe.first_k_dense):
+    if has_experts(m) and (m.moe.layer_freq != 1 or m.moe.first_k_dense):
         raise ConfigError("model.arch=mom picks its MoE layers by the E letters of "
                           "model.mamba.layers; leave model.moe.layer_freq=1 and "
                           f"first_k_dense=0 (got {m.moe.layer_freq}, {m.moe.first_k_dense})")
@@ -645,7 +686,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ConfigError(
                 f"trainer.global_batch_size={t.global_batch_size} is not a multiple of "
                 f"trainer.micro_batch_size*dp={t.micro_batch_size}*{dims.dp}")
-        check_expert_parallel(m.moe.num_experts, m.moe.expert_ffn_hidden_size, p.ep, p.etp,
+        counts = experts_per_layer_checked(m)  # pyramid MoE: each layer's E must divide
+        check_expert_parallel(m.moe.num_experts if isinstance(m.moe.num_experts, int)
+                              else counts, m.moe.expert_ffn_hidden_size, p.ep, p.etp,
                               p.dispatcher)
         if m_arch_moe(cfg) and (p.tp > 1 or p.cp > 1):
             raise ConfigError(f"MoT+MoE (model.mot.moe_modality) supports DP/FSDP, EP and PP; "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from models.config import experts_per_layer
 from parallel.cost_model import Hardware, Layout, StepEstimate, step_time
 from parallel.memory import GIB, estimate_memory
 from parallel.pipeline import SCHEDULES
@@ -135,7 +137,8 @@ def enumerate_layouts(base: Config, world: int, gpus_per_node: int,
     """The pruned grid (module docstring); ``fixed`` keys keep their value."""
     fixed = fixed or {}
     m = base.model
-    E = m.moe.num_experts
+    # ep must divide every MoE layer's expert count (pyramid MoE): divisors of their gcd
+    E = math.gcd(*experts_per_layer(m))
     G = min(gpus_per_node, world)
 
     def opts(key: str, values):

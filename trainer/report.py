@@ -7,12 +7,22 @@ from typing import Any
 
 import torch
 
-from models.config import MODALITY_ARCHS
+from models.config import MODALITY_ARCHS, experts_per_layer
 from models.flops import flops_per_token_by_modality, param_counts, training_flops_per_token
 from trainer.config import moe_layer_pattern
 from trainer.perf import Throughput, peak_flops_per_device
 
 __all__ = ["startup_report"]
+
+
+def _experts_note(model_cfg: Any) -> str:
+    """Pyramid / residual MoE: the per-layer expert counts and the dense branch."""
+    note = ""
+    if not isinstance(model_cfg.moe.num_experts, int):
+        note += f" (experts per layer {experts_per_layer(model_cfg)})"
+    if model_cfg.moe.residual and any(experts_per_layer(model_cfg)):
+        note += " (residual MoE)"
+    return note
 
 
 def startup_report(tr: Any) -> Throughput:
@@ -26,7 +36,8 @@ def startup_report(tr: Any) -> Throughput:
     n_moe = sum(moe_layer_pattern(cfg.model))  # the whole model's, not this PP stage's
     tr.logger.info(
         f"model {cfg.model.name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
-        f"active), {n_moe} MoE layers; {flops / 1e6:.1f} MFLOP/token; "
+        f"active), {n_moe} MoE layers{_experts_note(tr.model_cfg)}; "
+        f"{flops / 1e6:.1f} MFLOP/token; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {tr.device}")
     if cfg.model.arch in MODALITY_ARCHS:
         per = flops_per_token_by_modality(tr.model_cfg, t.seq_len)

@@ -132,17 +132,19 @@ def render_expert_load(counts_LE: torch.Tensor, layer_ids: list[int], step: int)
     if c.ndim != 2 or c.shape[0] != len(layer_ids):
         raise ValueError(f"counts_LE shape {tuple(c.shape)} does not match {len(layer_ids)} layers")
     L, E = c.shape
-    share = c / np.maximum(c.sum(axis=1, keepdims=True), 1e-12) * E
+    # NaN marks experts a layer does not have (pyramid MoE: rows padded to the largest E)
+    E_L = np.isfinite(c).sum(axis=1, keepdims=True)
+    share = c / np.maximum(np.nansum(c, axis=1, keepdims=True), 1e-12) * E_L
     width = min(max(6.0, 0.25 * E + 5.0), 20.0)
     fig = Figure(figsize=(width, min(max(2.5, 0.4 * L + 1.5), 16.0)), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(share.max())))
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(np.nanmax(share))))
     im = ax.imshow(share, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
     # Per-layer imbalance in the row label: max/mean and min/mean of the expert loads.
     labels = [
         f"layer {i}  max {mx:.2f}x  min {mn:.2f}x"
-        for i, mx, mn in zip(layer_ids, share.max(axis=1), share.min(axis=1))
+        for i, mx, mn in zip(layer_ids, np.nanmax(share, axis=1), np.nanmin(share, axis=1))
     ]
     ax.set_yticks(range(L), labels)
     ax.set_xlabel("expert")

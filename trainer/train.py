@@ -75,7 +75,7 @@ class Trainer:
         self.model_cfg = OmegaConf.to_object(cfg.model)
         try:  # model.init_from / moe.upcycle_from / a placement file: a bad source is a user error
             placement = resolve_placement(cfg.parallel.expert_placement, cfg.run_dir, self.dims,
-                                          cfg.cluster.gpus_per_node, cfg.model.moe.num_experts)
+                                          cfg.cluster.gpus_per_node)
             self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
                                   seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
                                   moe_pattern=moe_layer_pattern(cfg.model), placement=placement)
