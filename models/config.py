@@ -121,6 +121,10 @@ class MLAConfig:
     qk_nope_head_dim: int = 16  # per-head query/key channels without position encoding
     qk_rope_head_dim: int = 8  # per-head query channels with RoPE (the key's are shared)
     v_head_dim: int = 16  # per-head value channels (o_proj input is num_heads * v_head_dim)
+    # Zero-pad v to the q/k width before the attention core (output sliced back): fused
+    # SDPA kernels that need equal widths (CPU flash; CUDA flash) then run instead of the
+    # math fallback that saves the [T, T] probabilities; costs (qk - v) / v more AV work
+    pad_v: bool = False
 
 
 @dataclass

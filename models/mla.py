@@ -21,7 +21,9 @@ implemented: plain RoPE, unscaled softmax (docs/moe_features.md).
 The core is the same ``attn_fn`` seam as ``Attention`` (context parallelism swaps it):
 q, k ``[B, H, T, qk_nope + qk_rope]``, v ``[B, H, T, v_head]`` — the value width may
 differ from the query/key width (SDPA's default scale is 1/sqrt of the q/k width, which
-is MLA's). Head counts come from the weights, so a TP plan that shards ``q_b_proj`` /
+is MLA's); PyTorch's fused kernels need equal widths on some backends (CPU flash
+falls back to the math path, which saves the [T, T] probabilities), which
+``model.mla.pad_v`` provides by zero-padding v. Head counts come from the weights, so a TP plan that shards ``q_b_proj`` /
 ``kv_b_proj`` by heads works unchanged; ``shared_rope`` is the seam for the one RoPE key
 every local head reads (identity on one device; under TP its gradient is summed over
 the ranks, each of which holds other heads).
@@ -64,6 +66,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
         self.nope, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.qk_dim = self.nope + self.rope_dim
+        self.pad_v = a.pad_v and self.v_dim < self.qk_dim
         if a.q_lora_rank:
             self.q_a_proj = nn.Linear(d, a.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank, cfg.norm_eps)
@@ -102,8 +105,12 @@ class MultiHeadLatentAttention(nn.Module):
         k_rope = self.rope(self.shared_rope(k_rope).unsqueeze(2), position_ids_BT)
         q = torch.cat([q_nope, self.rope(q_rope, position_ids_BT)], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(B, T, H, self.rope_dim)], dim=-1)
+        if self.pad_v:  # model.mla.pad_v: equal widths for fused kernels
+            v = torch.nn.functional.pad(v, (0, self.qk_dim - self.v_dim))
         out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            doc_ids_BT, block_ids_BT)
+        if self.pad_v:
+            out = out[..., :self.v_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def init_params(self, init: Initializer, prefix: str) -> None:

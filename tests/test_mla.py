@@ -84,9 +84,10 @@ def _module(cfg: ModelConfig, seed: int = 0) -> MultiHeadLatentAttention:
     return m
 
 
-@pytest.mark.parametrize("q_lora_rank", [12, 0], ids=["q_lora", "q_proj"])
-def test_forward_backward_match_naive_reference(q_lora_rank):
-    cfg = tiny_cfg(q_lora_rank)
+@pytest.mark.parametrize("q_lora_rank, pad_v", [(12, False), (0, False), (12, True)],
+                         ids=["q_lora", "q_proj", "q_lora_pad_v"])
+def test_forward_backward_match_naive_reference(q_lora_rank, pad_v):
+    cfg = tiny_cfg(q_lora_rank, pad_v=pad_v)
     m = _module(cfg)
     B, T = 2, 7
     x = torch.randn(B, T, cfg.hidden_size, requires_grad=True)
@@ -152,6 +153,17 @@ def test_init_is_seeded_by_name():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert a.layers["0"].attention.kv_b_proj.weight.std() > 0
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_activation_estimate_matches_saved_tensors(q_lora_rank):
+    """parallel/memory.py's MLA term against the bytes autograd saves (the harness and
+    10% tolerance of tests/test_memory.py), with pad_v so the CPU runs a fused kernel."""
+    from tests.test_memory import TOL, measure
+
+    got, est = measure(0, 1, ["model=mla_tiny", "model.mla.pad_v=true",
+                              f"model.mla.q_lora_rank={q_lora_rank}"])
+    assert abs(est - got) <= TOL * got, (est, got)
 
 
 @pytest.mark.parametrize("override, message", [
