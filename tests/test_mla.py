@@ -185,3 +185,81 @@ def test_mla_tp_needs_heads_divisible_not_kv_heads():
              world_size=4)
     with pytest.raises(ConfigError, match="parallel.tp=8 does not divide model.num_heads=4"):
         validate(compose_config(["model=mla_tiny", "parallel.tp=8"]), world_size=8)
+
+
+# -- Hugging Face DeepseekV3 interop (models/hf_map.py, parallel/hf_load.py) ----------
+def _ds_cfg(q_lora_rank: int = 12) -> ModelConfig:
+    from models.config import MoEConfig
+
+    cfg = tiny_cfg(q_lora_rank)
+    cfg.vocab_size, cfg.num_layers, cfg.ffn_hidden_size, cfg.rope_theta = 96, 3, 48, 5e5
+    cfg.moe = MoEConfig(num_experts=8, top_k=4, expert_ffn_hidden_size=16, first_k_dense=1,
+                        score_func="sigmoid", norm_topk_prob=True, topk_scaling_factor=2.5,
+                        num_groups=4, group_topk=2, expert_bias=True, num_shared_experts=1,
+                        shared_expert_ffn_hidden_size=16)
+    return cfg
+
+
+def _save(cfg: ModelConfig, root, bias: float):
+    """A checkpoint of a seeded model with norms away from 1 and a nonzero expert bias."""
+    from dataclasses import asdict
+
+    from trainer import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        for layer in model.moe_layers():
+            layer.router.expert_bias.copy_(bias * torch.randn(cfg.moe.num_experts, generator=g))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    meta = {"model": asdict(cfg), "config": {"model": asdict(cfg)}, "world_size": 1}
+    return model, ckpt.save(root, model=model, optimizer=opt, scheduler=sched,
+                            train_state=ckpt.TrainState(step=1), meta=meta)
+
+
+@pytest.mark.parametrize("q_lora_rank", [12, 0], ids=["q_lora", "q_proj"])
+def test_hf_deepseek_v3_import_and_export_match_logits(q_lora_rank, tmp_path):
+    """A random tiny transformers DeepseekV3ForCausalLM (interleaved RoPE, nonzero
+    selection bias, norms away from 1) -> ``model.init_from=hf:`` -> our logits equal
+    HF's; our model -> export -> HF loads it and its logits equal ours."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from models.hf_map import hf_config
+    from parallel.hf_load import fill_from, open_source
+    from scripts.convert_hf import export
+
+    cfg = _ds_cfg(q_lora_rank)
+    hf_dict = {k: v for k, v in hf_config(cfg).items() if k not in ("architectures",)}
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_dict)).eval()
+    assert hf.config.rope_interleave
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():  # HF zero-inits the router; norms are ones
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "norm" in n else 0.2)
+                    + (1.0 if "norm" in n else 0.0))
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    hf.save_pretrained(tmp_path / "hf_in")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=g)
+    ours = build_model(cfg, "cpu")
+    src = open_source(f"hf:{tmp_path / 'hf_in'}", cfg)
+    fill_from(ours, src)
+    src.fill_buffers(ours)
+    with torch.no_grad():
+        want, got = hf(tokens).logits, ours(tokens)
+    assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
+
+    model, path = _save(cfg, tmp_path / "ckpt", bias=0.1)
+    assert export(path, tmp_path / "hf_out") == "deepseek_v3"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine, theirs = model(tokens), back(tokens).logits
+    assert (mine - theirs).abs().max().item() < 1e-4
