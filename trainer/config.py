@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig
-from models.config import check_attention
+from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig, check_attention
 from models.config import moe_layer_pattern as _moe_layer_pattern
 from parallel.dims import divisors
 from trainer.errors import ConfigError
