@@ -263,3 +263,25 @@ def test_hf_deepseek_v3_import_and_export_match_logits(q_lora_rank, tmp_path):
     with torch.no_grad():
         mine, theirs = model(tokens), back(tokens).logits
     assert (mine - theirs).abs().max().item() < 1e-4
+
+
+def test_deepseek_v3_dry_run_rank_holds_its_mla_shards():
+    """The real preset dry-runs at 512 ranks (pp4 with uneven stages, tp8+SP, ep64, FSDP
+    over dp16 / edp2) and a middle-stage rank stores exactly: the TP-split MLA up/out
+    projections and shared expert / (tp * dp), the replicated down projections, MLA and
+    block norms and router / dp, its 4 routed experts / edp — 15 MoE layers."""
+    from trainer.dry_run import dry_run_report
+
+    cfg = compose_config([
+        "trainer.dry_run=true", "model=deepseek_v3", "parallel.world_size=512",
+        "parallel.pp=4", "parallel.pp_layers=[16,15,15,15]", "parallel.tp=8",
+        "parallel.ep=64", "parallel.sequence_parallel=true", "trainer.seq_len=4096",
+        "trainer.micro_batch_size=1", "trainer.global_batch_size=64",
+        "trainer.precision=bf16", "parallel.dry_run_rank=200"])
+    report = dry_run_report(cfg)
+    d, H, qr, kvr, nope, rope, v, E, F = 7168, 128, 1536, 512, 128, 64, 128, 256, 2048
+    tp, dp, ep, edp = 8, 16, 64, 2
+    split = (qr * H * (nope + rope) + kvr * H * (nope + v) + H * v * d + 3 * d * F) // (tp * dp)
+    replicated = (d * qr + d * (kvr + rope) + qr + kvr + 2 * d + E * d) // dp
+    layer = split + replicated + 3 * E * d * F // (ep * edp)
+    assert report.params_numel == 15 * layer
