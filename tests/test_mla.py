@@ -255,13 +255,24 @@ def test_hf_deepseek_v3_import_and_export_match_logits(q_lora_rank, tmp_path):
     src.fill_buffers(ours)
     with torch.no_grad():
         want, got = hf(tokens).logits, ours(tokens)
+    print(f"import q_lora_rank={q_lora_rank}: max |logits diff| = "
+          f"{(got - want).abs().max().item():.2e}")
     assert (got - want).abs().max().item() < 1e-4, (got - want).abs().max().item()
+    # the RoPE row permutation matters: reading the rows as stored does not match
+    from models.hf_map import hf_entries
+
+    src.entries = {e.name: e for e in hf_entries(cfg, rope_interleave=False)}
+    fill_from(ours, src)
+    with torch.no_grad():
+        assert (ours(tokens) - want).abs().max().item() > 1e-3
 
     model, path = _save(cfg, tmp_path / "ckpt", bias=0.1)
     assert export(path, tmp_path / "hf_out") == "deepseek_v3"
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out", dtype=torch.float32).eval()
     with torch.no_grad():
         mine, theirs = model(tokens), back(tokens).logits
+    print(f"export q_lora_rank={q_lora_rank}: max |logits diff| = "
+          f"{(mine - theirs).abs().max().item():.2e}")
     assert (mine - theirs).abs().max().item() < 1e-4
 
 
