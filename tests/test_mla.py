@@ -104,6 +104,33 @@ def test_forward_backward_match_naive_reference(q_lora_rank, pad_v):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_absorbed_form_equals_module():
+    """DeepSeek-V2's inference form: W_uk absorbed into the query and W_uv applied after
+    attending over the compressed latent c_kv (one [T, kv_lora_rank] "head" instead of H
+    up-projected keys and values) gives the module's output."""
+    cfg = tiny_cfg()
+    m = _module(cfg)
+    a, H = cfg.mla, cfg.num_heads
+    nope, rope, dv, r = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+    x = torch.randn(2, 6, cfg.hidden_size)
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        q = m.query(x).view(2, 6, H, nope + rope)
+        kva = m.kv_a_proj_with_mqa(x)
+        c = m.kv_a_layernorm(kva[..., :r])  # [B, T, r]
+        k_rope = _rope(kva[..., r:].unsqueeze(2), pos, cfg.rope_theta)[:, :, 0]
+        w = m.kv_b_proj.weight.view(H, nope + dv, r)
+        w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, r], [H, dv, r]
+        q_lat = torch.einsum("bthn,hnr->bthr", q[..., :nope], w_uk)
+        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c)
+                  + torch.einsum("bthd,bsd->bhts", _rope(q[..., nope:], pos, cfg.rope_theta),
+                                 k_rope)) / math.sqrt(nope + rope)
+        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+        o_lat = torch.einsum("bhts,bsr->bthr", scores.softmax(-1), c)
+        out = m.o_proj(torch.einsum("bthr,hvr->bthv", o_lat, w_uv).flatten(2))
+        torch.testing.assert_close(out, m(x, pos), rtol=1e-4, atol=1e-5)
+
+
 def test_rope_is_shared_across_heads_and_values_have_their_own_width():
     """The key's RoPE channels are one head broadcast to all: the core sees equal k_rope
     slices in every head, and v of width v_head_dim != the q/k width."""
