@@ -1,7 +1,7 @@
 """Multi-head latent attention (models/mla.py) keeps the central promise: N gloo processes
 equal one process (losses, grad norm, final parameters) under TP (heads split, replicated
-down projections), TP+SP, CP (head/tail chunks, all-gathered K/V with packed-document
-masks) and PP, through ``trainer.train.run`` in-process (tests/inproc.py), as in
+down projections), TP+SP with FSDP, CP (head/tail chunks, all-gathered K/V) and PP, all
+with packed-document masks, through ``trainer.train.run`` in-process (tests/inproc.py), as in
 tests/test_parity_distributed.py, on the mla_tiny preset (MLA + MoE)."""
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from tests.test_parity_distributed import (
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+# One reference for every layout (one single-process run): packed documents (per-document
+# RoPE positions, document masks) and the aux-loss-free expert bias.
 SETTINGS = {
-    "mla": ["model=mla_tiny", "model.moe.expert_bias=true"],
-    # packed documents: per-document RoPE positions and document masks
-    "mla_documents": ["model=mla_tiny", "data.document_mask=true"],
+    "mla_documents": ["model=mla_tiny", "data.document_mask=true", "model.moe.expert_bias=true"],
 }
 LAYOUTS = [
-    ("mla_tp2", 2, "mla", ["parallel.tp=2"]),
-    ("mla_tp2_sp_fsdp", 2, "mla", ["parallel.tp=2", "parallel.sequence_parallel=true",
-                                   "parallel.dp_engine=fsdp"]),
-    ("mla_cp2_documents", 2, "mla_documents", ["parallel.cp=2"]),
-    ("mla_pp2", 2, "mla", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    ("mla_tp2", 2, "mla_documents", ["parallel.tp=2"]),
+    ("mla_tp2_sp_fsdp", 2, "mla_documents", ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                             "parallel.dp_engine=fsdp"]),
+    ("mla_cp2", 2, "mla_documents", ["parallel.cp=2"]),
+    ("mla_pp2", 2, "mla_documents", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
 ]
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
 
