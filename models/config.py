@@ -126,6 +126,27 @@ class DiffusionConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, ``model.attention: mla``, models/mla.py).
+
+    Per head the query/key are ``[nope | rope]`` (``qk_nope_head_dim + qk_rope_head_dim``
+    channels) and the value ``v_head_dim``; keys and values are up-projected from one
+    compressed latent per token, the RoPE part of the key is one head shared by all."""
+
+    # rank of the query compression (x -> q_a -> RMSNorm -> q_b); 0: one q projection
+    # straight from x (DeepSeek-V2-Lite)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64  # rank of the compressed key/value latent c_kv (cached at inference)
+    qk_nope_head_dim: int = 16  # per-head query/key channels without position encoding
+    qk_rope_head_dim: int = 8  # per-head query channels with RoPE (the key's are shared)
+    v_head_dim: int = 16  # per-head value channels (o_proj input is num_heads * v_head_dim)
+    # Zero-pad v to the q/k width before the attention core (output sliced back): fused
+    # SDPA kernels that need equal widths (CPU flash; CUDA flash) then run instead of the
+    # math fallback that saves the [T, T] probabilities; costs (qk - v) / v more AV work
+    pad_v: bool = False
+
+
+@dataclass
 class ModelConfig:
     name: str = "moe_tiny"
     # Architecture family: llm (models/transformer.py) | mot (models/mot.py) |
@@ -142,6 +163,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Attention of the llm blocks: gqa (models/layers.py; num_kv_heads, head_dim) | mla
+    # (multi-head latent attention, models/mla.py; its sizes in model.mla).
+    attention: str = "gqa"
     init_std: float = 0.02
     # Initial weights instead of the seeded init (docs/interop.md): hf:<dir> (Hugging Face
     # safetensors of a supported family) or a moefold export dir.
@@ -150,6 +174,7 @@ class ModelConfig:
     mot: MoTConfig = field(default_factory=MoTConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
 
 
 # architectures whose weights are per modality (models/mot.py, models/mamba.py)
@@ -241,3 +266,25 @@ def moe_layer_config(model: ModelConfig, layer: int) -> ModelConfig:
     if model.moe.num_experts == E:
         return model
     return replace(model, moe=replace(model.moe, num_experts=E))
+
+
+def check_attention(model: ModelConfig) -> None:
+    """Raise ``ValueError`` (one line naming the key) for an attention choice or MLA size
+    that cannot be built; the trainer's validation turns it into a ``ConfigError``."""
+    if model.attention not in ("gqa", "mla"):
+        raise ValueError(f"model.attention={model.attention!r} is not one of 'gqa', 'mla'")
+    if model.attention == "gqa":
+        return
+    if model.arch != "llm":
+        raise ValueError(f"model.attention=mla needs model.arch=llm (got {model.arch}: "
+                         "MoT/MoM blocks have their own attention)")
+    a = model.mla
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(a, key) <= 0:
+            raise ValueError(f"model.mla.{key}={getattr(a, key)} must be > 0")
+    if a.q_lora_rank < 0:
+        raise ValueError(f"model.mla.q_lora_rank={a.q_lora_rank} must be >= 0 (0: no "
+                         "query compression)")
+    if a.qk_rope_head_dim % 2:
+        raise ValueError(f"model.mla.qk_rope_head_dim={a.qk_rope_head_dim} must be even "
+                         "(RoPE rotates channel pairs)")

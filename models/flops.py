@@ -6,7 +6,10 @@ number of *active* matmul parameters per token — attention and MLP projections
 top_k routed experts plus the shared experts and their gate, the router, and the output
 head (the tied embedding matrix when embeddings are tied), but not the embedding lookup
 nor the norm weights. The attention term counts QK^T and AV for every (query, key) pair,
-without halving for the causal mask.
+without halving for the causal mask: ``6 * num_layers * num_heads * (d_qk + d_v) *
+seq_len`` — ``12 * ... * head_dim`` for GQA; multi-head latent attention (MLA) has
+``d_qk = qk_nope + qk_rope`` and ``d_v = v_head_dim``, and its matmuls are the
+up-projected (non-absorbed) form the training forward runs.
 
 Null experts (AdaMoE) cost nothing but their router rows; how many real experts a token
 uses is decided by training, so the static count takes ``real_experts_per_token`` (default:
@@ -25,13 +28,37 @@ def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
+def attention_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul, norm) parameters of one llm block's attention (GQA or MLA)."""
+    d, H = cfg.hidden_size, cfg.num_heads
+    if cfg.attention != "mla":
+        hd = _head_dim(cfg)
+        return d * H * hd * 2 + d * cfg.num_kv_heads * hd * 2, 0
+    a = cfg.mla
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    q = d * a.q_lora_rank + a.q_lora_rank * H * qk if a.q_lora_rank else d * H * qk
+    kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank * H * (
+        a.qk_nope_head_dim + a.v_head_dim)
+    return q + kv + H * a.v_head_dim * d, a.q_lora_rank + a.kv_lora_rank
+
+
+def _attention_flops(cfg: ModelConfig, n_layers: int, seq_len: int) -> int:
+    """QK^T and AV of every (query, key) pair, forward + backward (module docstring)."""
+    if cfg.attention == "mla":
+        a = cfg.mla
+        width = a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim
+    else:
+        width = 2 * _head_dim(cfg)
+    return 6 * n_layers * cfg.num_heads * width * seq_len
+
+
 def _layer_matmul_params(cfg: ModelConfig, num_experts: int,
                          real_experts_per_token: float | None = None) -> tuple[int, int]:
     """(total, active) matmul parameters of one block with ``num_experts`` routed experts
     (0: a dense block); ``real_experts_per_token``: routed experts a token really runs
     (null experts: fewer than top_k; default top_k)."""
-    d, hd = cfg.hidden_size, _head_dim(cfg)
-    attn = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
+    d = cfg.hidden_size
+    attn = attention_params(cfg)[0]
     if not num_experts:
         mlp = 3 * d * cfg.ffn_hidden_size
         return attn + mlp, attn + mlp
@@ -101,7 +128,7 @@ def param_counts(cfg: ModelConfig) -> tuple[int, int]:
         P = cfg.diffusion.patch_dim
         io = 2 * P * d + 2 * d * d + 2 * d if P else 0  # patch in/out, timestep MLP
         return embed + d + io + total, embed + d + io + round(sum(active) / len(active))
-    norms = d * (2 * cfg.num_layers + 1)
+    norms = d * (2 * cfg.num_layers + 1) + cfg.num_layers * attention_params(cfg)[1]
     total = active = embed + norms
     for E in experts_per_layer(cfg):
         t, a = _layer_matmul_params(cfg, E)
@@ -137,5 +164,4 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int,
     matmul = cfg.vocab_size * cfg.hidden_size  # output head (tied or not)
     for E in experts_per_layer(cfg):
         matmul += _layer_matmul_params(cfg, E, real_experts_per_token)[1]
-    attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
-    return float(6 * matmul + attention)
+    return float(6 * matmul + _attention_flops(cfg, cfg.num_layers, seq_len))

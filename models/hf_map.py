@@ -11,12 +11,21 @@ tensor and whether it is stored transposed (HF ``nn.Linear.weight`` is [out, in]
 
 Refused (``HFRefused``, one line naming what differs): anything the HF class would
 compute differently from our forward — no family is ever approximated.
+
+DeepSeek-V3 (``model.attention: mla``): multi-head latent attention plus DeepSeek's MoE
+(sigmoid scores, group-limited top-k, the selection bias ``e_score_correction_bias``,
+one ungated shared-expert MLP, the first layers dense). Its checkpoints pair the RoPE
+channels interleaved (``rope_interleave``, the default); our RoPE rotates halves, the same
+rotation after permuting those channels: an ``Entry`` with ``rope`` names the rows of
+``q_b_proj`` / ``q_proj`` / ``kv_a_proj_with_mqa`` to permute (:func:`rope_rows`). The
+multi-token-prediction module (``num_nextn_predict_layers``) is not built: its tensors
+are ignored on import and not written on export.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional
 
 from models.config import (
     ModelConfig,
@@ -26,7 +35,8 @@ from models.config import (
     moe_layer_pattern,
 )
 
-__all__ = ["HFRefused", "Entry", "hf_family", "hf_config", "hf_entries", "check_hf_config"]
+__all__ = ["HFRefused", "Entry", "hf_family", "hf_config", "hf_entries", "check_hf_config",
+           "rope_rows"]
 
 
 class HFRefused(ValueError):
@@ -38,6 +48,27 @@ class Entry:
     name: str  # our init name
     hf: str  # the HF tensor name
     transpose: bool = False  # ours = hf.T
+    # (period, offset, width): in every ``period`` rows, rows offset..offset+width are
+    # RoPE channels stored interleaved by HF (ours = hf[rope_rows(...)]); None: as stored
+    rope: Optional[tuple[int, int, int]] = None
+    buffer: bool = False  # a buffer of ours (the expert selection bias), not a parameter
+
+
+def rope_rows(rows: int, rope: tuple[int, int, int], to_hf: bool = False) -> list[int]:
+    """Row order taking HF's interleaved RoPE pairs (x0, x1), (x2, x3), ... to our halves
+    (x0, x2, ... | x1, x3, ...): ``ours = hf[order]``; ``to_hf``: the inverse order."""
+    period, offset, width = rope
+    within = [*range(0, width, 2), *range(1, width, 2)]
+    order = list(range(rows))
+    for base in range(0, rows, period):
+        for j, src in enumerate(within):
+            order[base + offset + j] = base + offset + src
+    if to_hf:
+        inverse = [0] * rows
+        for i, src in enumerate(order):
+            inverse[src] = i
+        return inverse
+    return order
 
 
 def _cfg_dict(cfg: Any) -> dict:
@@ -53,6 +84,8 @@ def hf_family(cfg: ModelConfig) -> str:
     if cfg.arch != "llm":
         _refuse(f"model.arch={cfg.arch} (MoT/MoM have no HF class; export writes the "
                 "moefold safetensors layout instead)")
+    if cfg.attention == "mla":
+        return _deepseek_v3_family(cfg)
     m = cfg.moe
     if not has_experts(cfg):
         return "llama"
@@ -93,6 +126,32 @@ def hf_family(cfg: ModelConfig) -> str:
     return "qwen2_moe"
 
 
+def _deepseek_v3_family(cfg: ModelConfig) -> str:
+    """MLA models: DeepseekV3ForCausalLM when its MoE computes exactly like ours."""
+    m = cfg.moe
+    if m.num_experts == 0:
+        _refuse("model.attention=mla without MoE (DeepseekV3 has routed experts after its "
+                "first_k_dense_replace dense layers)")
+    pattern = moe_layer_pattern(cfg)
+    if pattern != [i >= m.first_k_dense for i in range(cfg.num_layers)]:
+        _refuse("model.moe.layer_freq other than 1 (DeepseekV3: every layer after the first "
+                "first_k_dense is MoE)")
+    if m.score_func != "sigmoid":
+        _refuse(f"model.moe.score_func={m.score_func} with MLA (DeepseekV3 scores with sigmoid)")
+    if m.num_groups and m.top_k // m.group_topk != 2:
+        _refuse(f"model.moe.top_k={m.top_k} // group_topk={m.group_topk} != 2 (DeepseekV3 "
+                "scores a group by its best 2 experts)")
+    if m.num_shared_experts == 0 or m.shared_expert_gate:
+        _refuse("DeepseekV3 has ungated shared experts (model.moe.num_shared_experts >= 1, "
+                "shared_expert_gate=false)")
+    if (m.shared_expert_ffn_hidden_size or m.expert_ffn_hidden_size) != m.expert_ffn_hidden_size:
+        _refuse("model.moe.shared_expert_ffn_hidden_size != expert_ffn_hidden_size "
+                "(DeepseekV3's shared MLP is n_shared_experts * moe_intermediate_size wide)")
+    if m.capacity_factor is not None:
+        _refuse("model.moe.capacity_factor set (HF MoE blocks are dropless)")
+    return "deepseek_v3"
+
+
 def _head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
@@ -101,7 +160,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The HF ``config.json`` (as a dict) of the family expressing ``cfg`` exactly."""
     family = hf_family(cfg)
     arch = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
-            "qwen2_moe": "Qwen2MoeForCausalLM"}[family]
+            "qwen2_moe": "Qwen2MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[family]
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": family,
@@ -123,7 +182,21 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "intermediate_size": cfg.ffn_hidden_size,
     }
     m = cfg.moe
-    if family == "llama":
+    if family == "deepseek_v3":
+        a = cfg.mla
+        out.update(num_key_value_heads=cfg.num_heads, head_dim=a.qk_rope_head_dim,
+                   q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,
+                   qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                   v_head_dim=a.v_head_dim, rope_interleave=True, attention_bias=False,
+                   moe_intermediate_size=m.expert_ffn_hidden_size,
+                   n_routed_experts=m.num_experts, n_shared_experts=m.num_shared_experts,
+                   num_experts_per_tok=m.top_k, n_group=m.num_groups or 1,
+                   topk_group=m.group_topk if m.num_groups else 1,
+                   routed_scaling_factor=m.topk_scaling_factor,
+                   norm_topk_prob=m.norm_topk_prob, first_k_dense_replace=m.first_k_dense,
+                   scoring_func="sigmoid", topk_method="noaux_tc",
+                   num_nextn_predict_layers=0)
+    elif family == "llama":
         out.update(attention_bias=False, mlp_bias=False)
     elif family == "mixtral":
         out.update(intermediate_size=m.expert_ffn_hidden_size, num_local_experts=max_experts(cfg),
@@ -147,7 +220,10 @@ _CHECKED = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
             "rope_theta", "tie_word_embeddings", "intermediate_size", "num_local_experts",
             "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-            "shared_expert_intermediate_size", "mlp_only_layers", "qkv_bias")
+            "shared_expert_intermediate_size", "mlp_only_layers", "qkv_bias",
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+            "v_head_dim", "n_routed_experts", "n_shared_experts", "n_group", "topk_group",
+            "routed_scaling_factor", "first_k_dense_replace", "scoring_func")
 
 
 def _rope_theta(hf: dict) -> Any:
@@ -161,6 +237,8 @@ def check_hf_config(cfg: ModelConfig, hf: dict[str, Any]) -> str:
     ours = hf_config(cfg)
     family = ours["model_type"]
     hf = dict(hf)
+    if family == "deepseek_v3" and hf.get("q_lora_rank") is None:
+        hf["q_lora_rank"] = None  # DeepSeek-V2-Lite style: one q_proj
     if hf.get("model_type") != family:
         raise HFRefused(f"config.json model_type={hf.get('model_type')!r} but model.* "
                         f"describes a {family} model")
@@ -174,6 +252,17 @@ def check_hf_config(cfg: ModelConfig, hf: dict[str, Any]) -> str:
                                                if (i + 1) % step}
         hf["mlp_only_layers"] = sorted(dense)
         hf.setdefault("norm_topk_prob", False)
+    if family == "deepseek_v3":
+        hf.setdefault("head_dim", hf.get("qk_rope_head_dim"))
+        hf.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        for key, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
+                           ("moe_layer_freq", 1)):
+            if hf.setdefault(key, value) != value:
+                raise HFRefused(f"config.json {key}={hf[key]!r} is not expressible "
+                                f"(only {value!r})")
+        if hf.get("quantization_config"):
+            raise HFRefused("config.json quantization_config: quantized (e.g. FP8 block-"
+                            "scaled) checkpoints are not read; dequantize to bf16 first")
     for key in ("rope_scaling",):
         if hf.get(key):
             raise HFRefused(f"config.json {key}={hf[key]} is not expressible (plain RoPE only)")
@@ -201,13 +290,16 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
-def hf_entries(cfg: ModelConfig) -> list[Entry]:
-    """Every weight of the model: our init name -> HF tensor name (+ transpose)."""
+def hf_entries(cfg: ModelConfig, rope_interleave: bool = True) -> list[Entry]:
+    """Every weight of the model: our init name -> HF tensor name (+ transpose).
+    ``rope_interleave``: the DeepseekV3 config.json's (how its RoPE rows are stored)."""
     family = hf_family(cfg)
     out = [Entry("tok_embeddings.weight", "model.embed_tokens.weight"),
            Entry("norm.weight", "model.norm.weight")]
     if not cfg.tie_embeddings:
         out.append(Entry("output.weight", "lm_head.weight"))
+    if family == "deepseek_v3":
+        return out + _deepseek_v3_entries(cfg, rope_interleave)
     for i, is_moe in enumerate(moe_layer_pattern(cfg)):
         ours, hf = f"layers.{i}", f"model.layers.{i}"
         out += [Entry(f"{ours}.attention_norm.weight", f"{hf}.input_layernorm.weight"),
@@ -233,6 +325,39 @@ def hf_entries(cfg: ModelConfig) -> list[Entry]:
             for a, b in names.items():
                 out.append(Entry(f"{ours}.ffn.experts.{a}[{e}]",
                                  f"{block}.experts.{e}.{b}.weight", transpose=True))
+    return out
+
+
+def _deepseek_v3_entries(cfg: ModelConfig, rope_interleave: bool) -> list[Entry]:
+    a, m = cfg.mla, cfg.moe
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    q_rope = (qk, a.qk_nope_head_dim, a.qk_rope_head_dim) if rope_interleave else None
+    kv_rope = ((a.kv_lora_rank + a.qk_rope_head_dim, a.kv_lora_rank, a.qk_rope_head_dim)
+               if rope_interleave else None)
+    q = (("q_a_proj", None), ("q_a_layernorm", None), ("q_b_proj", q_rope)) if a.q_lora_rank \
+        else (("q_proj", q_rope),)
+    out = []
+    for i, is_moe in enumerate(moe_layer_pattern(cfg)):
+        ours, hf = f"layers.{i}", f"model.layers.{i}"
+        out += [Entry(f"{ours}.attention_norm.weight", f"{hf}.input_layernorm.weight"),
+                Entry(f"{ours}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight")]
+        for name, rope in (*q, ("kv_a_proj_with_mqa", kv_rope), ("kv_a_layernorm", None),
+                           ("kv_b_proj", None), ("o_proj", None)):
+            out.append(Entry(f"{ours}.attention.{name}.weight", f"{hf}.self_attn.{name}.weight",
+                             rope=rope))
+        names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+        if not is_moe:
+            out += [Entry(f"{ours}.ffn.{a_}.weight", f"{hf}.mlp.{b}.weight")
+                    for a_, b in names.items()]
+            continue
+        out.append(Entry(f"{ours}.ffn.router.weight", f"{hf}.mlp.gate.weight"))
+        out.append(Entry(f"{ours}.ffn.router.expert_bias",
+                         f"{hf}.mlp.gate.e_score_correction_bias", buffer=True))
+        out += [Entry(f"{ours}.ffn.shared_experts.{a_}.weight",
+                      f"{hf}.mlp.shared_experts.{b}.weight") for a_, b in names.items()]
+        for e in range(m.num_experts):
+            out += [Entry(f"{ours}.ffn.experts.{a_}[{e}]", f"{hf}.mlp.experts.{e}.{b}.weight",
+                          transpose=True) for a_, b in names.items()]
     return out
 
 

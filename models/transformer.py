@@ -1,4 +1,4 @@
-"""Decoder-only transformer (pre-norm, GQA + RoPE, SwiGLU MLP or MoE per layer).
+"""Decoder-only transformer (pre-norm, GQA or MLA + RoPE, SwiGLU MLP or MoE per layer).
 
 torchtitan-style layout so parallel/ can split or wrap it: ``tok_embeddings``, ``layers``
 (ModuleDict "0".."L-1"), ``norm``, ``output``; a pipeline stage deletes what it does not
@@ -23,6 +23,7 @@ from models.layers import (
     RotaryEmbedding,
     output_std,
 )
+from models.mla import MultiHeadLatentAttention, mla_rope_dim
 from models.moe import MoELayer
 
 # Prefixes added by wrappers (activation checkpointing, torch.compile, FSDP1); stripped so
@@ -40,7 +41,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, is_moe: bool, rope: Optional[RotaryEmbedding] = None):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg, rope)
+        # model.attention: GQA (models/layers.py) or multi-head latent attention (models/mla.py)
+        self.attention: nn.Module = (
+            MultiHeadLatentAttention(cfg, rope) if cfg.attention == "mla" else Attention(cfg, rope)
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn: nn.Module = (
             MoELayer(cfg) if is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
@@ -74,9 +78,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tie_embeddings = cfg.tie_embeddings
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        return RotaryEmbedding(
-            cfg.head_dim or cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta
-        )
+        return RotaryEmbedding(mla_rope_dim(cfg), cfg.max_seq_len, cfg.rope_theta)
 
     def _init_head(self, cfg: ModelConfig) -> None:
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_eps)

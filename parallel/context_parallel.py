@@ -172,6 +172,7 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
     token group. Apply after tensor parallelism (it replaces TP's token group)."""
     from models.layers import Attention
     from models.mamba import MambaMixer
+    from models.mla import MultiHeadLatentAttention
     from models.moe import MoELayer
     from models.mot import MoTAttention
     from parallel.ssm_context_parallel import ContextParallelScan
@@ -184,7 +185,9 @@ def apply_context_parallel(model: nn.Module, dims, seq_len: int) -> None:
         local = cp_index(seq_len, cp, g // tp)
         index.append(local.unflatten(0, (tp, -1))[g % tp])
     for m in model.modules():
-        if isinstance(m, (Attention, MoTAttention)):
+        # MLA: the core all-gathers the up-projected K (nope + shared rope) and V; gathering
+        # the compressed c_kv + k_rope and up-projecting locally would move less (not done)
+        if isinstance(m, (Attention, MoTAttention, MultiHeadLatentAttention)):
             m.attn_fn = attn
         elif isinstance(m, MambaMixer):  # conv halos and scan states between chunks
             m.seq = ContextParallelScan(cp_group)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, MoEConfig, has_experts
-from models.hf_map import HFRefused, check_hf_config, hf_entries, split_expert
+from models.hf_map import HFRefused, check_hf_config, hf_entries, rope_rows, split_expert
 from models.layers import Index, Initializer
 from models.transformer import canonical_name
 from parallel.sharded_init import dtensor_locate
@@ -64,12 +64,19 @@ class _Safetensors:
 
 
 def _hf_reader(files: _Safetensors, hf: str, transpose: bool, expected: tuple[int, ...],
-               name: str) -> Reader:
+               name: str, rope: Optional[tuple[int, int, int]] = None) -> Reader:
     sl = files.slice(hf)
     shape = tuple(sl.get_shape())
     want = tuple(reversed(expected)) if transpose else expected
     if shape != want:
         raise InitSourceError(f"{hf} has shape {list(shape)}, {name} needs {list(want)}")
+    if rope is not None:  # DeepSeek's interleaved RoPE rows -> our rotate-half order
+        order = torch.tensor(rope_rows(shape[0], rope))
+
+        def read_rope(index: Index, full: tuple[int, ...]) -> torch.Tensor:
+            rows = order[index[0]]  # only the held rows (a TP shard reads its heads)
+            return sl[:][rows][(slice(None), *index[1:])]
+        return read_rope
 
     def read(index: Index, full: tuple[int, ...]) -> torch.Tensor:
         if transpose:
@@ -86,13 +93,31 @@ class HFSource:
             raise InitSourceError(f"{path}/config.json is missing or unreadable ({e})") from None
         check_hf_config(cfg, hf_cfg)
         self.files = _Safetensors(path)
-        self.entries = {e.name: e for e in hf_entries(cfg)}
+        interleave = bool(hf_cfg.get("rope_interleave", True))
+        self.entries = {e.name: e for e in hf_entries(cfg, rope_interleave=interleave)}
 
     def get(self, name: str, shape: tuple[int, ...]) -> Optional[Reader]:
         e = self.entries.get(name)
         if e is None:
             return None
-        return _hf_reader(self.files, e.hf, e.transpose, shape, name)
+        return _hf_reader(self.files, e.hf, e.transpose, shape, name, e.rope)
+
+    @torch.no_grad()
+    def fill_buffers(self, model: nn.Module) -> None:
+        """Buffers the checkpoint holds (DeepSeek-V3's expert selection bias): copied into
+        the model's where it has them; without one (``model.moe.expert_bias=false``) the
+        checkpoint's must be zero, or routing would differ."""
+        held = {canonical_name(n): b for n, b in model.named_buffers()}
+        stage = {canonical_name(n).split(".ffn.")[0] for n, _ in model.named_parameters()}
+        for e in self.entries.values():
+            if not e.buffer or e.name.split(".ffn.")[0] not in stage:
+                continue
+            value = self.files.slice(e.hf)[:]
+            if e.name in held and held[e.name] is not None:
+                held[e.name].copy_(value)
+            elif value.abs().max() > 0:
+                raise InitSourceError(f"{e.hf} is nonzero but model.moe.expert_bias=false: "
+                                      "set it true to import the selection bias")
 
 
 def structural_diffs(a: dict, b: dict) -> list[str]:
@@ -319,3 +344,5 @@ def init_from_sources(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     except HFRefused as e:
         raise InitSourceError(str(e)) from None
     fill_from(model, source)
+    if isinstance(source, HFSource):
+        source.fill_buffers(model)

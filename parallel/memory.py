@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 
 from models.layers import FeedForward
 from models.mamba import MambaBlock
+from models.mla import MultiHeadLatentAttention
 from models.moe import MoELayer
 from models.mot import MoTBlock
 from models.transformer import TransformerBlock
@@ -114,11 +115,33 @@ def _attention_bytes(attn: nn.Module, h: int, s: _Shape) -> int:
     """Input to q/k/v (the gathered stream under SP: every token), q, k, v after RoPE,
     the attention output (the input of wo, a view) and fp32 log-sum-exp per head; under
     CP the all-gathered K/V of the whole sequence are saved too."""
+    if isinstance(attn, MultiHeadLatentAttention):
+        return _mla_bytes(attn, h, s)
     H, Hkv = attn.num_heads // s.tp, attn.num_kv_heads // s.tp
     hd = attn.head_dim
     q, kv = H * hd, Hkv * hd
     local = s.t * (s.a * (h + 2 * q + 2 * kv) + 4 * H)
     gathered = s.t * s.cp * s.a * 2 * kv if s.cp > 1 else 0
+    return local + gathered
+
+
+def _mla_bytes(attn: MultiHeadLatentAttention, h: int, s: _Shape) -> int:
+    """MLA: the (gathered) block input, the q and kv latents through their fp32 RMSNorms
+    and the normed latents (inputs of the up projections; replicated, every TP rank holds
+    them whole), q and k after RoPE (``qk_nope + qk_rope`` per local head), v and the
+    attention output (``v_head`` each, ``qk`` with ``pad_v``), fp32 log-sum-exp per head;
+    under CP the all-gathered K and V of the whole sequence. Assumes a fused attention
+    kernel (no [T, T] probabilities saved): on CPU that needs ``model.mla.pad_v`` when
+    ``v_head < qk``, else SDPA's math fallback also saves B*H*T*T floats per layer."""
+    H = attn.num_heads // s.tp
+    qk = attn.qk_dim
+    dv = qk if attn.pad_v else attn.v_dim
+    qr, kvr = attn.q_lora_rank, attn.kv_lora_rank
+    latents = _norm_bytes(kvr, s.t) + s.t * s.a * kvr
+    if qr:
+        latents += _norm_bytes(qr, s.t) + s.t * s.a * qr
+    local = s.t * (s.a * (h + 2 * H * qk + 2 * H * dv) + 4 * H) + latents
+    gathered = s.t * s.cp * s.a * H * (qk + dv) if s.cp > 1 else 0
     return local + gathered
 
 

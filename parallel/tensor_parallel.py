@@ -13,6 +13,14 @@ Layout over the 1-D ``tp`` mesh (Megatron's TP, expressed as DTensor placements)
   The attention core and RoPE run on the local heads over the full sequence; positions are
   never sharded (``Attention`` infers the local head count from the weight, see
   models/layers.py).
+- multi-head latent attention (models/mla.py): ``q_b_proj`` (or ``q_proj``) and
+  ``kv_b_proj`` column-parallel (whole heads), ``o_proj`` row-parallel; the down
+  projections ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms stay plain replicated
+  tensors run on the full (gathered) block input, so their gradients are identical on
+  every TP rank: each column-parallel up projection all-reduces its input gradient (the
+  q / kv latents, ``q_lora_rank + kv_lora_rank`` floats per token instead of the hidden
+  size), and the one RoPE key all local heads share sums its gradient over TP
+  (``MultiHeadLatentAttention.shared_rope``). Only ``num_heads`` must divide by tp.
 - dense ``FeedForward`` and MoE ``shared_experts``: ``w1``/``w3`` column-, ``w2`` row-parallel.
 - ``output``: column-parallel with the logits kept sharded on the vocab dim (a ``Shard(-1)``
   DTensor), so :func:`tp_cross_entropy_sum` runs under ``loss_parallel`` and no rank ever
@@ -59,8 +67,10 @@ from torch.distributed.tensor.parallel import (
 from models.layers import FeedForward
 from models.loss import lm_loss_sum, weighted_sum
 from models.mamba import MambaBlock
+from models.mla import MultiHeadLatentAttention
 from models.moe import MoELayer
 from models.mot import MoTBlock
+from parallel.collectives import sum_backward
 from parallel.dims import divisors
 from parallel.mamba_parallel import apply_mamba_tensor_parallel
 from parallel.mot_parallel import apply_mot_tensor_parallel
@@ -88,6 +98,11 @@ def check_heads(num_heads: int, num_kv_heads: int, tp: int, max_tp: int) -> None
                 f"model.num_kv_heads={num_kv_heads} are both split across the TP ranks")
 
 
+def _kv_heads(cfg) -> int:
+    """Heads of k/v that TP splits: GQA's kv heads; MLA up-projects per query head."""
+    return cfg.num_heads if getattr(cfg, "attention", "gqa") == "mla" else cfg.num_kv_heads
+
+
 def check_tensor_parallel(model_cfg, tp: int, *, seq_len: int, sequence_parallel: bool,
                           world_size: int) -> None:
     """Raise ``ValueError`` (one line naming the keys and the valid values) when a model of
@@ -99,7 +114,7 @@ def check_tensor_parallel(model_cfg, tp: int, *, seq_len: int, sequence_parallel
         raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if tp == 1:
         return
-    check_heads(m.num_heads, m.num_kv_heads, tp, max_tp=world_size)
+    check_heads(m.num_heads, _kv_heads(m), tp, max_tp=world_size)
     if m.vocab_size % tp:
         padded = -(-m.vocab_size // tp) * tp
         raise ValueError(
@@ -142,7 +157,7 @@ def apply_tensor_parallel(
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel needs a 1-D tp mesh, got {tp_mesh.ndim}-D")
     tp = tp_mesh.size()
-    check_heads(model.cfg.num_heads, model.cfg.num_kv_heads, tp, max_tp=tp_mesh.size())
+    check_heads(model.cfg.num_heads, _kv_heads(model.cfg), tp, max_tp=tp_mesh.size())
     sp = sequence_parallel
     _apply_ends_plan(model, tp_mesh, sp, src_data_rank)
     for block in model.layers.values():
@@ -194,16 +209,19 @@ def _block_plan(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> dict[str, ob
     """The plan of a transformer block: attention heads split, the FFN column/row-parallel,
     or an MoE layer whose tokens are split over the TP ranks."""
     stream = _stream(sp)
-    bplan: dict[str, object] = {
-        "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
-            input_layouts=(stream, None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None),
-        ),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=stream),
-    }
+    if isinstance(block.attention, MultiHeadLatentAttention):
+        bplan = _mla_plan(block.attention, tp_mesh, stream)
+    else:
+        bplan = {
+            "attention": PrepareModuleInput(  # (x, position_ids, doc_ids, block_ids)
+                input_layouts=(stream, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
+            ),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+        }
     if sp:
         bplan["attention_norm"] = SequenceParallel()
         bplan["ffn_norm"] = SequenceParallel()
@@ -245,6 +263,25 @@ def _block_plan(block: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> dict[str, ob
     else:
         raise TypeError(f"apply_tensor_parallel: no TP plan for ffn {type(ffn).__name__}")
     return bplan
+
+
+def _mla_plan(attn: MultiHeadLatentAttention, tp_mesh: DeviceMesh,
+              stream) -> dict[str, object]:
+    """MLA (module docstring): the block input gathered to a plain full tensor (its
+    gradient is already full on every rank, so SP's backward only keeps the local chunk),
+    the up projections column-parallel, ``o_proj`` row-parallel."""
+    attn.shared_rope = partial(sum_backward, group=tp_mesh.get_group())
+    q = "attention.q_b_proj" if attn.q_lora_rank else "attention.q_proj"
+    return {
+        "attention": PrepareModuleInput(
+            input_layouts=(stream, None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
+            use_local_output=True,
+        ),
+        q: ColwiseParallel(),
+        "attention.kv_b_proj": ColwiseParallel(),
+        "attention.o_proj": RowwiseParallel(output_layouts=stream),
+    }
 
 
 def grads_like_params(model: nn.Module) -> None:

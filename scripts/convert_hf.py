@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models.config import MODALITY_ARCHS, ModelConfig
-from models.hf_map import HFRefused, hf_config, hf_entries, split_expert
+from models.hf_map import HFRefused, hf_config, hf_entries, rope_rows, split_expert
 from parallel.hf_load import MOEFOLD_FORMAT, InitSourceError, dcp_model_state
 
 __all__ = ["export", "hf_state_dict"]
@@ -33,8 +33,13 @@ def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     """Our state dict -> HF tensors (``HFRefused`` when no family fits)."""
     out = {}
     for e in hf_entries(cfg):
+        if e.buffer and e.name not in state:  # no expert bias: DeepseekV3's is zero
+            out[e.hf] = torch.zeros(cfg.moe.num_experts, dtype=torch.float32)
+            continue
         ex = split_expert(e.name)
         t = state[ex[0]][ex[1]] if ex else state[e.name]
+        if e.rope is not None:  # our rotate-half RoPE rows -> DeepSeek's interleaved pairs
+            t = t[rope_rows(t.shape[0], e.rope, to_hf=True)]
         out[e.hf] = (t.T if e.transpose else t).contiguous()
     return out
 

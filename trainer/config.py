@@ -15,7 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig
 
-from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig, has_experts
+from models.config import MODALITY_ARCHS, ModelConfig, MoEConfig, check_attention, has_experts
 from models.config import experts_per_layer as _experts_per_layer
 from models.config import moe_layer_pattern as _moe_layer_pattern
 from parallel.dims import divisors
@@ -392,6 +392,10 @@ def validate_model(m: ModelConfig) -> None:
     for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
     _choice("model.arch", m.arch, ("llm", "mot", "mom"))
+    try:  # model.attention and the model.mla sizes
+        check_attention(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if m.arch in MODALITY_ARCHS:
         _validate_mot(m)
     if m.arch == "mom":
