@@ -56,6 +56,9 @@ class ParallelConfig:
     etp: int = 1
     sequence_parallel: bool = False
     dp_engine: str = "fsdp"  # fsdp | ddp | none
+    # FSDP gradient reduce-scatter without PP: last = after the last micro-batch only (holds
+    # unsharded fp32 grads until then), every = after each micro-batch (shards only)
+    fsdp_grad_sync: str = "last"
     # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (parallel/pipeline.py)
     pp_schedule: str = "1f1b"
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
@@ -626,6 +629,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
+    _choice("parallel.fsdp_grad_sync", p.fsdp_grad_sync, ("last", "every"))
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)

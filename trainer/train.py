@@ -75,7 +75,8 @@ class Trainer:
         try:  # model.init_from / moe.upcycle_from: a bad source is a user error
             self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
                                   seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
-                                  moe_pattern=moe_layer_pattern(cfg.model))
+                                  moe_pattern=moe_layer_pattern(cfg.model),
+                                  amp_dtype=self.amp_dtype)
         except InitSourceError as e:
             raise ConfigError(str(e)) from None
         self.model = self.pm.model
