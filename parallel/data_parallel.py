@@ -179,7 +179,7 @@ class DataParallel:
         if dist.is_initialized() and self.dims.world_size > 1:
             dist.all_reduce(total)
         norm = total.sqrt()
-        if max_norm > 0 and max_norm != float("inf"):
+        if params and max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         return norm

@@ -48,6 +48,7 @@ __all__ = [
     "check_pipeline",
     "split_layers",
     "stage_chunks",
+    "stage_class",
     "stage_module",
 ]
 
@@ -194,7 +195,7 @@ def stage_chunks(module: nn.Module, split: PipelineSplit) -> list[nn.Module]:
     ]
 
 
-def _stage_class():
+def stage_class():
     """``PipelineStage`` with two changes (torch.distributed.pipelining imported lazily):
 
     - autocast covers the stage's forward only (``autocast`` around the module call, also
@@ -256,7 +257,7 @@ def build_schedule(
 
     info = SCHEDULES[schedule]
     cls = getattr(pipelining.schedules, info.torch_class)
-    stage_cls = _stage_class()
+    stage_cls = stage_class()
     stages = [
         stage_cls(chunk, s, split.num_stages, device, group=group, autocast=autocast)
         for chunk, s in zip(chunks, split.stages)
@@ -279,7 +280,7 @@ class PipelineRunner:
     into the gradients, the MoE statistics and the logged loss: the runner runs that pass
     once on the first batch and discards its effects itself (the stage module's gradients
     set to None, the MoE statistics reset). Non-first stages see random-normal inputs in
-    that pass, not zeros (see ``_stage_class``).
+    that pass, not zeros (see ``stage_class``).
 
     Autocast covers each stage's forward only; the loss function and every backward run
     outside it, as in ``MicroBatchLoop``.
@@ -338,7 +339,7 @@ class PipelineRunner:
         kwargs = model_kwargs(cat, self.arch)
         self._sums, self._norm = [], norm
         by_step = not train and self._eval_by_step
-        # autocast is the stages' (forward only: see _stage_class), not the schedule's
+        # autocast is the stages' (forward only: see stage_class), not the schedule's
         with torch.enable_grad() if by_step else contextlib.nullcontext():
             (self.schedule.step if train or by_step else self.schedule.eval)(
                 *args, target=target, losses=[], return_outputs=False, **kwargs)
