@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import models.mamba_kernels as mamba_kernels
 from models.config import ModelConfig
@@ -65,7 +66,7 @@ def _scan_chunk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: torch.Tensor, reset: Optional[torch.Tensor] = None,
                    h0: Optional[torch.Tensor] = None, chunk: int = 16,
-                   return_state: bool = False):
+                   return_state: bool = False, recompute: bool = True):
     """u, delta [Bt, T, Dn]; A [Dn, N]; B, C [Bt, T, N]; D [Dn]; ``reset`` [Bt, T] bool
     (the state is zeroed before these steps: document starts); ``h0`` [Bt, Dn, N].
     Computed in fp32; returns y [Bt, T, Dn] in u's dtype (and the final state).
@@ -78,9 +79,19 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     chunk start (exp of a cumulative sum of ΔA ≤ 0: no overflow). Work is linear in T.
 
     Autocast is off inside: the output contraction is an ``einsum``, which autocast (CPU
-    and CUDA) would otherwise run in bf16 although every operand was upcast to fp32."""
+    and CUDA) would otherwise run in bf16 although every operand was upcast to fp32.
+
+    ``recompute`` (default): when a gradient is needed, the scan's fp32 ``[Bt, T, Dn, N]``
+    intermediates are not kept for backward but recomputed there (non-reentrant
+    checkpoint; the same values, so identical gradients): a layer then keeps only its
+    inputs, ~8 B per token and channel instead of ~(5 + 4/chunk) * 4 * N."""
+    args = (u, delta, A, B, C, D, reset, h0, chunk, return_state)
     with fp32_region(u):
-        return _selective_scan(u, delta, A, B, C, D, reset, h0, chunk, return_state)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, h0))
+        if recompute and needs_grad:
+            return checkpoint(_selective_scan, *args, use_reentrant=False)
+        return _selective_scan(*args)
 
 
 def fp32_region(t: torch.Tensor):
