@@ -202,10 +202,14 @@ def test_fsdp_bf16_last_micro_batch_sync_and_pp_autocast(single_run, tmp_path, m
     for step in (1, 2):
         assert last[step]["loss"] == pytest.approx(every[step]["loss"], rel=1e-6)
     ref = read_metrics(single_run([*_tiny_overrides(), "trainer.precision=bf16"]))
-    for name in ("pp2_bf16", "fsdp_bf16_last"):
+    # PP runs the same ops under autocast as the loop (measured: equal losses); the bf16
+    # FSDP policy also rounds norm / router weights to bf16 (measured: rel 1.6e-4)
+    for name, rel in (("pp2_bf16", 1e-5), ("fsdp_bf16_last", 2e-3)):
         m = read_metrics(tmp_path / name)
         for step in (1, 2):
-            assert m[step]["loss"] == pytest.approx(ref[step]["loss"], rel=2e-2), (name, step)
+            print(f"{name} step {step}: loss {m[step]['loss']:.6f} vs single-process bf16 "
+                  f"{ref[step]['loss']:.6f} (rel {m[step]['loss'] / ref[step]['loss'] - 1:+.1e})")
+            assert m[step]["loss"] == pytest.approx(ref[step]["loss"], rel=rel), (name, step)
     for requires_grad, std, counts in (r["prime"] for r in res):
         assert requires_grad and 0.8 < std < 1.2
         assert max(counts) < 0.5 * sum(counts)  # zeros would send every token to 2 experts
