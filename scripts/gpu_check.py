@@ -3,7 +3,8 @@ last section (docs/gpu.md), steps 0-8, on one H100/H200 in <= 8 minutes.
 
 Each step is guarded: a failing step prints ``FAIL`` with a one-line reason and the
 script goes on. At the end one markdown table (step, result, numbers, seconds) is printed
-and written to ``$OUT/gpu_check.md`` (or ``runs/gpu_check/gpu_check.md``).
+and written to ``$OUT/gpu_check.md`` (or ``runs/gpu_check/gpu_check.md``); the steps' run
+directories, logs and tracebacks stay in ``<out>/work/``.
 
     bash scripts/gpu_check.sh                # on a CUDA machine
     bash scripts/gpu_check.sh --cpu-smoke    # tiny sizes on CPU: exercises every step's
@@ -16,14 +17,13 @@ with nothing to hold it against), SKIP (not applicable here, e.g. needs CUDA).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -501,7 +501,8 @@ def run_steps(ctx: Ctx, only: list[str] | None = None) -> list[tuple[str, str, s
         except Exception as e:  # noqa: BLE001 - a step's failure is a row, not the end
             status = "FAIL"
             numbers = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-            (ctx.work / "tracebacks.txt").open("a").write(f"== {name}\n{traceback.format_exc()}\n")
+            with (ctx.work / "tracebacks.txt").open("a") as f:
+                f.write(f"== {name}\n{traceback.format_exc()}\n")
         finally:
             if ctx.cuda:
                 torch.cuda.empty_cache()
@@ -534,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp, contextlib.ExitStack():
-        os.environ.setdefault("MOEFOLD_CACHE", str(out / "cache"))
-        ctx = Ctx(device=device, smoke=args.cpu_smoke, work=Path(tmp))
-        rows = run_steps(ctx, args.only)
-        if (ctx.work / "tracebacks.txt").exists():
-            (out / "tracebacks.txt").write_text((ctx.work / "tracebacks.txt").read_text())
+    work = out / "work"  # run dirs, logs (<step>.log), tracebacks.txt: kept for reading
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    os.environ.setdefault("MOEFOLD_CACHE", str(out / "cache"))
+    ctx = Ctx(device=device, smoke=args.cpu_smoke, work=work)
+    rows = run_steps(ctx, args.only)
     total = time.perf_counter() - start
     md = (f"# gpu_check ({'cpu smoke' if args.cpu_smoke else torch.cuda.get_device_name()}, "
           f"{total:.0f} s)\n\n{table(rows)}\n")
