@@ -112,7 +112,8 @@ class MambaConfig:
     layers: str = ""
     scan_chunk: int = 16  # steps per chunk of the reference selective scan (bench_scan.py)
     # auto: on CUDA use mamba_ssm's selective scan / causal_conv1d when installed (the
-    # moefold[mamba] extra; models/mamba_kernels.py); torch: always the reference
+    # moefold[mamba] extra; models/mamba_kernels.py; logs once which path runs); cuda:
+    # require them on CUDA (fail if not importable); torch: always the reference
     kernels: str = "auto"
 
 

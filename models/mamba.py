@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import models.mamba_kernels as mamba_kernels
 from models.config import ModelConfig
@@ -65,7 +66,7 @@ def _scan_chunk(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: torch.Tensor, reset: Optional[torch.Tensor] = None,
                    h0: Optional[torch.Tensor] = None, chunk: int = 16,
-                   return_state: bool = False):
+                   return_state: bool = False, recompute: bool = True):
     """u, delta [Bt, T, Dn]; A [Dn, N]; B, C [Bt, T, N]; D [Dn]; ``reset`` [Bt, T] bool
     (the state is zeroed before these steps: document starts); ``h0`` [Bt, Dn, N].
     Computed in fp32; returns y [Bt, T, Dn] in u's dtype (and the final state).
@@ -75,7 +76,31 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     whose every step is one fused multiply-add over ``[Bt, T/chunk, Dn, N]``. (2) The
     chunks' (total decay, final state) pairs are scanned across chunks in log depth, giving
     the state entering each chunk. (3) ``h_t += P_t ⊙ h_in`` with P_t the decay from the
-    chunk start (exp of a cumulative sum of ΔA ≤ 0: no overflow). Work is linear in T."""
+    chunk start (exp of a cumulative sum of ΔA ≤ 0: no overflow). Work is linear in T.
+
+    Autocast is off inside: the output contraction is an ``einsum``, which autocast (CPU
+    and CUDA) would otherwise run in bf16 although every operand was upcast to fp32.
+
+    ``recompute`` (default): when a gradient is needed, the scan's fp32 ``[Bt, T, Dn, N]``
+    intermediates are not kept for backward but recomputed there (non-reentrant
+    checkpoint; the same values, so identical gradients): a layer then keeps only its
+    inputs, ~8 B per token and channel instead of ~(5 + 4/chunk) * 4 * N."""
+    args = (u, delta, A, B, C, D, reset, h0, chunk, return_state)
+    with fp32_region(u):
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, h0))
+        if recompute and needs_grad:
+            return checkpoint(_selective_scan, *args, use_reentrant=False)
+        return _selective_scan(*args)
+
+
+def fp32_region(t: torch.Tensor):
+    """Autocast disabled for ``t``'s device type: a region whose contractions are meant
+    to run in fp32 (autocast lowers ``einsum``/``matmul`` to bf16 even on fp32 inputs)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _selective_scan(u, delta, A, B, C, D, reset, h0, chunk, return_state):
     dtype = u.dtype
     Bt, T, Dn = u.shape
     c = max(1, min(chunk, T))
@@ -115,6 +140,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
 
 def selective_scan_naive(u, delta, A, B, C, D, reset=None, h0=None):
     """The recurrence step by step (a Python loop over time): the benchmark's baseline."""
+    with fp32_region(u):
+        return _selective_scan_naive(u, delta, A, B, C, D, reset, h0)
+
+
+def _selective_scan_naive(u, delta, A, B, C, D, reset, h0):
     Bt, T, Dn = u.shape
     h = h0.float() if h0 is not None else u.new_zeros(Bt, Dn, A.shape[1], dtype=torch.float32)
     ys = []
@@ -147,20 +177,23 @@ class SequenceScan:
     conv and the scan. On one device (this class) the tokens are the whole sequence;
     context parallelism replaces it (``parallel.ssm_context_parallel.ContextParallelScan``:
     conv halos and scan states passed between the ranks' chunks). ``kernels``: use the
-    optional CUDA kernels where they apply (models/mamba_kernels.py)."""
+    optional CUDA kernels where they apply (models/mamba_kernels.py): ``"auto"`` where
+    importable (which path runs is logged once), ``"cuda"`` required on CUDA tensors (a
+    missing package raises), ``"torch"`` (or False) never."""
 
-    def __init__(self, kernels: bool = False):
-        self.kernels = kernels
+    def __init__(self, kernels: bool | str = False):
+        self.kernels = {True: "auto", False: "torch"}.get(kernels, kernels)
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              doc_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        fn = mamba_kernels.conv_kernel(x) if self.kernels else None
+        fn = mamba_kernels.conv_kernel(x, self.kernels) if self.kernels != "torch" else None
         if fn is not None:
             return mamba_kernels.kernel_conv(fn, x, weight, bias, doc_ids)
         return causal_conv1d(x, weight, bias, doc_ids)
 
     def scan(self, x, delta, A, B, C, D, doc_ids: Optional[torch.Tensor], chunk: int):
-        fn = mamba_kernels.scan_kernel(x) if self.kernels and doc_ids is None else None
+        use = self.kernels != "torch" and doc_ids is None
+        fn = mamba_kernels.scan_kernel(x, self.kernels) if use else None
         if fn is not None:  # Mamba-1's kernel cannot reset the state at a document start
             return mamba_kernels.kernel_scan(fn, x, delta, A, B, C, D)
         reset = None if doc_ids is None else doc_ids != _shift(doc_ids, 1, -1)
@@ -196,7 +229,7 @@ class MambaMixer(nn.Module):
         # seam for tensor parallelism: the local shard of the per-channel parameters
         self.local: Callable[[torch.Tensor], torch.Tensor] = _identity
         # seam for context parallelism
-        self.seq = SequenceScan(kernels=mc.kernels == "auto")
+        self.seq = SequenceScan(kernels=mc.kernels)
 
     def _proj(self, lin: ModalityLinear, x_BTD: torch.Tensor, route: ModalityRoute):
         """Per-modality projection in sequence order (sorted rows only when split)."""

@@ -1,8 +1,10 @@
 """Optional CUDA kernels for the Mamba mixer (``pip install moefold[mamba]``):
 ``mamba_ssm``'s ``selective_scan_fn`` and ``causal_conv1d``'s ``causal_conv1d_fn``.
 
-They are used for CUDA tensors when importable and ``model.mamba.kernels=auto``; the
-pure-PyTorch reference (models/mamba.py) runs otherwise, and always on CPU.
+``model.mamba.kernels``: ``auto`` uses them for CUDA tensors when importable (the first
+CUDA call logs once which path runs and, if the import failed, why); ``cuda`` requires them
+for CUDA tensors (a failed import raises, naming the package); ``torch`` never uses them.
+The pure-PyTorch reference (models/mamba.py) runs otherwise, and always on CPU.
 
 - conv: the kernel's channel-last layout, with the document ids as ``seq_idx``, so a tap
   never reads another document (as the reference).
@@ -20,33 +22,65 @@ CUDA against the reference where the packages are installed (tests/test_mamba.py
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
+log = logging.getLogger(__name__)
+
+PACKAGES = {"scan": "mamba_ssm", "conv": "causal_conv1d"}
+
 
 @functools.cache
-def _load(name: str) -> Optional[Callable]:
-    """The kernel ``scan`` or ``conv`` if its package imports, else None (tried once)."""
+def load(name: str) -> tuple[Optional[Callable], str]:
+    """``(kernel, "")`` for ``scan`` / ``conv`` if its package imports, else ``(None,
+    reason)``; tried once per process."""
     try:
         if name == "scan":
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-            return selective_scan_fn
+            return selective_scan_fn, ""
         from causal_conv1d import causal_conv1d_fn
-        return causal_conv1d_fn
-    except ImportError:
+        return causal_conv1d_fn, ""
+    except ImportError as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+@functools.cache
+def _announce(name: str, mode: str) -> None:
+    """Log once which path a CUDA Mamba ``scan`` / ``conv`` takes (model.mamba.kernels)."""
+    fn, why = load(name)
+    if fn is not None:
+        log.info("mamba %s: CUDA kernel from %s", name, PACKAGES[name])
+    else:
+        log.warning("mamba %s: pure-PyTorch reference on CUDA (model.mamba.kernels=%s; "
+                    "%s not importable: %s)", name, mode, PACKAGES[name], why)
+
+
+def _kernel(name: str, x: torch.Tensor, mode: str) -> Optional[Callable]:
+    if mode == "torch" or not x.is_cuda:
         return None
+    fn, why = load(name)
+    if fn is None and mode == "cuda":
+        raise RuntimeError(f"model.mamba.kernels=cuda but {PACKAGES[name]} is not importable "
+                           f"({why}); install moefold[mamba] or set model.mamba.kernels=auto")
+    _announce(name, mode)
+    return fn
 
 
-def scan_kernel(x: torch.Tensor) -> Optional[Callable]:
+def scan_kernel(x: torch.Tensor, mode: str = "auto") -> Optional[Callable]:
     """``selective_scan_fn`` where it applies to ``x`` (a CUDA tensor), else None."""
-    return _load("scan") if x.is_cuda else None
+    return _kernel("scan", x, mode)
 
 
-def conv_kernel(x: torch.Tensor) -> Optional[Callable]:
-    """``causal_conv1d_fn`` where it applies to ``x`` (a CUDA tensor), else None."""
-    return _load("conv") if x.is_cuda else None
+def conv_kernel(x: torch.Tensor, mode: str = "auto") -> Optional[Callable]:
+    """``causal_conv1d_fn`` where it applies to ``x`` (a CUDA tensor whose channel count is
+    a multiple of 8, as its channel-last layout needs; config validation enforces that for
+    ``cuda``), else None."""
+    if mode == "auto" and x.shape[-1] % 8:
+        return None
+    return _kernel("conv", x, mode)
 
 
 def kernel_scan(fn: Callable, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,

@@ -10,7 +10,14 @@ Engines:
 
 - ``fsdp`` (default): FSDP2 ``fully_shard``. Each MoE layer's ``experts`` module is sharded
   over ``edp`` (along dim 1; dim 0 is the EP split), every transformer block and the root
-  over ``dp_cp``; reductions are sums (divide factor 1).
+  over ``dp_cp``; reductions are sums (divide factor 1). When the run computes in bf16
+  (``param_dtype``: trainer.precision resolved to bf16) parameters are all-gathered in
+  bf16 and gradients reduce-scattered in fp32 (``MixedPrecisionPolicy``); fp32 runs are
+  unchanged. Without pipeline parallelism, gradients are reduce-scattered only after the
+  last micro-batch's backward (``before_micro_batch``, ``parallel.fsdp_grad_sync=last``):
+  the earlier ones accumulate unsharded fp32 gradients, 4 B per parameter of the
+  *unsharded* model held until that backward (``every`` reduces each micro-batch and keeps
+  only the shards). Under PP the pipeline stage defers the reduction itself.
 - ``ddp``: parameters replicated; after backward the gradients are flattened into buckets
   per reduction group and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``,
   because DDP reduces every parameter over one group and experts need a different one.
@@ -39,12 +46,17 @@ class DataParallel:
     """Applies a DP engine to a model and owns gradient reduction and clipping."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
-                 roots: list[nn.Module] | None = None):
+                 roots: list[nn.Module] | None = None, *,
+                 param_dtype: torch.dtype | None = None, grad_sync: str = "last"):
         """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
         pipeline parallelism with several stages per rank they are the stage chunks, which
-        share ``model``'s submodules (parallel/pipeline.py)."""
+        share ``model``'s submodules (parallel/pipeline.py). ``param_dtype``: the compute
+        dtype when it is not fp32 (FSDP all-gathers in it, reduces in fp32). ``grad_sync``:
+        ``last`` (FSDP reduces after the last micro-batch only) or ``every``."""
         self.model, self.dims, self.engine = model, dims, engine
         self.roots = roots or [model]
+        self.param_dtype, self.grad_sync = param_dtype, grad_sync
+        self.fsdp_units: list[nn.Module] = []
         self.dense_size = dims.dp * dims.cp
         # Routed experts see the tokens of their whole edp group (TP ranks split a
         # micro-batch's tokens at MoE entry, so they are edp peers too).
@@ -82,11 +94,14 @@ class DataParallel:
 
     # ------------------------------------------------------------------ FSDP2
     def _apply_fsdp(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from models.moe import MoELayer
 
         model, dims = self.model, self.dims
+        mp = MixedPrecisionPolicy()  # fp32: parameters and reductions in their own dtype
+        if self.param_dtype is not None and self.param_dtype != torch.float32:
+            mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32)
         expert_params = set(self.expert_params)
         # Under PP a stage runs several micro-batches before its gradients are reduced:
         # keeping its parameters gathered from forward to the last backward saves an
@@ -105,7 +120,7 @@ class DataParallel:
                 w2 = layer.experts.w2
                 managed.append(fully_shard(
                     layer.experts, mesh=dims.mesh("edp"), reshard_after_forward=reshard,
-                    shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
+                    mp_policy=mp, shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
         # Under PP every FSDP module must sit under a stage root that PipelineStage manages
         # (it defers the reduce-scatter to the last micro-batch and keeps the parameters
         # gathered across the zero-bubble schedules' split backward), so the stages are
@@ -113,18 +128,28 @@ class DataParallel:
         if self.dense_size > 1 or dims.pp > 1:
             for block in model.layers.values():
                 managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
-                                           reshard_after_forward=reshard))
+                                           reshard_after_forward=reshard, mp_policy=mp))
             for root in self.roots:  # embedding / norm / head, and the root state
                 managed.append(fully_shard(root, mesh=dims.mesh("dp_cp"),
-                                           reshard_after_forward=reshard))
+                                           reshard_after_forward=reshard, mp_policy=mp))
         for m in managed:
             m.set_gradient_divide_factor(1.0)  # sum, see module docstring
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        self.fsdp_units = managed
         # parameters were replaced by DTensors: refresh the lists
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
         assert not set(self.expert_params) & expert_params, "experts were not sharded by FSDP"
+
+    def before_micro_batch(self, index: int, is_last: bool) -> None:
+        """Called by the step runner before each training micro-batch's forward: FSDP
+        reduce-scatters gradients only in the last micro-batch's backward (``grad_sync``
+        = ``last``; the earlier ones accumulate locally). Under pipeline parallelism the
+        pipeline stage manages this itself and nothing is called."""
+        if self.grad_sync == "last" and self.dims.pp == 1:
+            for unit in self.fsdp_units:
+                unit.set_requires_gradient_sync(is_last, recurse=False)
 
     # -------------------------------------------------------------- reduction
     def reduce_gradients(self) -> None:
@@ -142,7 +167,9 @@ class DataParallel:
         """Global L2 norm over every parameter, each shard counted exactly once across all
         ranks (the DeepSpeed #8475 / Megatron #5916 bug class), then clip in place."""
         params = [p for p in self._replicas if p.grad is not None]
-        device = params[0].grad.device if params else torch.device("cpu")
+        # The norm lives on the gradients' device (NCCL reduces only device tensors); a
+        # rank without local gradients uses the model's device, never a CPU default.
+        device = _local(params[0].grad).device if params else self._device()
         total = torch.zeros((), device=device, dtype=torch.float32)
         for replicas in sorted(set(self._replicas.values())):
             grads = [_local(p.grad) for p in params if self._replicas[p] == replicas]
@@ -152,10 +179,16 @@ class DataParallel:
         if dist.is_initialized() and self.dims.world_size > 1:
             dist.all_reduce(total)
         norm = total.sqrt()
-        if max_norm > 0 and max_norm != float("inf"):
+        if params and max_norm > 0 and max_norm != float("inf"):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         return norm
+
+
+    def _device(self) -> torch.device:
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            return _local(t).device
+        return torch.device("cpu")  # a model without tensors: nothing is ever reduced
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

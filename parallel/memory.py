@@ -201,12 +201,13 @@ def _local_rows(w: torch.Tensor) -> int:
 
 
 def _mamba_bytes(block: MambaBlock, h: int, s: _Shape) -> int:
-    """The chunked reference scan keeps about (5 + 4/chunk) fp32 [T, d_inner, N] tensors
-    (discretised A and B·x, the chunk states and their prefix products); the projections,
-    conv, gates and dt about 15 d_inner per token (fitted on CPU; docs/memory.md)."""
+    """The chunked reference scan recomputes its fp32 [T, d_inner, N] intermediates in
+    backward (models/mamba.py ``selective_scan(recompute=True)``), keeping only its inputs;
+    the projections, conv, gates, dt and those inputs take about 15 d_inner per token
+    (fitted on CPU; docs/memory.md)."""
     mx = block.mixer
     di = mx.d_inner // s.tp
-    scan = 4 * (5 + 4 / mx.chunk) * di * mx.d_state
+    scan = 0
     rest = 4 * 14.8 * di
     return int(s.t * (scan + rest)) + _norm_bytes(h, s.t_stream)
 

@@ -92,7 +92,8 @@ class ParallelModel:
                     ) -> StepRunner:
         """The runner of one step's micro-batches for this layout (parallel/runner.py)."""
         if self.pp_split is None:
-            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe)
+            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe,
+                                  before_micro_batch=self.dp.before_micro_batch)
         return PipelineRunner(self.model, self.chunks, self.pp_split,
                               schedule=self.pp_schedule, n_microbatches=self.num_micro,
                               objective=objective, arch=self.arch, autocast=autocast,
@@ -103,11 +104,13 @@ def parallelize(
     model_cfg: Any, pcfg: Any, dims: ParallelDims, *, device: torch.device, seed: int,
     seq_len: int, num_micro: int, moe_pattern: list[bool], materialize: bool = True,
     placement: Optional[Placement] = None,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> ParallelModel:
     """This rank's model: every layout transform is applied on the meta device, then only
     the local shards are allocated and initialised (parallel/sharded_init.py).
     ``materialize=False`` leaves the model on meta (the dry run: trainer/dry_run.py).
-    ``placement``: which experts each EP rank holds (parallel/expert_placement.py)."""
+    ``placement``: which experts each EP rank holds (parallel/expert_placement.py).
+    ``amp_dtype``: the compute dtype when not fp32 (FSDP's bf16 all-gather policy)."""
     model = build_model(model_cfg, device="meta")
     split, report = None, ""
     if dims.pp > 1:
@@ -130,7 +133,8 @@ def parallelize(
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
-    dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks)
+    dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks, param_dtype=amp_dtype,
+                      grad_sync=pcfg.fsdp_grad_sync)
     if materialize:
         materialize_and_init(model, chunks, device, seed)
         if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md

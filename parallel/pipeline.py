@@ -48,6 +48,7 @@ __all__ = [
     "check_pipeline",
     "split_layers",
     "stage_chunks",
+    "stage_class",
     "stage_module",
 ]
 
@@ -194,6 +195,51 @@ def stage_chunks(module: nn.Module, split: PipelineSplit) -> list[nn.Module]:
     ]
 
 
+def stage_class():
+    """``PipelineStage`` with two changes (torch.distributed.pipelining imported lazily):
+
+    - autocast covers the stage's forward only (``autocast`` around the module call, also
+      in the shape-inference pass), never the schedule's backward or the loss function,
+      which run outside it as in the micro-batch loop (the AMP docs advise against
+      backward under autocast);
+    - the shape-inference pass feeds a non-first stage standard-normal inputs instead of
+      ``torch.empty`` (zeros, or stale memory on CUDA): identical hidden states would route
+      every token of the pass to the same experts, one EP rank receiving all of them. The
+      values come from the stage's own generator (seeded, so every run primes alike) and
+      never touch the global RNG, so training is unchanged.
+
+    The hooks are torch 2.13's ``forward_maybe_with_nosync`` (the schedule's forward),
+    ``_compute_outputs`` (the inference forward) and ``_to_tensor`` (inference inputs);
+    where a torch version lacks one, that change is skipped, not the stage."""
+    import torch.distributed.pipelining as pipelining
+    from torch.distributed.tensor import DTensor
+
+    class Stage(pipelining.PipelineStage):
+        def __init__(self, *args, autocast: Callable[[], contextlib.AbstractContextManager],
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            self.autocast = autocast
+            self.prime_gen = torch.Generator(device=self.device).manual_seed(0x5EED)
+
+        def forward_maybe_with_nosync(self, *args, **kwargs):
+            with self.autocast():
+                return super().forward_maybe_with_nosync(*args, **kwargs)
+
+        def _compute_outputs(self, *args, module, **kwargs):
+            with self.autocast():
+                return super()._compute_outputs(*args, module=module, **kwargs)
+
+        def _to_tensor(self, arg):
+            t = super()._to_tensor(arg)
+            if not isinstance(arg, torch.Tensor) and t.is_floating_point():
+                with torch.no_grad():  # an inference input built from metadata
+                    local = t.to_local() if isinstance(t, DTensor) else t
+                    local.normal_(generator=self.prime_gen)
+            return t
+
+    return Stage
+
+
 def build_schedule(
     chunks: list[nn.Module],
     split: PipelineSplit,
@@ -203,15 +249,17 @@ def build_schedule(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     group,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ):
     """The ``torch.distributed.pipelining`` schedule for this rank's stages (the sizes must
-    pass :func:`check_microbatches`)."""
+    pass :func:`check_microbatches`); ``autocast`` wraps each stage forward only."""
     import torch.distributed.pipelining as pipelining
 
     info = SCHEDULES[schedule]
     cls = getattr(pipelining.schedules, info.torch_class)
+    stage_cls = stage_class()
     stages = [
-        pipelining.PipelineStage(chunk, s, split.num_stages, device, group=group)
+        stage_cls(chunk, s, split.num_stages, device, group=group, autocast=autocast)
         for chunk, s in zip(chunks, split.stages)
     ]
     target = stages[0] if info.style == "single" else stages
@@ -231,7 +279,11 @@ class PipelineRunner:
     forward/backward (and the loss function) inside the first ``step()``, which would leak
     into the gradients, the MoE statistics and the logged loss: the runner runs that pass
     once on the first batch and discards its effects itself (the stage module's gradients
-    set to None, the MoE statistics reset).
+    set to None, the MoE statistics reset). Non-first stages see random-normal inputs in
+    that pass, not zeros (see ``stage_class``).
+
+    Autocast covers each stage's forward only; the loss function and every backward run
+    outside it, as in ``MicroBatchLoop``.
     """
 
     def __init__(self, model: nn.Module, chunks: list[nn.Module], split: PipelineSplit, *,
@@ -249,7 +301,8 @@ class PipelineRunner:
         self._eval_by_step = SCHEDULES[schedule].zero_bubble
         self.schedule = build_schedule(chunks, split, schedule=schedule,
                                        n_microbatches=n_microbatches, loss_fn=self._loss,
-                                       device=device, group=dims.group("pp"))
+                                       device=device, group=dims.group("pp"),
+                                       autocast=autocast)
 
     def _discard(self) -> None:
         """Undo a pass whose results must not count."""
@@ -286,7 +339,8 @@ class PipelineRunner:
         kwargs = model_kwargs(cat, self.arch)
         self._sums, self._norm = [], norm
         by_step = not train and self._eval_by_step
-        with self.autocast(), torch.enable_grad() if by_step else contextlib.nullcontext():
+        # autocast is the stages' (forward only: see stage_class), not the schedule's
+        with torch.enable_grad() if by_step else contextlib.nullcontext():
             (self.schedule.step if train or by_step else self.schedule.eval)(
                 *args, target=target, losses=[], return_outputs=False, **kwargs)
         if by_step:

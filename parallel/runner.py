@@ -41,14 +41,20 @@ class MicroBatchLoop:
     """Forward + backward one micro-batch at a time (no pipeline parallelism)."""
 
     def __init__(self, model: nn.Module, objective: Any, arch: str,
-                 autocast: Callable[[], AbstractContextManager], moe: MoEStats):
+                 autocast: Callable[[], AbstractContextManager], moe: MoEStats,
+                 before_micro_batch: Callable[[int, bool], None] | None = None):
+        """``before_micro_batch(index, is_last)``: called before each training
+        micro-batch (the DP engine defers its gradient reduction to the last one)."""
         self.model, self.objective, self.arch = model, objective, arch
         self.autocast, self.moe = autocast, moe
+        self.before_micro_batch = before_micro_batch
 
     def run(self, micro_batches: list[Batch], normaliser: torch.Tensor, train: bool
             ) -> torch.Tensor:
         sums = torch.zeros_like(normaliser)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            if train and self.before_micro_batch is not None:
+                self.before_micro_batch(i, i == len(micro_batches) - 1)
             with self.autocast():
                 out = self.model(mb["tokens"], **model_kwargs(mb, self.arch))
             mb_sums = self.objective.sums(out, mb)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from models.mamba import SequenceScan, causal_conv1d, selective_scan
+from models.mamba import SequenceScan, causal_conv1d, fp32_region, selective_scan
 from parallel.collectives import all_gather, all_gather_autograd
 
 __all__ = ["ContextParallelScan"]
@@ -92,6 +92,8 @@ class ContextParallelScan(SequenceScan):
         out = []
         for j, c in enumerate(self.local_chunks):
             y0, _, P = local[j]
-            corr = torch.einsum("btdn,btn->btd", P * h_in[c].unsqueeze(1), parts[3][j].float())
+            with fp32_region(y0):  # autocast would run this fp32 einsum in bf16
+                corr = torch.einsum("btdn,btn->btd", P * h_in[c].unsqueeze(1),
+                                    parts[3][j].float())
             out.append(y0 + corr.to(y0.dtype))
         return torch.cat(out, 1)

@@ -238,13 +238,15 @@ def test_kernel_adapters_follow_the_kernels_contract(monkeypatch, docs):
     from models.modality import ModalityRoute
 
     used = []
-    monkeypatch.setattr(mamba_kernels, "scan_kernel", lambda x: used.append("scan") or _fake_scan)
-    monkeypatch.setattr(mamba_kernels, "conv_kernel", lambda x: used.append("conv") or _fake_conv)
+    monkeypatch.setattr(mamba_kernels, "scan_kernel",
+                        lambda x, mode: used.append("scan") or _fake_scan)
+    monkeypatch.setattr(mamba_kernels, "conv_kernel",
+                        lambda x, mode: used.append("conv") or _fake_conv)
     torch.manual_seed(0)
     mixer = build_model(_cfg()).layers["0"].mixer
     ref = copy.deepcopy(mixer)
-    ref.seq.kernels = False
-    assert mixer.seq.kernels  # model.mamba.kernels=auto
+    ref.seq.kernels = "torch"
+    assert mixer.seq.kernels == "auto"  # model.mamba.kernels=auto
     x = torch.randn(2, 14, 32)
     route = ModalityRoute.build(torch.randint(0, 3, (2, 14)), 3)
     doc = torch.tensor([[0] * 6 + [1] * 8, [0] * 14]) if docs else None
@@ -258,11 +260,11 @@ def test_cuda_kernels_equal_the_reference():
     from models import mamba_kernels
     from models.mamba import SequenceScan
 
-    if mamba_kernels._load("scan") is None or mamba_kernels._load("conv") is None:
+    if mamba_kernels.load("scan")[0] is None or mamba_kernels.load("conv")[0] is None:
         pytest.skip("mamba_ssm / causal_conv1d not installed")
     args = [a.detach().cuda().requires_grad_() for a in _inputs(T=300, Dn=64, N=16)]
     u, delta, A, B, C, D = args
-    kern, ref = SequenceScan(kernels=True), SequenceScan(kernels=False)
+    kern, ref = SequenceScan(kernels="cuda"), SequenceScan(kernels="torch")
     y = kern.scan(u, delta, A, B, C, D, None, 16)
     y_ref = ref.scan(u, delta, A, B, C, D, None, 16)
     torch.testing.assert_close(y, y_ref, rtol=1e-3, atol=1e-3)

@@ -58,6 +58,9 @@ class ParallelConfig:
     etp: int = 1
     sequence_parallel: bool = False
     dp_engine: str = "fsdp"  # fsdp | ddp | none
+    # FSDP gradient reduce-scatter without PP: last = after the last micro-batch only (holds
+    # unsharded fp32 grads until then), every = after each micro-batch (shards only)
+    fsdp_grad_sync: str = "last"
     # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (parallel/pipeline.py)
     pp_schedule: str = "1f1b"
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
@@ -534,7 +537,7 @@ def _validate_mamba(m: ModelConfig) -> None:
     mc = m.mamba
     for key in ("d_state", "d_conv", "expand", "scan_chunk"):
         _positive(f"model.mamba.{key}", getattr(mc, key))
-    _choice("model.mamba.kernels", mc.kernels, ("auto", "torch"))
+    _choice("model.mamba.kernels", mc.kernels, ("auto", "cuda", "torch"))
     bad = [p for p in mc.untie if p not in PROJECTIONS]
     if bad:
         raise ConfigError(f"model.mamba.untie={list(mc.untie)}: {bad} not in {list(PROJECTIONS)}")
@@ -556,6 +559,22 @@ def _validate_mamba(m: ModelConfig) -> None:
         raise ConfigError("model.arch=mom picks its MoE layers by the E letters of "
                           "model.mamba.layers; leave model.moe.layer_freq=1 and "
                           f"first_k_dense=0 (got {m.moe.layer_freq}, {m.moe.first_k_dense})")
+
+
+def _validate_mamba_kernels(m: ModelConfig, tp: int, device: str) -> None:
+    """``model.mamba.kernels=cuda`` requires the kernels, so their layout rules are checked
+    here: causal_conv1d's channel-last path needs the local d_inner (expand * hidden / tp)
+    to be a multiple of 8. ``auto`` falls back to the reference where a rule fails."""
+    if m.arch != "mom" or m.mamba.kernels != "cuda":
+        return
+    if device == "cpu":
+        raise ConfigError("model.mamba.kernels=cuda needs trainer.device=cuda or auto "
+                          "(valid on CPU: auto, torch)")
+    d_local = m.mamba.expand * m.hidden_size // tp
+    if d_local % 8:
+        raise ConfigError(f"model.mamba.kernels=cuda: d_inner/parallel.tp = {m.mamba.expand}"
+                          f"*{m.hidden_size}/{tp} = {d_local} must be a multiple of 8 "
+                          "(causal_conv1d's channel-last layout); use kernels=auto or torch")
 
 
 def _validate_multimodal(cfg: Config) -> None:
@@ -683,6 +702,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
+    _choice("parallel.fsdp_grad_sync", p.fsdp_grad_sync, ("last", "every"))
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
@@ -712,6 +732,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise
     except ValueError as e:  # the documented one-line errors of the check_* functions
         raise ConfigError(str(e)) from None
+    _validate_mamba_kernels(m, p.tp, t.device)
     if p.dp_engine == "none" and (dims.dp * dims.cp > 1 or dims.edp > 1):
         raise ConfigError(
             f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "

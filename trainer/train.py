@@ -78,7 +78,8 @@ class Trainer:
                                           cfg.cluster.gpus_per_node)
             self.pm = parallelize(self.model_cfg, cfg.parallel, self.dims, device=self.device,
                                   seed=t.seed, seq_len=t.seq_len, num_micro=self.num_micro,
-                                  moe_pattern=moe_layer_pattern(cfg.model), placement=placement)
+                                  moe_pattern=moe_layer_pattern(cfg.model), placement=placement,
+                                  amp_dtype=self.amp_dtype)
         except (InitSourceError, PlacementError) as e:
             raise ConfigError(str(e)) from None
         self.model = self.pm.model
