@@ -11,13 +11,18 @@ Engines:
 - ``fsdp`` (default): FSDP2 ``fully_shard``. Each MoE layer's ``experts`` module is sharded
   over ``edp`` (along dim 1; dim 0 is the EP split), every transformer block and the root
   over ``dp_cp``; reductions are sums (divide factor 1).
-- ``ddp``: parameters replicated; after backward the gradients are flattened into buckets
-  per reduction group and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``,
-  because DDP reduces every parameter over one group and experts need a different one.
+- ``ddp``: parameters replicated; gradients are flattened into buckets per reduction group
+  and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``, because DDP
+  reduces every parameter over one group and experts need a different one. With
+  ``overlap`` (``parallel.overlap``, default on) the buckets are launched *during* the
+  step's last backward: see :class:`_Buckets`. Otherwise (and under pipeline parallelism,
+  whose runner never arms the hooks) everything is reduced after backward.
 - ``none``: no reduction (only valid when dp_cp == edp == 1).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,11 +44,16 @@ class DataParallel:
     """Applies a DP engine to a model and owns gradient reduction and clipping."""
 
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
-                 roots: list[nn.Module] | None = None):
+                 roots: list[nn.Module] | None = None, *, overlap: bool = True,
+                 bucket_mb: float = 25.0):
         """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
         pipeline parallelism with several stages per rank they are the stage chunks, which
-        share ``model``'s submodules (parallel/pipeline.py)."""
+        share ``model``'s submodules (parallel/pipeline.py). ``overlap`` / ``bucket_mb``:
+        the ``ddp`` engine's reduction during backward and its bucket size (MiB of
+        gradient per all-reduce)."""
         self.model, self.dims, self.engine = model, dims, engine
+        self.overlap, self.bucket_mb = overlap, bucket_mb
+        self._buckets: _Buckets | None = None
         self.roots = roots or [model]
         self.dense_size = dims.dp * dims.cp
         # Routed experts see the tokens of their whole edp group (TP ranks split a
@@ -66,6 +76,15 @@ class DataParallel:
         # Each parameter's replication factor: how many ranks hold an identical copy of
         # its (local) gradient after reduction. The global norm counts each copy once.
         self._replicas = {p: self._replication(n, p) for n, p in named}
+        if self.engine == "ddp" and self.overlap:
+            if self._buckets is not None:
+                self._buckets.remove()
+            groups = []
+            if self.dense_size > 1:
+                groups.append((self.dense_params, self.dims.group("dp_cp")))
+            if self.expert_size > 1:
+                groups.append((self.expert_params, self.dims.group("edp")))
+            self._buckets = _Buckets(groups, self.bucket_mb) if groups else None
 
     def _replication(self, name: str, p: nn.Parameter) -> int:
         """Ranks per distinct shard of ``p``: world / (number of distinct shards), where a
@@ -127,9 +146,30 @@ class DataParallel:
         assert not set(self.expert_params) & expert_params, "experts were not sharded by FSDP"
 
     # -------------------------------------------------------------- reduction
+    def prepare_backward(self, last: bool) -> None:
+        """The step runner's seam (parallel/runner.py): the next backward is (``last``) or
+        is not the step's last one for these gradients. Only the last backward launches
+        ``ddp`` bucket reductions (earlier ones only accumulate); a no-op for the other
+        engines, and without ``overlap``."""
+        if self._buckets is not None:
+            self._buckets.armed = last
+
+    @property
+    def launch_log(self) -> list[tuple[str, int]]:
+        """``(event, bucket)`` of the last step, in order: ``("launch_in_backward", i)``
+        or ``("launch", i)`` (after backward) as bucket i's all-reduce started, and
+        ``("backward_end", -1)`` when reduce_gradients was called."""
+        return [] if self._buckets is None else list(self._buckets.last_log)
+
     def reduce_gradients(self) -> None:
-        """Sum gradients over their groups (``ddp``; FSDP has done it in backward)."""
+        """Sum gradients over their groups (``ddp``; FSDP has done it in backward). With
+        overlap: wait for the buckets launched in backward, launch any left (a bucket
+        some parameter of which got no gradient, or a step whose runner did not arm the
+        hooks), and copy the sums back into the gradients."""
         if self.engine == "fsdp":
+            return
+        if self._buckets is not None:
+            self._buckets.finish()
             return
         if self.dense_size > 1:
             _allreduce_sum([p for p in self.dense_params if p.grad is not None],
@@ -156,6 +196,100 @@ class DataParallel:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         return norm
+
+
+@dataclass(eq=False)
+class _Bucket:
+    params: list[nn.Parameter]
+    group: object
+    pending: int = 0  # parameters whose gradient has not arrived in this backward
+    launched: bool = False
+    work: object = None
+    flat: torch.Tensor | None = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Buckets:
+    """The ``ddp`` engine's overlapped reduction.
+
+    Each group's parameters are cut, in *reverse* order (the order backward produces their
+    gradients), into buckets of at most ``bucket_mb`` MiB. A post-accumulate-grad hook on
+    every parameter counts down its bucket while ``armed`` (the step's last backward); a
+    bucket whose gradients are all there is flattened and its all-reduce (sum) started
+    asynchronously — strictly in bucket order, so every rank of a group issues the same
+    collectives in the same order whatever order its hooks fire in. ``finish`` launches
+    what is left, waits, and copies the sums back (before clipping and the optimizer).
+    A parameter whose gradient is None at ``finish`` is left out, as the post-backward
+    path does; parameters of a launched bucket cannot change afterwards (their
+    accumulation in this backward is over when their hook fires).
+    """
+
+    def __init__(self, groups: list[tuple[list[nn.Parameter], object]], bucket_mb: float):
+        self.buckets: list[_Bucket] = []
+        self.of: dict[nn.Parameter, _Bucket] = {}
+        self.handles = []
+        self.armed = False
+        self.next = 0  # first bucket not launched yet
+        self.log: list[tuple[str, int]] = []
+        self.last_log: list[tuple[str, int]] = []
+        limit = bucket_mb * 2**20
+        for params, group in groups:
+            cur: list[nn.Parameter] = []
+            size = 0
+            for p in reversed(params):
+                cur.append(p)
+                size += p.numel() * p.element_size()
+                if size >= limit:
+                    self.buckets.append(_Bucket(cur, group))
+                    cur, size = [], 0
+            if cur:
+                self.buckets.append(_Bucket(cur, group))
+        for b in self.buckets:
+            for p in b.params:
+                self.of[p] = b
+                if p.requires_grad and not p.is_meta:  # meta: re-registered once real
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _reset(self) -> None:
+        self.next, self.log, self.armed = 0, [], False
+        for b in self.buckets:
+            b.pending, b.launched, b.work, b.flat, b.grads = len(b.params), False, None, None, []
+
+    def _hook(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.of[p].pending -= 1
+        while self.next < len(self.buckets) and self.buckets[self.next].pending <= 0:
+            self._launch(self.buckets[self.next])
+
+    def _launch(self, b: _Bucket) -> None:
+        b.grads = [_local(p.grad) for p in b.params if p.grad is not None]
+        if b.grads:
+            b.flat = torch._utils._flatten_dense_tensors(b.grads)
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+        b.launched = True
+        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside backward
+        in_backward = task is not None and task() != -1
+        self.log.append(("launch_in_backward" if in_backward else "launch",
+                         self.next))
+        self.next += 1
+
+    def finish(self) -> None:
+        self.log.append(("backward_end", -1))
+        while self.next < len(self.buckets):
+            self._launch(self.buckets[self.next])
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+                for g, r in zip(b.grads, torch._utils._unflatten_dense_tensors(b.flat, b.grads)):
+                    g.copy_(r)
+        self.last_log = self.log  # kept for inspection until the next step
+        self._reset()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ class ParallelModel:
                     ) -> StepRunner:
         """The runner of one step's micro-batches for this layout (parallel/runner.py)."""
         if self.pp_split is None:
-            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe)
+            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe,
+                                  dp=self.dp)
         return PipelineRunner(self.model, self.chunks, self.pp_split,
                               schedule=self.pp_schedule, n_microbatches=self.num_micro,
                               objective=objective, arch=self.arch, autocast=autocast,
@@ -127,7 +128,8 @@ def parallelize(
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
-    dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks)
+    dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks, overlap=pcfg.overlap,
+                      bucket_mb=pcfg.ddp_bucket_mb)
     if materialize:
         materialize_and_init(model, chunks, device, seed)
         if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md

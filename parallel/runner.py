@@ -11,6 +11,12 @@ Two implementations: :class:`MicroBatchLoop` (no pipeline: a plain loop, gradien
 accumulation by autograd) and ``parallel.pipeline.PipelineRunner`` (a
 ``torch.distributed.pipelining`` schedule). The trainer never knows which one it has.
 
+Gradient-sync seam: a runner given ``dp`` (``parallel.data_parallel.DataParallel``) calls
+``dp.prepare_backward(last)`` before each backward, ``last`` for the step's final
+micro-batch, so the ``ddp`` engine reduces buckets during that backward only.
+``PipelineRunner`` does not (the schedule owns the backward order): its gradients are
+reduced after the schedule, as without overlap.
+
 The ``objective`` they take is duck-typed: ``sums(model_output, micro_batch) -> [G + 1]``
 and ``value(sums, normaliser) -> scalar`` (the trainer's ``Objective``).
 """
@@ -41,18 +47,21 @@ class MicroBatchLoop:
     """Forward + backward one micro-batch at a time (no pipeline parallelism)."""
 
     def __init__(self, model: nn.Module, objective: Any, arch: str,
-                 autocast: Callable[[], AbstractContextManager], moe: MoEStats):
+                 autocast: Callable[[], AbstractContextManager], moe: MoEStats,
+                 dp: Any = None):
         self.model, self.objective, self.arch = model, objective, arch
-        self.autocast, self.moe = autocast, moe
+        self.autocast, self.moe, self.dp = autocast, moe, dp
 
     def run(self, micro_batches: list[Batch], normaliser: torch.Tensor, train: bool
             ) -> torch.Tensor:
         sums = torch.zeros_like(normaliser)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             with self.autocast():
                 out = self.model(mb["tokens"], **model_kwargs(mb, self.arch))
             mb_sums = self.objective.sums(out, mb)
             if train:
+                if self.dp is not None:
+                    self.dp.prepare_backward(last=i == len(micro_batches) - 1)
                 self.objective.value(mb_sums, normaliser).backward()
                 self.moe.count_dispatch()
             sums += mb_sums.detach()

@@ -61,6 +61,10 @@ class ParallelConfig:
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
+    # overlap communication with compute: ddp buckets all-reduce during the last backward,
+    # shared experts run while the EP all-to-all is in flight (docs/parallelism.md)
+    overlap: bool = True
+    ddp_bucket_mb: float = 25.0  # MiB of gradients per ddp all-reduce bucket (> 0)
     activation_checkpointing: bool = False
     # ranks of the job; 0 = from the launcher (WORLD_SIZE). A dry run builds this layout.
     world_size: int = 0
@@ -610,6 +614,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
+    if not p.ddp_bucket_mb > 0:
+        raise ConfigError(f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 "
+                          "(MiB of gradients per all-reduce)")
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
