@@ -31,6 +31,7 @@ from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, shard_batch
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
+from parallel.dispatch import set_dispatch_overlap
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.moe_stats import MoEStats
 from parallel.pipeline import (
@@ -118,6 +119,7 @@ def parallelize(
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
         apply_expert_parallel(model, dims, pcfg.dispatcher)
+        set_dispatch_overlap(model, pcfg.overlap)
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"), sequence_parallel=pcfg.sequence_parallel,
                               src_data_rank=None)
