@@ -155,6 +155,11 @@ class DataParallel:
             self._buckets.armed = last
 
     @property
+    def num_buckets(self) -> int:
+        """``ddp`` buckets of the overlapped reduction (0 without overlap)."""
+        return 0 if self._buckets is None else len(self._buckets.buckets)
+
+    @property
     def launch_log(self) -> list[tuple[str, int]]:
         """``(event, bucket)`` of the last step, in order: ``("launch_in_backward", i)``
         or ``("launch", i)`` (after backward) as bucket i's all-reduce started, and

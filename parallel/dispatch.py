@@ -107,6 +107,7 @@ class _InFlight:
     out_splits: Optional[list[int]]
     in_splits: Optional[list[int]]
     group: Any
+    owner: Any  # the dispatcher: counts exchanges in flight (``in_flight``)
     work: Any = None
     keep: list = field(default_factory=list)  # buffers gloo/NCCL reads until the wait
     bwd_work: Any = None
@@ -130,6 +131,7 @@ class _A2AStart(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, f: _InFlight) -> torch.Tensor:
         ctx.f = f
         out, f.work = _launch(x, f.out_splits, f.in_splits, f.group, f.keep)
+        f.owner.in_flight += 1
         return out
 
     @staticmethod
@@ -138,6 +140,7 @@ class _A2AStart(torch.autograd.Function):
         if f.bwd_work is None:  # not launched early (cannot happen in one graph; safe)
             return all_to_all(g, f.in_splits, f.out_splits, f.group), None
         f.bwd_work.wait()
+        f.owner.in_flight -= 1
         out, f.bwd_work, f.bwd_out, f.keep = f.bwd_out, None, None, []
         return out, None
 
@@ -150,6 +153,7 @@ class _A2AWait(torch.autograd.Function):
     def forward(ctx, out: torch.Tensor, f: _InFlight) -> torch.Tensor:
         ctx.f = f
         f.work.wait()
+        f.owner.in_flight -= 1
         f.work, f.keep = None, []
         return out.view_as(out)
 
@@ -157,14 +161,15 @@ class _A2AWait(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         f = ctx.f
         f.bwd_out, f.bwd_work = _launch(g, f.in_splits, f.out_splits, f.group, f.keep)
+        f.owner.in_flight += 1
         return g, None
 
 
-def _a2a_start(x, out_splits, in_splits, group) -> tuple[torch.Tensor, _InFlight]:
+def _a2a_start(x, out_splits, in_splits, group, owner) -> tuple[torch.Tensor, _InFlight]:
     """An asynchronous :func:`all_to_all_autograd`: ``_a2a_wait(out, f)`` before reading
     ``out``. Start and wait are two autograd nodes, so the reverse exchange also overlaps
     whatever autograd runs between them in backward."""
-    f = _InFlight(out_splits, in_splits, group)
+    f = _InFlight(out_splits, in_splits, group, owner)
     return _A2AStart.apply(x, f), f
 
 
@@ -214,6 +219,7 @@ class AllToAllDispatcher(Dispatcher):
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
         self.overlap = True  # asynchronous row exchange (parallel.overlap)
+        self.in_flight = 0  # row exchanges launched and not yet waited for (fwd and bwd)
 
     host_counts_supported = True  # dispatch_overlapped takes ``host_counts`` (ETP)
 
@@ -303,8 +309,8 @@ class AllToAllDispatcher(Dispatcher):
 
         x_send = _wire(gather_rows(x_TD, src_map))
         if self.overlap:
-            x_recv, fx = _a2a_start(x_send, recv_splits, send_splits, self.group)
-            meta_recv, fm = _a2a_start(meta, recv_splits, send_splits, self.group)
+            x_recv, fx = _a2a_start(x_send, recv_splits, send_splits, self.group, self)
+            meta_recv, fm = _a2a_start(meta, recv_splits, send_splits, self.group, self)
             done = work()
             meta_recv, x_recv = _a2a_wait(meta_recv, fm), _a2a_wait(x_recv, fx)
         else:
