@@ -8,12 +8,13 @@ experts computed while the EP all-to-all is in flight) and off (the same model a
 reductions after backward, shared experts after the exchange), so machine contention hits
 both alike; the median step time of each and their ratio are printed.
 
-Then one step of each is recorded with torch.profiler (chrome traces written to
-``--trace-dir``). gloo runs every collective on its own thread, so the trace shows it
-beside the main thread's operators: the script prints, for rank 0, the time the
-collectives were running (union of ``gloo:*`` events), the part of it during which the
-main thread was computing (intersection with the union of its ``aten::*`` operators), and
-the main thread's idle time (waiting).
+Then ``--profile-steps`` steps of each are recorded with torch.profiler (chrome traces of
+the last ones written to ``--trace-dir``). gloo runs every collective on its own thread, so the trace shows it
+beside the main thread's operators: the script prints, for rank 0 (medians), the time
+collectives were in flight (union of ``gloo:*`` events: from launch to completion, so a
+collective launched early and waiting for its peer counts), the part of it during which
+the main thread was computing (intersection with the union of its ``aten::*``
+operators), and the main thread's idle time (blocked in a wait).
 
     OMP_NUM_THREADS=1 python scripts/bench_overlap.py [--world 2] [--steps 8]
 """
@@ -126,17 +127,21 @@ def _worker(rank: int, world: int, args) -> dict:
     for i in range(args.steps):  # interleaved, alternating which goes first
         for on in ((True, False) if i % 2 == 0 else (False, True)):
             times[on].append(step(on))
-    traces = {}
     from torch.profiler import ProfilerActivity, profile
-    for on in (True, False):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(on)
-        path = Path(args.trace_dir) / f"overlap_{'on' if on else 'off'}_rank{rank}.json"
-        prof.export_chrome_trace(str(path))
-        traces[on] = trace_overlap(path)
-        traces[on]["trace"] = str(path)
-    return {"on": times[True], "off": times[False], "trace_on": traces[True],
-            "trace_off": traces[False]}
+    traces: dict[bool, list[dict]] = {True: [], False: []}
+    with profile(activities=[ProfilerActivity.CPU]):  # the profiler's own warm-up
+        step(True)
+    for i in range(args.profile_steps):  # interleaved too; the medians are reported
+        for on in (True, False):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(on)
+            path = Path(args.trace_dir) / f"overlap_{'on' if on else 'off'}_rank{rank}.json"
+            prof.export_chrome_trace(str(path))  # the last one of each is kept
+            traces[on].append(trace_overlap(path) | {"trace": str(path)})
+    med = {on: {k: statistics.median(t[k] for t in v) for k in v[0] if k != "trace"}
+           | {"trace": v[-1]["trace"]} for on, v in traces.items()}
+    return {"on": times[True], "off": times[False], "trace_on": med[True],
+            "trace_off": med[False]}
 
 
 def main() -> None:
@@ -149,6 +154,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
+    ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps of each")
     ap.add_argument("--trace-dir", default="/tmp/moefold_overlap")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -164,8 +170,9 @@ def main() -> None:
     for r, x in enumerate(res):
         on, off = statistics.median(x["on"]) * 1e3, statistics.median(x["off"]) * 1e3
         print(f"{r:>4} {on:>15.1f} {off:>16.1f} {off / on:>7.3f}")
-    print("profiled step, rank 0 (ms): step, collectives running, of which overlapped "
-          "with main-thread operators, main-thread idle")
+    print(f"profiled steps, rank 0, median of {args.profile_steps} (ms): step; collectives "
+          "in flight (gloo thread, from launch to completion, including waiting for the "
+          "peer); of which overlapped with main-thread operators; main-thread idle")
     for key in ("trace_on", "trace_off"):
         t = res[0][key]
         print(f"  overlap {key[6:]:<3}: step {t['step']:.1f}, comm {t['comm']:.1f}, "
