@@ -108,8 +108,8 @@ def _worker(rank: int, world: int, args) -> dict:
                for _ in range(args.micro)]
 
     def step(on: bool) -> float:
-        set_dispatch_overlap(model, on)
-        dp = dp_on if on else dp_off
+        set_dispatch_overlap(model, on and args.parts in ("both", "shared"))
+        dp = dp_on if on and args.parts in ("both", "ddp") else dp_off
         dist.barrier()
         t = time.perf_counter()
         with torch.profiler.record_function("step"):
@@ -154,6 +154,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
+    ap.add_argument("--parts", choices=("both", "ddp", "shared"), default="both",
+                    help="what 'on' turns on: both overlaps, only the ddp buckets, or only "
+                         "the shared experts during the all-to-all")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps of each")
     ap.add_argument("--trace-dir", default="/tmp/moefold_overlap")
     args = ap.parse_args()
@@ -163,13 +166,16 @@ def main() -> None:
 
     res = spawn(_worker, args.world, args, timeout_s=600)
     print(f"world={args.world} (EP={args.world}, ddp over dp={args.world}), hidden="
-          f"{args.hidden}, layers={args.layers}, {args.micro} micro-batches of "
+          f"{args.hidden}, layers={args.layers}, overlap on = {args.parts}, {args.micro} "
+          "micro-batches of "
           f"{args.batch}x{args.seq} tokens, bucket {args.bucket_mb} MiB, os.cpu_count()="
           f"{os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'rank':>4} {'on ms (median)':>15} {'off ms (median)':>16} {'off/on':>7}")
+    print(f"{'rank':>4} {'on ms (median)':>15} {'off ms (median)':>16} {'off/on':>7} "
+          f"{'median pair off/on':>19}  (pair: the two adjacent steps)")
     for r, x in enumerate(res):
         on, off = statistics.median(x["on"]) * 1e3, statistics.median(x["off"]) * 1e3
-        print(f"{r:>4} {on:>15.1f} {off:>16.1f} {off / on:>7.3f}")
+        pair = statistics.median(b / a for a, b in zip(x["on"], x["off"]))
+        print(f"{r:>4} {on:>15.1f} {off:>16.1f} {off / on:>7.3f} {pair:>19.3f}")
     print(f"profiled steps, rank 0, median of {args.profile_steps} (ms): step; collectives "
           "in flight (gloo thread, from launch to completion, including waiting for the "
           "peer); of which overlapped with main-thread operators; main-thread idle")
