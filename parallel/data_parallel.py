@@ -223,7 +223,9 @@ class _Buckets:
     bucket whose gradients are all there is flattened and its all-reduce (sum) started
     asynchronously — strictly in bucket order, so every rank of a group issues the same
     collectives in the same order whatever order its hooks fire in. ``finish`` launches
-    what is left, waits, and copies the sums back (before clipping and the optimizer).
+    what is left, waits, and copies the sums back (before clipping and the optimizer);
+    buckets whose all-reduce has finished are copied back and freed already in backward,
+    so the extra memory is the flat copies of the buckets in flight, not of every bucket.
     A parameter whose gradient is None at ``finish`` is left out, as the post-backward
     path does; parameters of a launched bucket cannot change afterwards (their
     accumulation in this backward is over when their hook fires).
@@ -241,7 +243,7 @@ class _Buckets:
         for params, group in groups:
             cur: list[nn.Parameter] = []
             size = 0
-            for p in reversed(params):
+            for p in reversed([p for p in params if p.requires_grad]):
                 cur.append(p)
                 size += p.numel() * p.element_size()
                 if size >= limit:
@@ -271,6 +273,18 @@ class _Buckets:
         self.of[p].pending -= 1
         while self.next < len(self.buckets) and self.buckets[self.next].pending <= 0:
             self._launch(self.buckets[self.next])
+            self._reclaim(block=False)
+
+    def _reclaim(self, block: bool) -> None:
+        """Copy finished buckets' sums back into their gradients and free the flat copy
+        (so at most the buckets still in flight hold one). Safe during backward: a
+        launched bucket's gradients are final for this backward."""
+        for b in self.buckets[: self.next]:
+            if b.work is not None and (block or b.work.is_completed()):
+                b.work.wait()
+                for g, r in zip(b.grads, torch._utils._unflatten_dense_tensors(b.flat, b.grads)):
+                    g.copy_(r)
+                b.work, b.flat, b.grads = None, None, []
 
     def _launch(self, b: _Bucket) -> None:
         b.grads = [_local(p.grad) for p in b.params if p.grad is not None]
@@ -288,11 +302,7 @@ class _Buckets:
         self.log.append(("backward_end", -1))
         while self.next < len(self.buckets):
             self._launch(self.buckets[self.next])
-        for b in self.buckets:
-            if b.work is not None:
-                b.work.wait()
-                for g, r in zip(b.grads, torch._utils._unflatten_dense_tensors(b.flat, b.grads)):
-                    g.copy_(r)
+        self._reclaim(block=True)
         self.last_log = self.log  # kept for inspection until the next step
         self._reset()
 
