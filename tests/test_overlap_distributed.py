@@ -140,20 +140,21 @@ class _SyncCounter(TorchDispatchMode):
 
 
 def _check_syncs(dims: ParallelDims, rank: int) -> None:
-    layer = _layer()
-    apply_expert_parallel(layer, dims, "alltoall")
-    T, k = 12, 2
-    gen = torch.Generator().manual_seed(10 + rank)
-    idx = torch.randn(T, E, generator=gen).topk(k, -1).indices
-    w = torch.rand(T, k, generator=gen).requires_grad_()
-    x = torch.randn(T, D, generator=gen, requires_grad=True)
-    with _SyncCounter() as c:
-        x_ND, tpe, ctx = layer.dispatcher.dispatch(x, Routing(idx, w, E))
-        out = layer.dispatcher.combine(x_ND * 2, ctx)
-    assert c.calls == ["tolist"], (dims.ep, dims.etp, c.calls)
-    with _SyncCounter() as c:  # the backward pass needs none
-        out.sum().backward()
-    assert c.calls == [], c.calls
+    for kind in ("alltoall", "allgather"):
+        layer = _layer()
+        apply_expert_parallel(layer, dims, kind)
+        T, k = 12, 2
+        gen = torch.Generator().manual_seed(10 + rank)
+        idx = torch.randn(T, E, generator=gen).topk(k, -1).indices
+        w = torch.rand(T, k, generator=gen).requires_grad_()
+        x = torch.randn(T, D, generator=gen, requires_grad=True)
+        with _SyncCounter() as c:
+            x_ND, tpe, ctx = layer.dispatcher.dispatch(x, Routing(idx, w, E))
+            out = layer.dispatcher.combine(x_ND * 2, ctx)
+        assert c.calls == ["tolist"], (kind, dims.ep, dims.etp, c.calls)
+        with _SyncCounter() as c:  # the backward pass needs none
+            out.sum().backward()
+        assert c.calls == [], (kind, c.calls)
 
 
 # ------------------------------------------------------------- rows in the compute dtype
