@@ -79,9 +79,10 @@ def trace_overlap(path: Path) -> dict[str, float]:
 
 
 def _worker(rank: int, world: int, args) -> dict:
+    from types import SimpleNamespace
+
     import torch.distributed as dist
     import torch.nn.functional as F
-    from types import SimpleNamespace
 
     from models.build import build_model
     from models.config import ModelConfig, MoEConfig
@@ -131,7 +132,7 @@ def _worker(rank: int, world: int, args) -> dict:
     traces: dict[bool, list[dict]] = {True: [], False: []}
     with profile(activities=[ProfilerActivity.CPU]):  # the profiler's own warm-up
         step(True)
-    for i in range(args.profile_steps):  # interleaved too; the medians are reported
+    for _ in range(args.profile_steps):  # interleaved too; the medians are reported
         for on in (True, False):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 step(on)
