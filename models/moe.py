@@ -10,8 +10,9 @@ atomics, no index_add).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ __all__ = [
     "set_aux_loss_scale",
 ]
 
+W = TypeVar("W")
+
 
 class Dispatcher:
     """Protocol (and base) of a token dispatcher.
@@ -42,6 +45,12 @@ class Dispatcher:
     are padding the experts must map to zero). ``combine(y_ND, ctx) -> y_TD``: the
     routing-weighted sum over each token's assignments, accumulated in fp32, returned in
     x's dtype.
+
+    ``dispatch_overlapped(x_TD, routing, work) -> (x_ND, tokens_per_expert_E, ctx,
+    work())``: the same dispatch, with ``work`` (the layer's shared experts) run while the
+    token rows are in flight. The base runs it after ``dispatch``; the expert-parallel
+    dispatchers run it between launching the row all-to-all and waiting for it (and
+    overlap its backward with the reverse exchange the same way).
 
     Traffic of the last dispatch + combine (0 for a dispatcher that sends nothing):
     ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks;
@@ -59,6 +68,12 @@ class Dispatcher:
 
     def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def dispatch_overlapped(
+        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], W]
+    ) -> tuple[torch.Tensor, torch.Tensor, Any, W]:
+        x_ND, tokens_per_expert, ctx = self.dispatch(x_TD, routing)
+        return x_ND, tokens_per_expert, ctx, work()
 
 
 @dataclass
@@ -220,22 +235,30 @@ class MoELayer(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         g = self.token_group
         r = self.router(x_TD, num_seqs=B, group=g)
-        x_ND, tokens_per_expert, ctx = self.dispatcher.dispatch(x_TD, r.routing)
+        if self.shared_experts is None:
+            x_ND, tokens_per_expert, ctx = self.dispatcher.dispatch(x_TD, r.routing)
+            shared = None
+        else:  # the shared experts run while the dispatcher's all-to-all is in flight
+            x_ND, tokens_per_expert, ctx, shared = self.dispatcher.dispatch_overlapped(
+                x_TD, r.routing, lambda: self._shared(x_TD))
         y_TD = self.dispatcher.combine(self.experts(x_ND, tokens_per_expert), ctx)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x_TD)
+        if shared is not None:
             if self.residual_coef is not None:  # residual MoE: learned per-token mix
                 y_TD = _residual_mix(y_TD, shared, x_TD, g.shared_param(self.residual_coef.weight))
             else:
-                if self.shared_gate is not None:
-                    gate_w = g.shared_param(self.shared_gate.weight)
-                    shared = shared * torch.sigmoid(F.linear(x_TD, gate_w))
                 y_TD = y_TD + shared
         weighted = self._weighted_losses(r)
         if weighted and torch.is_grad_enabled():
             y_TD = _AuxLossGrad.apply(y_TD, sum(weighted.values()), self.aux_loss_scale)
         self._record(r, weighted)
         return y_TD.view(B, T, -1)
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_experts(x_TD)
+        if self.shared_gate is not None:
+            gate_w = self.token_group.shared_param(self.shared_gate.weight)
+            shared = shared * torch.sigmoid(F.linear(x_TD, gate_w))
+        return shared
 
     def _weighted_losses(self, r: RouterOutput) -> dict[str, torch.Tensor]:
         m = self.moe

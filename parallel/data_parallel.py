@@ -18,13 +18,18 @@ Engines:
   the earlier ones accumulate unsharded fp32 gradients, 4 B per parameter of the
   *unsharded* model held until that backward (``every`` reduces each micro-batch and keeps
   only the shards). Under PP the pipeline stage defers the reduction itself.
-- ``ddp``: parameters replicated; after backward the gradients are flattened into buckets
-  per reduction group and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``,
-  because DDP reduces every parameter over one group and experts need a different one.
+- ``ddp``: parameters replicated; gradients are flattened into buckets per reduction group
+  and all-reduced (sum). Explicit rather than ``torch.nn.parallel.DDP``, because DDP
+  reduces every parameter over one group and experts need a different one. With
+  ``overlap`` (``parallel.overlap``, default on) the buckets are launched *during* the
+  step's last backward: see :class:`_Buckets`. Otherwise (and under pipeline parallelism,
+  whose runner never arms the hooks) everything is reduced after backward.
 - ``none``: no reduction (only valid when dp_cp == edp == 1).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -47,13 +52,18 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
                  roots: list[nn.Module] | None = None, *,
-                 param_dtype: torch.dtype | None = None, grad_sync: str = "last"):
+                 param_dtype: torch.dtype | None = None, grad_sync: str = "last",
+                 overlap: bool = True, bucket_mb: float = 25.0):
         """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
         pipeline parallelism with several stages per rank they are the stage chunks, which
         share ``model``'s submodules (parallel/pipeline.py). ``param_dtype``: the compute
         dtype when it is not fp32 (FSDP all-gathers in it, reduces in fp32). ``grad_sync``:
-        ``last`` (FSDP reduces after the last micro-batch only) or ``every``."""
+        ``last`` (FSDP reduces after the last micro-batch only) or ``every``. ``overlap`` /
+        ``bucket_mb``: the ``ddp`` engine's reduction during backward and its bucket size
+        (MiB of gradient per all-reduce)."""
         self.model, self.dims, self.engine = model, dims, engine
+        self.overlap, self.bucket_mb = overlap, bucket_mb
+        self._buckets: _Buckets | None = None
         self.roots = roots or [model]
         self.param_dtype, self.grad_sync = param_dtype, grad_sync
         self.fsdp_units: list[nn.Module] = []
@@ -78,6 +88,15 @@ class DataParallel:
         # Each parameter's replication factor: how many ranks hold an identical copy of
         # its (local) gradient after reduction. The global norm counts each copy once.
         self._replicas = {p: self._replication(n, p) for n, p in named}
+        if self.engine == "ddp" and self.overlap:
+            if self._buckets is not None:
+                self._buckets.remove()
+            groups = []
+            if self.dense_size > 1:
+                groups.append((self.dense_params, self.dims.group("dp_cp")))
+            if self.expert_size > 1:
+                groups.append((self.expert_params, self.dims.group("edp")))
+            self._buckets = _Buckets(groups, self.bucket_mb) if groups else None
 
     def _replication(self, name: str, p: nn.Parameter) -> int:
         """Ranks per distinct shard of ``p``: world / (number of distinct shards), where a
@@ -145,16 +164,44 @@ class DataParallel:
     def before_micro_batch(self, index: int, is_last: bool) -> None:
         """Called by the step runner before each training micro-batch's forward: FSDP
         reduce-scatters gradients only in the last micro-batch's backward (``grad_sync``
-        = ``last``; the earlier ones accumulate locally). Under pipeline parallelism the
-        pipeline stage manages this itself and nothing is called."""
+        = ``last``; the earlier ones accumulate locally), and the ``ddp`` engine launches
+        its buckets only during that backward (:meth:`prepare_backward`). Under pipeline
+        parallelism the pipeline stage manages this itself and nothing is called."""
         if self.grad_sync == "last" and self.dims.pp == 1:
             for unit in self.fsdp_units:
                 unit.set_requires_gradient_sync(is_last, recurse=False)
+        self.prepare_backward(last=is_last)
 
     # -------------------------------------------------------------- reduction
+    def prepare_backward(self, last: bool) -> None:
+        """The step runner's seam (parallel/runner.py): the next backward is (``last``) or
+        is not the step's last one for these gradients. Only the last backward launches
+        ``ddp`` bucket reductions (earlier ones only accumulate); a no-op for the other
+        engines, and without ``overlap``."""
+        if self._buckets is not None:
+            self._buckets.armed = last
+
+    @property
+    def num_buckets(self) -> int:
+        """``ddp`` buckets of the overlapped reduction (0 without overlap)."""
+        return 0 if self._buckets is None else len(self._buckets.buckets)
+
+    @property
+    def launch_log(self) -> list[tuple[str, int]]:
+        """``(event, bucket)`` of the last step, in order: ``("launch_in_backward", i)``
+        or ``("launch", i)`` (after backward) as bucket i's all-reduce started, and
+        ``("backward_end", -1)`` when reduce_gradients was called."""
+        return [] if self._buckets is None else list(self._buckets.last_log)
+
     def reduce_gradients(self) -> None:
-        """Sum gradients over their groups (``ddp``; FSDP has done it in backward)."""
+        """Sum gradients over their groups (``ddp``; FSDP has done it in backward). With
+        overlap: wait for the buckets launched in backward, launch any left (a bucket
+        some parameter of which got no gradient, or a step whose runner did not arm the
+        hooks), and copy the sums back into the gradients."""
         if self.engine == "fsdp":
+            return
+        if self._buckets is not None:
+            self._buckets.finish()
             return
         if self.dense_size > 1:
             _allreduce_sum([p for p in self.dense_params if p.grad is not None],
@@ -184,11 +231,114 @@ class DataParallel:
             torch._foreach_mul_([_local(p.grad) for p in params], coef)
         return norm
 
-
     def _device(self) -> torch.device:
         for t in (*self.model.parameters(), *self.model.buffers()):
             return _local(t).device
         return torch.device("cpu")  # a model without tensors: nothing is ever reduced
+
+
+@dataclass(eq=False)
+class _Bucket:
+    params: list[nn.Parameter]
+    group: object
+    pending: int = 0  # parameters whose gradient has not arrived in this backward
+    launched: bool = False
+    work: object = None
+    flat: torch.Tensor | None = None
+    grads: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Buckets:
+    """The ``ddp`` engine's overlapped reduction.
+
+    Each group's parameters are cut, in *reverse* order (the order backward produces their
+    gradients), into buckets of at most ``bucket_mb`` MiB. A post-accumulate-grad hook on
+    every parameter counts down its bucket while ``armed`` (the step's last backward); a
+    bucket whose gradients are all there is flattened and its all-reduce (sum) started
+    asynchronously — strictly in bucket order, so every rank of a group issues the same
+    collectives in the same order whatever order its hooks fire in. ``finish`` launches
+    what is left, waits, and copies the sums back (before clipping and the optimizer);
+    buckets whose all-reduce has finished are copied back and freed already in backward,
+    so the extra memory is the flat copies of the buckets in flight, not of every bucket.
+    A parameter whose gradient is None at ``finish`` is left out, as the post-backward
+    path does; parameters of a launched bucket cannot change afterwards (their
+    accumulation in this backward is over when their hook fires).
+    """
+
+    def __init__(self, groups: list[tuple[list[nn.Parameter], object]], bucket_mb: float):
+        self.buckets: list[_Bucket] = []
+        self.of: dict[nn.Parameter, _Bucket] = {}
+        self.handles = []
+        self.armed = False
+        self.next = 0  # first bucket not launched yet
+        self.log: list[tuple[str, int]] = []
+        self.last_log: list[tuple[str, int]] = []
+        limit = bucket_mb * 2**20
+        for params, group in groups:
+            cur: list[nn.Parameter] = []
+            size = 0
+            for p in reversed([p for p in params if p.requires_grad]):
+                cur.append(p)
+                size += p.numel() * p.element_size()
+                if size >= limit:
+                    self.buckets.append(_Bucket(cur, group))
+                    cur, size = [], 0
+            if cur:
+                self.buckets.append(_Bucket(cur, group))
+        for b in self.buckets:
+            for p in b.params:
+                self.of[p] = b
+                if p.requires_grad and not p.is_meta:  # meta: re-registered once real
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._reset()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _reset(self) -> None:
+        self.next, self.log, self.armed = 0, [], False
+        for b in self.buckets:
+            b.pending, b.launched, b.work, b.flat, b.grads = len(b.params), False, None, None, []
+
+    def _hook(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        self.of[p].pending -= 1
+        while self.next < len(self.buckets) and self.buckets[self.next].pending <= 0:
+            self._launch(self.buckets[self.next])
+            self._reclaim(block=False)
+
+    def _reclaim(self, block: bool) -> None:
+        """Copy finished buckets' sums back into their gradients and free the flat copy
+        (so at most the buckets still in flight hold one). Safe during backward: a
+        launched bucket's gradients are final for this backward."""
+        for b in self.buckets[: self.next]:
+            if b.work is not None and (block or b.work.is_completed()):
+                b.work.wait()
+                for g, r in zip(b.grads, torch._utils._unflatten_dense_tensors(b.flat, b.grads)):
+                    g.copy_(r)
+                b.work, b.flat, b.grads = None, None, []
+
+    def _launch(self, b: _Bucket) -> None:
+        b.grads = [_local(p.grad) for p in b.params if p.grad is not None]
+        if b.grads:
+            b.flat = torch._utils._flatten_dense_tensors(b.grads)
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+        b.launched = True
+        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside backward
+        in_backward = task is not None and task() != -1
+        self.log.append(("launch_in_backward" if in_backward else "launch",
+                         self.next))
+        self.next += 1
+
+    def finish(self) -> None:
+        self.log.append(("backward_end", -1))
+        while self.next < len(self.buckets):
+            self._launch(self.buckets[self.next])
+        self._reclaim(block=True)
+        self.last_log = self.log  # kept for inspection until the next step
+        self._reset()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,19 @@ All-to-all, one *unit* = one token row sent to one rank:
 2. Counts: one ``all_to_all_single`` of a [P, 1 + E_l] int tensor (units and assignments
    per local expert, for each destination). Then the only host sync of the layer: one
    ``.tolist()`` of the splits, placed after every size-independent device op (argsorts,
-   index maps) so the GPU has work queued while the host waits. ``combine`` reuses the
-   splits and is sync-free. With ``pad_to_capacity`` there is no count exchange and no sync.
-3. Token rows and metadata: ``all_to_all_single`` with uneven splits, inside an autograd
-   Function whose backward is the reverse all-to-all.
+   index maps) so the GPU has work queued while the host waits; an ETP wrapper adds its
+   own counts to that same transfer (``host_counts``). Counting is a scatter-add, not
+   ``bincount`` (whose CUDA kernel reads the maximum back to the host). ``combine``
+   reuses the splits and is sync-free. With ``pad_to_capacity`` there is no count
+   exchange (the static rows' grouping may still count once: models/permute.py).
+3. Token rows and metadata: ``all_to_all_single`` with uneven splits, inside autograd
+   Functions whose backward is the reverse all-to-all. With ``overlap`` (default) the
+   exchange is asynchronous: ``dispatch_overlapped`` runs the caller's work (the shared
+   experts) between launch and wait, and in backward the reverse exchange is launched
+   where the rows' gradient is ready and waited for only where the sent rows' gradient
+   is needed, so the shared experts' backward (and any other independent node autograd
+   schedules in between) runs while it travels. Rows travel in the autocast dtype when
+   autocast is on (the residual stream is fp32); combine still sums in fp32.
 4. Destination: the received (unit, slot) assignments are stably sorted by (local expert,
    source rank), i.e. the chunks [source, expert] become [expert, source], and fanned out
    into rows grouped by local expert.
@@ -45,8 +54,9 @@ backward pass moves the same amounts again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,7 +77,104 @@ __all__ = [
     "AllToAllContext",
     "AllToAllDispatcher",
     "make_dispatcher",
+    "set_dispatch_overlap",
 ]
+
+
+# ---------------------------------------------------------------- helpers
+def _count(key: torch.Tensor, n: int) -> torch.Tensor:
+    """``bincount(key, minlength=n)`` for ``0 <= key < n`` without a host sync (CUDA's
+    bincount reads max(key) back to size its output). Integer sums: exact, any order."""
+    out = torch.zeros(n, dtype=torch.long, device=key.device)
+    return out.scatter_add_(0, key.flatten(), torch.ones_like(key.flatten()))
+
+
+def _wire(x: torch.Tensor) -> torch.Tensor:
+    """Rows as they travel: the autocast compute dtype when autocast is on (the fp32
+    residual stream would otherwise double the bytes); the experts compute in it anyway."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if x.is_floating_point() and x.dtype != dt:
+            return x.to(dt)
+    return x
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """One asynchronous all-to-all and its reverse (see :func:`_a2a_start`)."""
+
+    out_splits: Optional[list[int]]
+    in_splits: Optional[list[int]]
+    group: Any
+    owner: Any  # the dispatcher: counts exchanges in flight (``in_flight``)
+    work: Any = None
+    keep: list = field(default_factory=list)  # buffers gloo/NCCL reads until the wait
+    bwd_work: Any = None
+    bwd_out: Optional[torch.Tensor] = None
+
+
+def _launch(x: torch.Tensor, out_splits, in_splits, group, keep: list):
+    n = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((n, *x.shape[1:]))
+    x = x.contiguous()
+    keep.append(x)
+    work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
+    return out, work
+
+
+class _A2AStart(torch.autograd.Function):
+    """Forward: launch the exchange, return its (still filling) output. Backward: wait for
+    the reverse exchange that ``_A2AWait``'s backward launched."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: _InFlight) -> torch.Tensor:
+        ctx.f = f
+        out, f.work = _launch(x, f.out_splits, f.in_splits, f.group, f.keep)
+        f.owner.in_flight += 1
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        f = ctx.f
+        if f.bwd_work is None:  # not launched early (cannot happen in one graph; safe)
+            return all_to_all(g, f.in_splits, f.out_splits, f.group), None
+        f.bwd_work.wait()
+        f.owner.in_flight -= 1
+        out, f.bwd_work, f.bwd_out, f.keep = f.bwd_out, None, None, []
+        return out, None
+
+
+class _A2AWait(torch.autograd.Function):
+    """Forward: wait for the exchange (the output is the same tensor). Backward: launch
+    the reverse exchange of the gradient and pass a placeholder on to ``_A2AStart``."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, f: _InFlight) -> torch.Tensor:
+        ctx.f = f
+        f.work.wait()
+        f.owner.in_flight -= 1
+        f.work, f.keep = None, []
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        f = ctx.f
+        f.bwd_out, f.bwd_work = _launch(g, f.in_splits, f.out_splits, f.group, f.keep)
+        f.owner.in_flight += 1
+        return g, None
+
+
+def _a2a_start(x, out_splits, in_splits, group, owner) -> tuple[torch.Tensor, _InFlight]:
+    """An asynchronous :func:`all_to_all_autograd`: ``_a2a_wait(out, f)`` before reading
+    ``out``. Start and wait are two autograd nodes, so the reverse exchange also overlaps
+    whatever autograd runs between them in backward."""
+    f = _InFlight(out_splits, in_splits, group, owner)
+    return _A2AStart.apply(x, f), f
+
+
+def _a2a_wait(out: torch.Tensor, f: _InFlight) -> torch.Tensor:
+    return _A2AWait.apply(out, f)
 
 
 # ---------------------------------------------------------------- expert-major rows
@@ -95,6 +202,7 @@ class AllToAllContext:
     dst_map: SlotMap  # received [units, S] slots -> expert rows
     send_splits: Optional[list[int]]  # None = equal (padded) splits
     recv_splits: Optional[list[int]]
+    host: list[int]  # the values of the caller's ``host_counts`` (same sync)
     weights: torch.Tensor  # dedup: received w_US; plain: the source's weights_TK
     dtype: torch.dtype
     off_send: int  # units sent to / received from other ranks
@@ -110,6 +218,10 @@ class AllToAllDispatcher(Dispatcher):
         self.rank = dist.get_rank(ep_group)
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
+        self.overlap = True  # asynchronous row exchange (parallel.overlap)
+        self.in_flight = 0  # row exchanges launched and not yet waited for (fwd and bwd)
+
+    host_counts_supported = True  # dispatch_overlapped takes ``host_counts`` (ETP)
 
     def _plan(self, routing: Routing):
         """Per source slot: its destination, the unit row carrying it, its index in the unit."""
@@ -131,13 +243,24 @@ class AllToAllDispatcher(Dispatcher):
         order = torch.argsort(key, stable=True)  # units by (destination, token, slot)
         pos = torch.empty_like(order)
         pos[order] = torch.arange(T * k, device=idx.device)
-        counts = torch.bincount(key, minlength=P + 1)[:P]
+        counts = _count(key, P + 1)[:P]
         return kept, dest, first, is_unit, member, pos.view(T, k), counts
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        """Steps 1-4 of the module docstring. One function (over 60 lines) on purpose: the
-        layer's only host sync must come after every size-independent device op, and that
-        order is only visible when the steps stand together."""
+        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
+        return x_ND, tpe, ctx
+
+    def dispatch_overlapped(
+        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], Any],
+        host_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        """Steps 1-4 of the module docstring; ``work()`` runs while the rows travel.
+        ``host_counts(tokens_per_expert_E) -> int tensor``: more values the caller needs
+        on the host, fetched in this layer's one sync (``ctx.host``; not with padding).
+
+        One function (over 60 lines) on purpose: the layer's only host sync must come
+        after every size-independent device op, and that order is only visible when the
+        steps stand together."""
         _check(routing, self.num_experts, self.ep)
         P, El, E = self.ep, self.n_local, self.num_experts
         idx = routing.expert_idx_TK
@@ -154,18 +277,21 @@ class AllToAllDispatcher(Dispatcher):
         unit_row_TK = row_TK.gather(1, first)  # the row carrying every kept slot
         if pad:
             send_splits = recv_splits = None
+            host = []
             n_send, n_recv, n_rows = P * U, P * U, El * P * C
             tokens_per_expert = torch.full((El,), P * C, dtype=torch.long, device=dev)
             off_send = off_recv = (P - 1) * U
         else:
-            per_expert = torch.bincount(torch.where(kept, idx, E).flatten(), minlength=E + 1)
+            per_expert = _count(torch.where(kept, idx, E), E + 1)
             send_c = torch.cat([counts.unsqueeze(1), per_expert[:E].view(P, El)], 1)
             recv_c = all_to_all(send_c, None, None, self.group)  # row p: from source p
             tokens_per_expert = recv_c[:, 1:].sum(0)
             # The one device->host sync: everything above is already queued.
-            host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1)])
-            host = host.tolist()
-            send_splits, recv_splits, n_rows = host[:P], host[P : 2 * P], host[-1]
+            extra = [] if host_counts is None else [host_counts(tokens_per_expert).flatten()]
+            host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1),
+                              *extra]).tolist()
+            send_splits, recv_splits, n_rows = host[:P], host[P : 2 * P], host[2 * P]
+            host = host[2 * P + 1:]
             n_send, n_recv = sum(send_splits), sum(recv_splits)
             off_send = n_send - send_splits[self.rank]
             off_recv = n_recv - recv_splits[self.rank]
@@ -181,9 +307,16 @@ class AllToAllDispatcher(Dispatcher):
             w = w.index_put((cell,), routing.weights_TK.flatten().float())[:-1]
             meta = torch.cat([meta, w.view(n_send, S)], 1)
 
-        x_send = gather_rows(x_TD, src_map)
-        x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, self.group)
-        meta_recv = all_to_all_autograd(meta, recv_splits, send_splits, self.group)
+        x_send = _wire(gather_rows(x_TD, src_map))
+        if self.overlap:
+            x_recv, fx = _a2a_start(x_send, recv_splits, send_splits, self.group, self)
+            meta_recv, fm = _a2a_start(meta, recv_splits, send_splits, self.group, self)
+            done = work()
+            meta_recv, x_recv = _a2a_wait(meta_recv, fm), _a2a_wait(x_recv, fx)
+        else:
+            x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, self.group)
+            meta_recv = all_to_all_autograd(meta, recv_splits, send_splits, self.group)
+            done = work()
 
         if pad:
             src_U = torch.arange(n_recv, device=dev) // U
@@ -193,14 +326,13 @@ class AllToAllDispatcher(Dispatcher):
         dst_map = _expert_rows(lid_US, src_U, P, El, C if pad else None, n_rows)
         x_ND = gather_rows(x_recv, dst_map)
 
-        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        row_bytes = x_send.shape[1] * x_send.element_size()
         self.bytes_sent, self.bytes_received = off_send * row_bytes, off_recv * row_bytes
         self.meta_bytes_sent = off_send * meta.shape[1] * meta.element_size()
         weights = meta_recv[:, S:] if self.dedup else routing.weights_TK
-        ctx = AllToAllContext(
-            src_map, dst_map, send_splits, recv_splits, weights, x_TD.dtype, off_send, off_recv
-        )
-        return x_ND, tokens_per_expert, ctx
+        ctx = AllToAllContext(src_map, dst_map, send_splits, recv_splits, host, weights,
+                              x_TD.dtype, off_send, off_recv)
+        return x_ND, tokens_per_expert, ctx, done
 
     def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
         w_dst = ctx.weights if self.dedup else None
@@ -219,6 +351,7 @@ class AllGatherContext:
     dst_map: SlotMap
     weights_UK: torch.Tensor  # all ranks' routing weights
     dtype: torch.dtype
+    host: list[int]  # the values of the caller's ``host_counts`` (same sync)
 
 
 class AllGatherDispatcher(Dispatcher):
@@ -226,7 +359,9 @@ class AllGatherDispatcher(Dispatcher):
     every gathered token and a reduce-scatter returns each rank's weighted sums. Every EP
     rank must hold the same number of tokens. Bytes are the algorithm's logical traffic:
     (P - 1) * T rows sent and received by each of the two collectives. Needs one host sync
-    (the number of local assignments) unless ``pad_to_capacity``."""
+    (the number of local assignments; an ETP wrapper's counts ride along) unless
+    ``pad_to_capacity``. ``dispatch_overlapped`` runs its work after the (synchronous)
+    gathers: no overlap here yet."""
 
     def __init__(self, ep_group, num_experts: int):
         self.group, self.num_experts = ep_group, num_experts
@@ -235,7 +370,18 @@ class AllGatherDispatcher(Dispatcher):
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
 
+    host_counts_supported = True  # dispatch_overlapped takes ``host_counts`` (ETP)
+
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
+        return x_ND, tpe, ctx
+
+    def dispatch_overlapped(
+        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], Any],
+        host_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        """:meth:`dispatch`, then ``work()``; ``host_counts`` as in
+        :meth:`AllToAllDispatcher.dispatch_overlapped` (``ctx.host``)."""
         _check(routing, self.num_experts, self.ep)
         P, El = self.ep, self.n_local
         idx = routing.expert_idx_TK
@@ -243,7 +389,7 @@ class AllGatherDispatcher(Dispatcher):
         dev = idx.device
         gid = idx if routing.kept_TK is None else torch.where(routing.kept_TK, idx, -1)
         meta = torch.cat([gid.float(), routing.weights_TK.float()], 1)
-        x_all = all_gather_autograd(x_TD, self.group)
+        x_all = all_gather_autograd(_wire(x_TD), self.group)
         meta_all = all_gather_autograd(meta, self.group)
         gid_all = meta_all[:, :k].long()
         lid = gid_all - self.rank * El
@@ -252,18 +398,20 @@ class AllGatherDispatcher(Dispatcher):
         if routing.pad_to_capacity:
             C = routing.capacity
             n_rows, tokens_per_expert = El * P * C, torch.full((El,), P * C, device=dev)
+            host = []
         else:
             C = None
-            tokens_per_expert = torch.bincount(
-                torch.where(lid >= 0, lid, El).flatten(), minlength=El + 1
-            )[:El]
-            n_rows = int(tokens_per_expert.sum())  # host sync
+            tokens_per_expert = _count(torch.where(lid >= 0, lid, El), El + 1)[:El]
+            extra = [] if host_counts is None else [host_counts(tokens_per_expert).flatten()]
+            host = torch.cat([tokens_per_expert.sum().view(1), *extra]).tolist()  # the sync
+            n_rows, host = host[0], host[1:]
         dst_map = _expert_rows(lid, src_U, P, El, C, n_rows)
         x_ND = gather_rows(x_all, dst_map)
-        row_bytes = x_TD.shape[1] * x_TD.element_size()
+        row_bytes = x_all.shape[1] * x_all.element_size()
         self.bytes_sent = self.bytes_received = (P - 1) * T * row_bytes
         self.meta_bytes_sent = (P - 1) * meta.numel() * meta.element_size()
-        return x_ND, tokens_per_expert, AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype)
+        ctx = AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype, host)
+        return x_ND, tokens_per_expert, ctx, work()
 
     def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:
         part = reduce_rows(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)
@@ -281,3 +429,15 @@ def make_dispatcher(kind: str, ep_group, num_experts: int, dedup: bool = True) -
     if kind == "allgather":
         return AllGatherDispatcher(ep_group, num_experts)
     return AllToAllDispatcher(ep_group, num_experts, dedup=dedup)
+
+
+def set_dispatch_overlap(model: torch.nn.Module, on: bool) -> None:
+    """``parallel.overlap`` for every expert-parallel dispatcher of ``model`` (also inside
+    an ETP wrapper): asynchronous row exchange with the shared experts in flight, or not
+    (the before/after of scripts/bench_overlap.py)."""
+    for module in model.modules():
+        d = getattr(module, "dispatcher", None)
+        while hasattr(d, "inner"):  # ETP / placement wrappers
+            d = d.inner
+        if isinstance(d, AllToAllDispatcher):
+            d.overlap = on

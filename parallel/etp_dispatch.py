@@ -14,13 +14,17 @@ dispatcher (all-to-all, all-gather, or the local one when ep=1), as DESIGN.md §
    returns each member its rows' partial outputs, summed over members in fixed order in
    fp32 (a reduce-scatter-v without atomics), then the inner dispatcher's combine.
 
-Row counts of the other members need one host sync (an all-gather of the [E_local] counts)
-unless the routing pads to capacity, where every size is static. Bytes: rows that left or
+Row counts of the other members come from an all-gather of the [E_local] counts; their
+host copy rides in the inner EP dispatcher's one host sync (``host_counts``), so the layer
+still syncs once; around the local dispatcher (ep=1) it is a sync of its own. With padding
+every size is static. ``dispatch_overlapped`` hands the shared experts to the inner
+dispatcher (they run while its all-to-all is in flight). Bytes: rows that left or
 reached this rank in the ETP exchanges are added to the inner dispatcher's counters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,20 +69,38 @@ class ETPDispatcher(Dispatcher):
         return self.inner.meta_bytes_sent
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        x_ND, tpe_E, inner_ctx = self.inner.dispatch(x_TD, routing)
+        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
+        return x_ND, tpe, ctx
+
+    def dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing,
+                            work: Callable[[], Any]):
+        gathered: list[torch.Tensor] = []
+
+        def host_counts(tpe_E: torch.Tensor) -> torch.Tensor:
+            gathered.append(all_gather(tpe_E.view(1, -1), self.group))
+            return gathered[0].sum(1)
+
+        merged = hasattr(self.inner, "host_counts_supported") and not routing.pad_to_capacity
+        if merged:
+            x_ND, tpe_E, inner_ctx, done = self.inner.dispatch_overlapped(
+                x_TD, routing, work, host_counts=host_counts)
+        else:
+            x_ND, tpe_E, inner_ctx, done = self.inner.dispatch_overlapped(x_TD, routing, work)
         Q, El, n_inner = self.etp, tpe_E.numel(), x_ND.shape[0]
         dev = x_ND.device
         if routing.pad_to_capacity:  # static: every member has n_inner rows, evenly split
             counts_QE = torch.full((Q, El), n_inner // El, dtype=torch.long, device=dev)
             n_rows = [n_inner] * Q
+        elif merged:  # fetched in the inner dispatcher's host sync
+            counts_QE, n_rows = gathered[0], inner_ctx.host
         else:
             counts_QE = all_gather(tpe_E.view(1, El), self.group)
-            n_rows = counts_QE.sum(1).tolist()  # the ETP host sync
+            n_rows = counts_QE.sum(1).tolist()  # a second sync (local inner dispatcher)
         n_own, N = n_rows[self.rank], sum(n_rows)
         x_ND = x_ND[:n_own]  # drop the inner dispatcher's padding rows, if any
         # Member-major rows -> expert-major rows (stable: members stay in rank order).
         member = torch.arange(Q, device=dev).repeat_interleave(
-            torch.tensor(n_rows, device=dev), output_size=N
+            counts_QE.sum(1), output_size=N
         )
         expert = torch.arange(El, device=dev).repeat(Q).repeat_interleave(
             counts_QE.flatten(), output_size=N
@@ -92,7 +114,7 @@ class ETPDispatcher(Dispatcher):
         self._sent = (Q - 1) * n_own * row_bytes
         self._received = (N - n_own) * row_bytes
         ctx = ETPContext(inner_ctx, inv_perm, n_rows, n_inner, x_ND.dtype)
-        return x_all[perm], counts_QE.sum(0), ctx
+        return x_all[perm], counts_QE.sum(0), ctx, done
 
     def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
         Q, n_own = self.etp, ctx.n_rows[self.rank]

@@ -31,6 +31,7 @@ from parallel.activation_checkpoint import apply_activation_checkpointing
 from parallel.context_parallel import apply_context_parallel, shard_batch
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
+from parallel.dispatch import set_dispatch_overlap
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.expert_placement import Placement
 from parallel.moe_stats import MoEStats
@@ -123,6 +124,7 @@ def parallelize(
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
         apply_expert_parallel(model, dims, pcfg.dispatcher, placement=placement)
+        set_dispatch_overlap(model, pcfg.overlap)
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh("tp"), sequence_parallel=pcfg.sequence_parallel,
                               src_data_rank=None)
@@ -134,7 +136,8 @@ def parallelize(
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
     dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks, param_dtype=amp_dtype,
-                      grad_sync=pcfg.fsdp_grad_sync)
+                      grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,
+                      bucket_mb=pcfg.ddp_bucket_mb)
     if materialize:
         materialize_and_init(model, chunks, device, seed)
         if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md

@@ -11,6 +11,14 @@ Two implementations: :class:`MicroBatchLoop` (no pipeline: a plain loop, gradien
 accumulation by autograd) and ``parallel.pipeline.PipelineRunner`` (a
 ``torch.distributed.pipelining`` schedule). The trainer never knows which one it has.
 
+Gradient-sync seam: :class:`MicroBatchLoop` calls ``before_micro_batch(index, is_last)``
+(``DataParallel.before_micro_batch``) before each training micro-batch, so the DP engine
+reduces only in the step's last backward: FSDP reduce-scatters there
+(``parallel.fsdp_grad_sync=last``), the ``ddp`` engine launches its buckets during it
+(``parallel.overlap``). ``PipelineRunner`` does not (the schedule owns the backward
+order): the pipeline stage defers FSDP's reduction itself, and ``ddp`` reduces after the
+schedule, as without overlap.
+
 The ``objective`` they take is duck-typed: ``sums(model_output, micro_batch) -> [G + 1]``
 and ``value(sums, normaliser) -> scalar`` (the trainer's ``Objective``).
 """

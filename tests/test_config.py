@@ -43,6 +43,7 @@ def test_demo_experiment_composes():
         (["optim.min_lr=1.0"], "optim.min_lr=1.0 must be in [0, optim.lr"),
         (["trainer.seq_len=4096"], "exceeds model.max_seq_len"),
         (["parallel.tp=2"], "parallel.tp=2 does not fit world size 1"),
+        (["parallel.ddp_bucket_mb=0"], "parallel.ddp_bucket_mb=0.0 must be > 0"),
         (["data=indexed"], "data.source=indexed needs data.blend"),
         (
             ["model.moe.layer_freq=[1,0]"],

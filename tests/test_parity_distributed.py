@@ -55,6 +55,11 @@ LAYOUTS = [
     ("ep2_allgather", 2, "dropless", ["parallel.ep=2", "parallel.dispatcher=allgather"]),
     ("dp2xep2_folded", 4, "dropless", ["parallel.ep=2"]),
     ("ep2_capacity", 2, "capacity", ["parallel.ep=2"]),
+    # ddp reducing small buckets during the last of 4 accumulated backwards (overlap is
+    # on by default in every ddp layout), EP2 with the shared expert overlapping the
+    # all-to-all
+    ("dp2_ep2_ddp_buckets", 2, "dropless",
+     ["parallel.ep=2", "parallel.dp_engine=ddp", "parallel.ddp_bucket_mb=0.05"]),
     ("dp2xep2_capacity_ddp", 4, "capacity", ["parallel.ep=2", "parallel.dp_engine=ddp"]),
     ("ep2_act_ckpt", 2, "dropless", ["parallel.ep=2", "parallel.activation_checkpointing=true"]),
     (

@@ -66,6 +66,10 @@ class ParallelConfig:
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
+    # overlap communication with compute: ddp buckets all-reduce during the last backward,
+    # shared experts run while the EP all-to-all is in flight (docs/parallelism.md)
+    overlap: bool = True
+    ddp_bucket_mb: float = 25.0  # MiB of gradients per ddp all-reduce bucket (> 0)
     activation_checkpointing: bool = False
     # ranks of the job; 0 = from the launcher (WORLD_SIZE). A dry run builds this layout.
     world_size: int = 0
@@ -703,6 +707,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
     _choice("parallel.fsdp_grad_sync", p.fsdp_grad_sync, ("last", "every"))
+    if not p.ddp_bucket_mb > 0:
+        raise ConfigError(f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 "
+                          "(MiB of gradients per all-reduce)")
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
