@@ -269,7 +269,7 @@ def step_one_rank_group(ctx: Ctx):
         dims = SimpleNamespace(dp=2, cp=1, edp=1, ep=1, etp=1, pp=1, world_size=2)
         lin = torch.nn.Linear(16, 16, device=dev)
         lin(torch.randn(4, 16, device=dev)).sum().backward()
-        norm = DataParallel(lin, dims, "ddp").clip_grad_norm_(1.0)
+        norm = DataParallel(lin, dims, "ddp", overlap=False).clip_grad_norm_(1.0)
         # FSDP2 on a 1-rank mesh with bf16 all-gather / fp32 reduce, then DCP
         mesh = init_device_mesh(dev.type, (1,))
         model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)).to(dev)
