@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -66,7 +67,10 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     # LambdaLR multiplies the base lr (cfg.lr) by the factor; its state (last_epoch) is
-    # checkpointed so a resumed run continues the same schedule.
+    # checkpointed so a resumed run continues the same schedule. A DictConfig becomes a
+    # plain object first: lr_at reads ~10 fields per step, ~30 us each on a DictConfig.
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr
     )
