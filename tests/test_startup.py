@@ -1,0 +1,62 @@
+"""Start-up: the builtin corpus' sample cache (no megatron.core import on a cache hit)
+gives Megatron's samples exactly, in order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+
+from trainer import data as D
+from trainer.config import DataConfig
+from trainer.data.sample_cache import SampleArrays
+
+REPO = Path(__file__).resolve().parents[1]
+_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def _build(cache: Path, seed: int, document_mask: bool) -> D.PretrainData:
+    cfg = DataConfig(source="builtin", cache_dir=str(cache), document_mask=document_mask)
+    return D.build_data(cfg, seq_len=24, seed=seed, global_batch_size=8, train_samples=96,
+                        valid_samples=16, model_cfg=NS(vocab_size=2048))
+
+
+@pytest.mark.parametrize("document_mask", [False, True])
+def test_builtin_sample_cache_is_megatron_exact(moefold_cache, document_mask):
+    seed = 4242 + document_mask  # a key no other test writes: the first build misses
+    first = _build(moefold_cache, seed, document_mask)
+    assert not isinstance(first.train_dataset, SampleArrays)  # Megatron's dataset
+    again = _build(moefold_cache, seed, document_mask)
+    assert isinstance(again.train_dataset, SampleArrays)  # from the cache
+    for a, b in ((first.train_dataset, again.train_dataset),
+                 (first.valid_dataset, again.valid_dataset)):
+        assert len(a) == len(b) > 0
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            for k in _KEYS:
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (i, k)
+    for c in (0, 8, 88):
+        for x, y in zip(first.train_microbatches(c, 2, 1, 2), again.train_microbatches(c, 2, 1, 2),
+                        strict=True):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    other = _build(moefold_cache, seed + 10, document_mask)  # another key: Megatron again
+    assert not isinstance(other.train_dataset, SampleArrays)
+
+
+def test_cache_hit_does_not_import_megatron(moefold_cache):
+    _build(moefold_cache, 4300, False)  # writes the cache
+    code = ("import sys; from types import SimpleNamespace as NS; "
+            "from trainer import data as D; from trainer.config import DataConfig; "
+            f"d = D.build_data(DataConfig(source='builtin', cache_dir={str(moefold_cache)!r}), "
+            "seq_len=24, seed=4300, global_batch_size=8, train_samples=96, valid_samples=16, "
+            "model_cfg=NS(vocab_size=2048)); d.train_microbatches(0, 2, 0, 1); "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
