@@ -60,3 +60,19 @@ def test_cache_hit_does_not_import_megatron(moefold_cache):
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_old_torch_fails_with_one_line_naming_the_floor():
+    from trainer.errors import UserError
+    from trainer.runtime import TORCH_FLOOR, check_torch
+
+    need = ".".join(map(str, TORCH_FLOOR))
+    with pytest.raises(UserError, match=rf"^torch 2\.7\.1\+cu126 is too old: moefold needs "
+                                        rf"torch>={need} \(") as e:
+        check_torch("2.7.1+cu126")
+    assert "\n" not in str(e.value)
+    for ok in (f"{need}.0", "2.13.0+cpu", "3.0.0a0"):
+        check_torch(ok)
+    check_torch()  # the installed torch
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"torch>={need}"' in pyproject  # the declared floor is the checked one

@@ -28,7 +28,13 @@ from trainer.reliability import collective_failure, end_of_step, exit_with, watc
 from trainer.report import startup_report
 from trainer.run_dir import owned_run_dir, precheck_run_dir, roll_back_metrics
 from trainer.run_logger import per_rank_logging
-from trainer.runtime import autocast_dtype, autocast_factory, init_distributed, pick_device
+from trainer.runtime import (
+    autocast_dtype,
+    autocast_factory,
+    check_torch,
+    init_distributed,
+    pick_device,
+)
 from trainer.signals import StopRequest
 
 register_configs()
@@ -258,6 +264,7 @@ class Trainer:
 def run(cfg: DictConfig) -> None:
     """Validate ``cfg`` and train. A process group that exists already (a launcher's, a
     test harness's) is used and left alone; one this run creates is destroyed at the end."""
+    check_torch()  # one line naming the version needed, before anything else
     # megatron's dataset builder is chatty at INFO; its warnings still show.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     if cfg.trainer.dry_run:  # rank parallel.dry_run_rank on meta, memory.json, exit
