@@ -76,3 +76,26 @@ def test_old_torch_fails_with_one_line_naming_the_floor():
     check_torch()  # the installed torch
     pyproject = (REPO / "pyproject.toml").read_text()
     assert f'"torch>={need}"' in pyproject  # the declared floor is the checked one
+
+
+def test_dp_engine_auto_replicates_while_the_state_fits():
+    from omegaconf import OmegaConf
+
+    from models import build_model
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import STATE_BYTES_PER_PARAM, choose_dp_engine
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["parallel.dp_engine=auto"])
+    model = build_model(OmegaConf.to_object(cfg.model), device="meta")
+    state = sum(p.numel() for p in model.parameters()) * STATE_BYTES_PER_PARAM
+    dims2 = ParallelDims.from_config(cfg.parallel, 2, rank=0)
+    cpu = torch.device("cpu")
+    roomy, tight = 8 * state / 2**30, 2 * state / 2**30  # GiB: state is 1/8, 1/2 of it
+    assert choose_dp_engine(model, dims2, cpu, roomy, collective=False)[0] == "ddp"
+    engine, note = choose_dp_engine(model, dims2, cpu, tight, collective=False)
+    assert engine == "fsdp" and note.startswith("parallel.dp_engine=auto: fsdp (")
+    dims1 = ParallelDims.from_config(cfg.parallel, 1, rank=0)  # nothing to reduce over
+    assert choose_dp_engine(model, dims1, cpu, tight, collective=False)[0] == "ddp"
+    # the host's memory: a tiny model replicates
+    assert choose_dp_engine(model, dims2, cpu, collective=False)[0] == "ddp"

@@ -55,7 +55,9 @@ class ParallelConfig:
     ep: int = 1
     etp: int = 1
     sequence_parallel: bool = False
-    dp_engine: str = "fsdp"  # fsdp | ddp | none
+    # fsdp | ddp | none | auto (ddp while an unsharded replica's params+grads+AdamW fit in
+    # a quarter of a rank's memory, else fsdp: parallel/parallelize.py choose_dp_engine)
+    dp_engine: str = "fsdp"
     # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (parallel/pipeline.py)
     pp_schedule: str = "1f1b"
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
@@ -103,6 +105,9 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
+    # CPU only: keep freed memory in the process (glibc mmap/trim thresholds 1 GiB):
+    # auto = on unless FSDP shards the model (docs/memory.md) | on | off
+    reuse_cpu_memory: str = "auto"
     log_every: int = 1
     eval_every: int = 50  # 0 disables validation
     eval_iters: int = 2  # global batches per validation
@@ -523,6 +528,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("trainer.reuse_cpu_memory", t.reuse_cpu_memory, ("auto", "on", "off"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop"))
     if t.skip_budget < 0 or t.skip_window < 1:
@@ -609,7 +615,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if not 0 <= p.dry_run_rank < world_size:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
-    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none", "auto"))
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
