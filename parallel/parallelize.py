@@ -123,6 +123,8 @@ def parallelize(
                               src_data_rank=None)
     if dims.cp > 1:
         apply_context_parallel(model, dims, seq_len)
+    if getattr(pcfg, "compile", False):  # before AC and DP: their hooks stay eager
+        compile_blocks(model, device, getattr(pcfg, "compile_backend", "inductor"))
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     chunks = [model]
@@ -147,6 +149,22 @@ def parallelize(
                          arch=model_cfg.arch, num_micro=num_micro,
                          pp_schedule=pcfg.pp_schedule, device=device, pp_split=split,
                          pp_report=report, dp_note=dp_note)
+
+
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+    """Regional compilation (``parallel.compile``): each block of ``model.layers`` gets its
+    ``forward`` replaced by ``torch.compile(forward)``, after TP/EP/CP have rewritten it.
+    Only the block's own computation is compiled: the module call around it, where
+    activation checkpointing, FSDP and pipelining hook in, stays eager, and the module
+    tree, parameter names and checkpoints are unchanged. Graph breaks (data-dependent
+    dispatch under EP, host syncs) fall back to eager for that part; the blocks share
+    their compiled code (same code object, recompiled only on new guards)."""
+    if device.type != "cuda" and hasattr(torch, "_grouped_mm"):
+        # its fake-tensor kernel accepts bf16 only (torch 2.13), the CPU kernel fp32 too:
+        # the grouped GEMM runs eagerly between two compiled graphs
+        torch._dynamo.disallow_in_graph(torch._grouped_mm)
+    for block in model.layers.values():
+        block.forward = torch.compile(block.forward, backend=backend)
 
 
 # parallel.dp_engine=auto: replicate (ddp) while params + grads + AdamW state of an

@@ -64,6 +64,10 @@ class ParallelConfig:
     pp_layers: Optional[list[int]] = None  # layers per stage (pp*vpp entries); None = even
     dispatcher: str = "alltoall"  # alltoall | allgather
     activation_checkpointing: bool = False
+    # torch.compile each block (regional, after TP/EP/CP; parallel/parallelize.py)
+    compile: bool = False
+    # inductor (needs a C++ compiler on CPU) | aot_eager (traces, no codegen) | eager
+    compile_backend: str = "inductor"
     # ranks of the job; 0 = from the launcher (WORLD_SIZE). A dry run builds this layout.
     world_size: int = 0
     dry_run_rank: int = 0  # the rank whose model and memory trainer.dry_run reports
@@ -616,6 +620,18 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none", "auto"))
+    _choice("parallel.compile_backend", p.compile_backend, ("inductor", "aot_eager", "eager"))
+    if p.compile and p.tp > 1:
+        raise ConfigError(f"parallel.compile=true with parallel.tp={p.tp} is not supported yet "
+                          "(dynamo fails on the TP blocks' DTensors); use parallel.tp=1 or "
+                          "parallel.compile=false")
+    if p.compile and p.compile_backend == "inductor" and _cpu_run(t.device):
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise ConfigError("parallel.compile=true with parallel.compile_backend=inductor on "
+                              "CPU needs a C++ compiler (no g++/c++/clang++ on PATH); use "
+                              "parallel.compile_backend=aot_eager")
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
@@ -643,6 +659,14 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "
             "replicas (valid: fsdp, ddp)"
         )
+
+
+def _cpu_run(device: str) -> bool:
+    if device == "cpu":
+        return True
+    import torch
+
+    return device == "auto" and not torch.cuda.is_available()
 
 
 __all__ = [
