@@ -99,3 +99,15 @@ def test_dp_engine_auto_replicates_while_the_state_fits():
     assert choose_dp_engine(model, dims1, cpu, tight, collective=False)[0] == "ddp"
     # the host's memory: a tiny model replicates
     assert choose_dp_engine(model, dims2, cpu, collective=False)[0] == "ddp"
+
+
+def test_prefetched_batches_train_bit_identically(single_run):
+    from tests.helpers import FAST, read_metrics
+
+    base = [*FAST, "trainer.max_steps=3", "checkpoint.save_final=false"]
+    off = read_metrics(single_run([*base, "trainer.prefetch=off"]))
+    on = read_metrics(single_run([*base, "trainer.prefetch=on"]))
+    assert sorted(on) == sorted(off) == [1, 2, 3]
+    for step in off:
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            assert on[step][key] == off[step][key], (step, key)

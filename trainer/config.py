@@ -112,6 +112,9 @@ class TrainerConfig:
     # CPU only: keep freed memory in the process (glibc mmap/trim thresholds 1 GiB):
     # auto = on unless FSDP shards the model (docs/memory.md) | on | off
     reuse_cpu_memory: str = "auto"
+    # collate the next step's batches on a background thread (pinned on CUDA):
+    # auto = on for CUDA runs | on | off; the data and its order are the same either way
+    prefetch: str = "auto"
     log_every: int = 1
     eval_every: int = 50  # 0 disables validation
     eval_iters: int = 2  # global batches per validation
@@ -533,6 +536,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         )
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("trainer.reuse_cpu_memory", t.reuse_cpu_memory, ("auto", "on", "off"))
+    _choice("trainer.prefetch", t.prefetch, ("auto", "on", "off"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop"))
     if t.skip_budget < 0 or t.skip_window < 1:

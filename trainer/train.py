@@ -48,6 +48,7 @@ class Trainer:
         from parallel.hf_load import InitSourceError
         from parallel.parallelize import parallelize
         from trainer.data import build_data
+        from trainer.data.prefetch import Prefetcher
         from trainer.objective import Objective
         from trainer.optim import build_optimizer, build_scheduler
         from trainer.perf import reuse_freed_cpu_memory
@@ -74,6 +75,12 @@ class Trainer:
                                train_samples=t.max_steps * t.global_batch_size,
                                valid_samples=valid_batches * t.global_batch_size,
                                model_cfg=cfg.model, rank=self.rank, world_size=self.world_size)
+
+        cuda, micro = self.device.type == "cuda", int(t.micro_batch_size)
+        self.prefetch = Prefetcher(
+            lambda consumed: self.data.train_microbatches(
+                consumed, micro, self.dims.dp_rank, self.dims.dp_size),
+            pin_memory=cuda, enabled=t.prefetch == "on" or (t.prefetch == "auto" and cuda))
 
         self.model_cfg = OmegaConf.to_object(cfg.model)
         try:  # model.init_from / moe.upcycle_from: a bad source is a user error
@@ -131,9 +138,10 @@ class Trainer:
         t = self.tcfg
         if not self.model.training:  # .train() walks every module: only after evaluate()
             self.model.train()
-        mbs = self._batches(self.data.train_microbatches(
-            self.state.consumed_samples, t.micro_batch_size, self.dims.dp_rank,
-            self.dims.dp_size))
+        consumed = self.state.consumed_samples
+        last = self.state.step + 1 >= t.max_steps
+        mbs = self._batches(self.prefetch.get(
+            consumed, None if last else consumed + t.global_batch_size))
         # Normalise by the counts of the whole global batch, so the objective (and its
         # gradient) does not depend on how the batch is split into micro-batches/ranks.
         norm = self.dims.all_reduce_sum(self.objective.counts(mbs), "dp_cp")
@@ -263,6 +271,7 @@ class Trainer:
                 if t.stop_after_steps and steps_this_run >= t.stop_after_steps:
                     self.logger.info(f"stopping after {steps_this_run} steps (stop_after_steps)")
                     break
+            self.prefetch.close()
             path = self.saver.finish()  # a periodic checkpoint still written in the background
             if path is not None:
                 self.logger.info(f"saved checkpoint {path}")
