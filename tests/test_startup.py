@@ -26,9 +26,9 @@ def _build(cache: Path, seed: int, document_mask: bool) -> D.PretrainData:
                         valid_samples=16, model_cfg=NS(vocab_size=2048))
 
 
-@pytest.mark.parametrize("document_mask", [False, True])
-def test_builtin_sample_cache_is_megatron_exact(moefold_cache, document_mask):
-    seed = 4242 + document_mask  # a key no other test writes: the first build misses
+def test_builtin_sample_cache_is_megatron_exact(moefold_cache):
+    # per-document position ids: the field that differs most between samples
+    seed, document_mask = 4242, True  # a key no other test writes: the first build misses
     first = _build(moefold_cache, seed, document_mask)
     assert not isinstance(first.train_dataset, SampleArrays)  # Megatron's dataset
     again = _build(moefold_cache, seed, document_mask)
@@ -44,7 +44,7 @@ def test_builtin_sample_cache_is_megatron_exact(moefold_cache, document_mask):
         for x, y in zip(first.train_microbatches(c, 2, 1, 2), again.train_microbatches(c, 2, 1, 2),
                         strict=True):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    other = _build(moefold_cache, seed + 10, document_mask)  # another key: Megatron again
+    other = _build(moefold_cache, seed, False)  # another key: Megatron again
     assert not isinstance(other.train_dataset, SampleArrays)
 
 
