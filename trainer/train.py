@@ -235,7 +235,7 @@ class Trainer:
         if modality_tokens is not None:
             for name, n in zip(self.objective.groups, modality_tokens.tolist()):
                 record[f"tokens_per_s_{name}"] = n / perf["step_time_s"]
-        record.update(peak_memory())
+        record.update(peak_memory(self.device))
         if self.verdict.skip:
             record.update(skipped=True, skip_cause=self.verdict.skip)
         if t.eval_every and (step % t.eval_every == 0 or last):
