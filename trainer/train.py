@@ -153,10 +153,11 @@ class Trainer:
         self.pm.dp.reduce_gradients()
         grad_norm = self.pm.dp.clip_grad_norm_(t.grad_clip if t.grad_clip > 0 else float("inf"))
         tokens = self.objective.tokens(norm, self.patch_dim)
+        objective = self.objective.value(sums, norm)
         # NaN/Inf or spike: skip the update (all ranks agree); also reads the stop request.
         # The step's one host sync; the token count rides along (tokens/s every step).
-        self.verdict = self.guard.check(self.state.step + 1, self.objective.value(sums, norm),
-                                        grad_norm, self.stop.requested, tokens)
+        self.verdict = self.guard.check(self.state.step + 1, objective, grad_norm,
+                                        self.stop.requested, tokens)
         if not self.verdict.skip:
             self.optimizer.step()
         self.scheduler.step()
@@ -167,7 +168,7 @@ class Trainer:
         self.state.consumed_samples += t.global_batch_size
         metrics = {
             **self.objective.metrics(sums, norm),
-            "objective": self.objective.value(sums, norm),
+            "objective": objective,
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens": self.verdict.tokens,
