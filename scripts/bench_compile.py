@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.bench_trainer_overhead import _trainer  # noqa: E402
+from scripts.bench_trainer_overhead import build_trainer  # noqa: E402
 
 # ~200M parameters (8 layers, hidden 768, 8 experts top-2 of width 1024, one shared)
 MODEL_200M = ["model.hidden_size=768", "model.num_layers=8", "model.num_heads=12",
@@ -46,8 +46,8 @@ def main() -> None:
               "logger.expert_load_every=0", *(MODEL_200M if args.model_200m else []),
               *args.overrides]
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        eager = _trainer(common, d1, args.steps)
-        comp = _trainer([*common, "parallel.compile=true",
+        eager = build_trainer(common, d1, args.steps)
+        comp = build_trainer([*common, "parallel.compile=true",
                          f"parallel.compile_backend={args.backend}"], d2, args.steps)
         n = sum(p.numel() for p in eager.model.parameters())
         print(f"{n / 1e6:.1f}M parameters; backend {args.backend}; "

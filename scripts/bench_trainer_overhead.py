@@ -40,7 +40,7 @@ from tests.helpers import compose_config  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 
-def _trainer(overrides: list[str], run_dir: str, steps: int) -> Trainer:
+def build_trainer(overrides: list[str], run_dir: str, steps: int) -> Trainer:
     cfg = compose_config([*overrides, f"trainer.max_steps={steps}", f"run_dir={run_dir}",
                           f"checkpoint.dir={run_dir}/ckpt", "checkpoint.save_final=false",
                           "checkpoint.every=0"])
@@ -84,7 +84,7 @@ def lockstep(overrides: list[str], warmup: int, steps: int) -> tuple[list[float]
     whole loop body: step, metrics, logging, guards)."""
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as d2:
         total = warmup + steps + 1
-        tr, hand = _trainer(overrides, d, total), HandLoop(_trainer(overrides, d2, total))
+        tr, hand = build_trainer(overrides, d, total), HandLoop(build_trainer(overrides, d2, total))
         hand_s: list[float] = []
         trainer_s: list[float] = []
         last = [0.0]
