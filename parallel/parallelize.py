@@ -51,7 +51,7 @@ from parallel.tensor_parallel import (
     tp_cross_entropy_sum,
 )
 
-__all__ = ["ParallelModel", "parallelize"]
+__all__ = ["ParallelModel", "choose_dp_engine", "parallelize", "rank_memory_bytes"]
 
 
 @dataclass
@@ -73,6 +73,7 @@ class ParallelModel:
     device: torch.device
     pp_split: Optional[PipelineSplit] = None
     pp_report: str = ""
+    dp_note: str = ""  # parallel.dp_engine=auto: what it chose and why (one line)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
                  ) -> torch.Tensor:
@@ -130,12 +131,19 @@ def parallelize(
                               src_data_rank=None)
     if dims.cp > 1:
         apply_context_parallel(model, dims, seq_len)
+    if getattr(pcfg, "compile", False):  # before AC and DP: their hooks stay eager
+        compile_blocks(model, device, getattr(pcfg, "compile_backend", "inductor"))
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
-    dp = DataParallel(model, dims, pcfg.dp_engine, roots=chunks, param_dtype=amp_dtype,
+    engine, dp_note = pcfg.dp_engine, ""
+    if engine == "auto":
+        engine, dp_note = choose_dp_engine(model, dims, device,
+                                           float(getattr(pcfg, "gpu_memory_gib", 0) or 0),
+                                           collective=materialize)
+    dp = DataParallel(model, dims, engine, roots=chunks, param_dtype=amp_dtype,
                       grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,
                       bucket_mb=pcfg.ddp_bucket_mb)
     if materialize:
@@ -151,4 +159,68 @@ def parallelize(
     return ParallelModel(model=model, chunks=chunks, dp=dp, dims=dims, moe=moe,
                          arch=model_cfg.arch, num_micro=num_micro,
                          pp_schedule=pcfg.pp_schedule, device=device, pp_split=split,
-                         pp_report=report)
+                         pp_report=report, dp_note=dp_note)
+
+
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+    """Regional compilation (``parallel.compile``): each block of ``model.layers`` gets its
+    ``forward`` replaced by ``torch.compile(forward)``, after TP/EP/CP have rewritten it.
+    Only the block's own computation is compiled: the module call around it, where
+    activation checkpointing, FSDP and pipelining hook in, stays eager, and the module
+    tree, parameter names and checkpoints are unchanged. Graph breaks (data-dependent
+    dispatch under EP, host syncs) fall back to eager for that part; the blocks share
+    their compiled code (same code object, recompiled only on new guards)."""
+    if device.type != "cuda" and hasattr(torch, "_grouped_mm"):
+        # its fake-tensor kernel accepts bf16 only (torch 2.13), the CPU kernel fp32 too:
+        # the grouped GEMM runs eagerly between two compiled graphs
+        torch._dynamo.disallow_in_graph(torch._grouped_mm)
+    for block in model.layers.values():
+        block.forward = torch.compile(block.forward, backend=backend)
+
+
+# parallel.dp_engine=auto: replicate (ddp) while params + grads + AdamW state of an
+# unsharded replica take at most this share of a rank's memory; shard (fsdp) above it.
+# The rest is left to activations and buffers, which neither engine shrinks.
+DDP_STATE_SHARE = 0.25
+STATE_BYTES_PER_PARAM = 16  # fp32 params 4 + grads 4 + AdamW moments 8 (bf16: 2+2+12)
+
+
+def rank_memory_bytes(device: torch.device, gpu_memory_gib: float = 0.0) -> int:
+    """Memory one rank may use: ``parallel.gpu_memory_gib`` when set, else the GPU's, else
+    the host's physical memory divided among the ranks of this node."""
+    import os
+
+    if gpu_memory_gib > 0:
+        return int(gpu_memory_gib * 2**30)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local)
+
+
+def choose_dp_engine(model: nn.Module, dims: ParallelDims, device: torch.device,
+                     gpu_memory_gib: float = 0.0, collective: bool = True) -> tuple[str, str]:
+    """``parallel.dp_engine=auto``: ``ddp`` when every rank's unsharded training state
+    (``STATE_BYTES_PER_PARAM`` per local parameter after TP/EP/PP) fits in
+    ``DDP_STATE_SHARE`` of its memory, else ``fsdp``; with nothing to reduce over
+    (dp*cp == edp == 1) ``ddp`` (both are no-ops). Ranks agree: the largest state and the
+    smallest memory over the world decide (one all-reduce when ``collective``)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if max(dims.dp * dims.cp, dims.edp) == 1:
+        return "ddp", "parallel.dp_engine=auto: ddp (no data-parallel replicas)"
+    seen, numel = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            numel += (p.to_local() if isinstance(p, DTensor) else p).numel()
+    state, memory = numel * STATE_BYTES_PER_PARAM, rank_memory_bytes(device, gpu_memory_gib)
+    if collective and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.tensor([float(state), -float(memory)], device=device, dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        state, memory = int(both[0].item()), int(-both[1].item())
+    engine = "ddp" if state <= DDP_STATE_SHARE * memory else "fsdp"
+    return engine, (f"parallel.dp_engine=auto: {engine} (unsharded params+grads+AdamW "
+                    f"{state / 2**30:.3g} GiB per rank {'<=' if engine == 'ddp' else '>'} "
+                    f"{DDP_STATE_SHARE:g} x {memory / 2**30:.3g} GiB)")

@@ -5,6 +5,14 @@ rank's peak approach 1/4 of the single process's weights.
 
     python scripts/bench_startup_memory.py [--hidden 1024 --layers 8 --experts 16 ...]
 
+``--startup``: instead, the wall time of a tiny default run (``python -m trainer.train``,
+moe_tiny, the builtin corpus, the default logger) from process start to its first step's
+line, against ``python -c "import torch"``, interleaved ``--repeats`` times after one
+untimed run that fills the caches; medians, and the slowest imports of one run
+(``python -X importtime``).
+
+    python scripts/bench_startup_memory.py --startup [--repeats 5] [override ...]
+
 RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` in each rank (forked from a server that has
 imported torch; ``base`` is that RSS before the model exists). The optimizer is built but
 never stepped (AdamW allocates its moments at the first step). Prints a markdown table.
@@ -13,8 +21,13 @@ never stepped (AdamW allocates its moments at the first step). Prints a markdown
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -57,7 +70,64 @@ def _rank(rank: int, world: int, model_overrides: list[str], layout: list[str]) 
     return {"base": base, "peak": _rss_mib(), "local": local, "global": total}
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wall_to(cmd: list[str], marker: str | None, env: dict) -> float:
+    """Seconds from spawning ``cmd`` to the first stdout line starting with ``marker``
+    (to its exit when None)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    seen = None
+    for line in proc.stdout:
+        if seen is None and marker is not None and line.startswith(marker):
+            seen = time.perf_counter() - t0
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with code {proc.returncode}")
+    return seen if seen is not None else time.perf_counter() - t0
+
+
+def startup(repeats: int, overrides: list[str]) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as d:
+        def train_cmd(i: int, *pre: str) -> list[str]:
+            return [sys.executable, *pre, "-m", "trainer.train", f"run_dir={d}/run{i}",
+                    "trainer.max_steps=2", "logger.console=plain", "checkpoint.save_final=false",
+                    "trainer.eval_every=0", *overrides]
+
+        _wall_to(train_cmd(-1), None, env)  # corpus, tokenizer, sample cache
+        torch_s, run_s = [], []
+        for i in range(repeats):
+            torch_s.append(_wall_to([sys.executable, "-c", "import torch"], None, env))
+            run_s.append(_wall_to(train_cmd(i), "step 1/", env))
+            print(f"repeat {i}: import torch {torch_s[-1]:.2f} s, first step line "
+                  f"{run_s[-1]:.2f} s, difference {run_s[-1] - torch_s[-1]:.2f} s", flush=True)
+        print(f"median: import torch {statistics.median(torch_s):.2f} s, first step line "
+              f"{statistics.median(run_s):.2f} s, median difference "
+              f"{statistics.median(b - a for a, b in zip(torch_s, run_s)):.2f} s")
+        out = subprocess.run(train_cmd(99, "-X", "importtime"), cwd=REPO, env=env,
+                             capture_output=True, text=True)
+    rows = []
+    for line in out.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            _, cum, name = line.split("|")
+            if cum.strip().isdigit():
+                rows.append((int(cum), name.rstrip()))
+    print("slowest imports (cumulative, one run):")
+    for cum, name in sorted(rows, reverse=True)[:12]:
+        print(f"  {cum / 1e6:6.2f} s {name}")
+
+
 def main() -> None:
+    if "--startup" in sys.argv:
+        ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        ap.add_argument("--startup", action="store_true")
+        ap.add_argument("--repeats", type=int, default=5)
+        ap.add_argument("overrides", nargs="*")
+        args = ap.parse_args()
+        startup(args.repeats, args.overrides)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)

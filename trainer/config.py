@@ -57,7 +57,9 @@ class ParallelConfig:
     ep: int = 1
     etp: int = 1
     sequence_parallel: bool = False
-    dp_engine: str = "fsdp"  # fsdp | ddp | none
+    # fsdp | ddp | none | auto (ddp while an unsharded replica's params+grads+AdamW fit in
+    # a quarter of a rank's memory, else fsdp: parallel/parallelize.py choose_dp_engine)
+    dp_engine: str = "fsdp"
     # FSDP gradient reduce-scatter without PP: last = after the last micro-batch only (holds
     # unsharded fp32 grads until then), every = after each micro-batch (shards only)
     fsdp_grad_sync: str = "last"
@@ -71,6 +73,10 @@ class ParallelConfig:
     overlap: bool = True
     ddp_bucket_mb: float = 25.0  # MiB of gradients per ddp all-reduce bucket (> 0)
     activation_checkpointing: bool = False
+    # torch.compile each block (regional, after TP/EP/CP; parallel/parallelize.py)
+    compile: bool = False
+    # inductor (needs a C++ compiler on CPU) | aot_eager (traces, no codegen) | eager
+    compile_backend: str = "inductor"
     # ranks of the job; 0 = from the launcher (WORLD_SIZE). A dry run builds this layout.
     world_size: int = 0
     dry_run_rank: int = 0  # the rank whose model and memory trainer.dry_run reports
@@ -116,6 +122,12 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
+    # CPU only: keep freed memory in the process (glibc mmap/trim thresholds 1 GiB):
+    # auto = on unless FSDP shards the model (docs/memory.md) | on | off
+    reuse_cpu_memory: str = "auto"
+    # collate the next step's batches on a background thread (pinned on CUDA):
+    # auto = on for CUDA runs | on | off; the data and its order are the same either way
+    prefetch: str = "auto"
     log_every: int = 1
     eval_every: int = 50  # 0 disables validation
     eval_iters: int = 2  # global batches per validation
@@ -618,6 +630,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
     _choice("trainer.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("trainer.reuse_cpu_memory", t.reuse_cpu_memory, ("auto", "on", "off"))
+    _choice("trainer.prefetch", t.prefetch, ("auto", "on", "off"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.nonfinite", t.nonfinite, ("skip", "stop"))
     if t.skip_budget < 0 or t.skip_window < 1:
@@ -705,11 +719,23 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if not 0 <= p.dry_run_rank < world_size:
         raise ConfigError(f"parallel.dry_run_rank={p.dry_run_rank} must be in "
                           f"[0, {world_size})")
-    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none"))
+    _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none", "auto"))
     _choice("parallel.fsdp_grad_sync", p.fsdp_grad_sync, ("last", "every"))
     if not p.ddp_bucket_mb > 0:
         raise ConfigError(f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 "
                           "(MiB of gradients per all-reduce)")
+    _choice("parallel.compile_backend", p.compile_backend, ("inductor", "aot_eager", "eager"))
+    if p.compile and p.tp > 1:
+        raise ConfigError(f"parallel.compile=true with parallel.tp={p.tp} is not supported yet "
+                          "(dynamo fails on the TP blocks' DTensors); use parallel.tp=1 or "
+                          "parallel.compile=false")
+    if p.compile and p.compile_backend == "inductor" and _cpu_run(t.device):
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise ConfigError("parallel.compile=true with parallel.compile_backend=inductor on "
+                              "CPU needs a C++ compiler (no g++/c++/clang++ on PATH); use "
+                              "parallel.compile_backend=aot_eager")
     _choice("parallel.pp_schedule", p.pp_schedule, tuple(SCHEDULES))
     try:
         dims = ParallelDims.from_config(p, world_size)
@@ -745,6 +771,14 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.dp_engine=none with {world_size} ranks would train unsynchronised "
             "replicas (valid: fsdp, ddp)"
         )
+
+
+def _cpu_run(device: str) -> bool:
+    if device == "cpu":
+        return True
+    import torch
+
+    return device == "auto" and not torch.cuda.is_available()
 
 
 __all__ = [

@@ -60,6 +60,7 @@ class Verdict:
     preempt: bool = False  # a stop signal reached some rank: checkpoint and exit
     objective: float = 0.0
     grad_norm: float = 0.0
+    tokens: float = 0.0  # the step's trained tokens, read in the same host sync
 
 
 class StepGuard:
@@ -73,20 +74,28 @@ class StepGuard:
         self._warned_at = -_WARN_EVERY
 
     def check(self, step: int, objective: torch.Tensor, grad_norm: torch.Tensor,
-              stop_requested: bool) -> Verdict:
-        """``step``: the number the step will have (1-based). Collective over the world."""
+              stop_requested: bool, tokens: Optional[torch.Tensor] = None) -> Verdict:
+        """``step``: the number the step will have (1-based). Collective over the world.
+        ``tokens`` (already reduced, or None) rides along in the one host sync."""
         objective, grad_norm = objective.detach().float(), grad_norm.detach().float()
-        nonfinite = (~torch.isfinite(torch.stack([objective, grad_norm]))).any().float()
-        spike = torch.zeros_like(nonfinite)
-        if self.spike_factor > 0 and len(self.history) == SPIKE_HISTORY:
-            threshold = self.spike_factor * sum(self.history) / SPIKE_HISTORY
-            spike = (objective > threshold).float()
-        flags = torch.stack([nonfinite, spike, torch.full_like(spike, float(stop_requested))])
+        tok = objective.new_zeros(1) if tokens is None else tokens.detach().float().view(1)
+        spiking = self.spike_factor > 0 and len(self.history) == SPIKE_HISTORY
+        threshold = self.spike_factor * sum(self.history) / SPIKE_HISTORY if spiking else 0.0
         if self.world_size > 1 and dist.is_initialized():
+            nonfinite = (~torch.isfinite(torch.stack([objective, grad_norm]))).any().float()
+            spike = (objective > threshold).float() if spiking else torch.zeros_like(nonfinite)
+            flags = torch.stack([nonfinite, spike,
+                                 torch.full_like(spike, float(stop_requested))])
             dist.all_reduce(flags)  # agree: any rank's flag is every rank's
-        bad, spiked, preempt, obj, norm = torch.cat(
-            [flags, objective.view(1), grad_norm.view(1)]).tolist()  # the one host sync
-        v = Verdict(preempt=preempt > 0, objective=obj, grad_norm=norm)
+            bad, spiked, preempt, obj, norm, ntok = torch.cat(
+                [flags, objective.view(1), grad_norm.view(1), tok]).tolist()  # the host sync
+        else:  # one process: read the values (the one host sync), decide on the host
+            obj, norm, ntok = torch.cat([objective.view(1), grad_norm.view(1), tok]).tolist()
+            bad = float(not (math.isfinite(obj) and math.isfinite(norm)))
+            # the threshold in float32, as the tensor comparison above rounds it
+            spiked = float(spiking and obj > torch.tensor(threshold).item())
+            preempt = float(stop_requested)
+        v = Verdict(preempt=preempt > 0, objective=obj, grad_norm=norm, tokens=ntok)
         if bad > 0:
             v.skip = "nonfinite"
         elif spiked > 0:

@@ -45,6 +45,8 @@ def startup_report(tr: Any) -> Throughput:
             f"{k} {v / 1e6:.2f}" for k, v in per.items()))
     if tr.world_size > 1:
         tr.logger.info(tr.dims.describe())
+    if tr.pm.dp_note:
+        tr.logger.info(tr.pm.dp_note)
     if tr.pm.pp_report:
         tr.logger.info(tr.pm.pp_report)
     for note in filter(None, tr.resume.notes):

@@ -183,6 +183,12 @@ class RunLogger:
         self._progress = None  # live bar, only on a terminal
         self._task = None
         self._last_printed: int | None = None  # step of the last printed line (rich)
+        # expert-load heatmaps render on one background thread (matplotlib's import and a
+        # render cost ~1-4 s, off the training loop); wandb gets each image on the main
+        # thread with the next logged step (wandb steps must not go back)
+        self._plotter = None  # ThreadPoolExecutor, created on the first heatmap
+        self._plots: list = []  # their futures
+        self._wandb_images: list[tuple[int, Path]] = []
         if not self.active:
             return
         if self.console not in ("rich", "plain", "none"):
@@ -294,7 +300,7 @@ class RunLogger:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+            self._wandb.log({**scalars, **self._done_images()}, step=step)
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
@@ -343,8 +349,37 @@ class RunLogger:
             self._last_printed = step
 
     def log_expert_load(self, step: int, counts_LE: torch.Tensor, layer_ids: list[int]) -> None:
+        """Render the heatmap of ``counts_LE`` (a CPU copy) in the background: a PNG in
+        ``expert_load/``, TensorBoard's ``expert_load`` image, wandb's with the next step."""
         if not self.active:
             return
+        if self._plotter is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._plotter = ThreadPoolExecutor(1, thread_name_prefix="moefold-plot")
+        counts = counts_LE.detach().float().cpu().clone()
+        self._plots.append(self._plotter.submit(self._expert_load, step, counts,
+                                                list(layer_ids)))
+
+    def _done_images(self) -> dict[str, Any]:
+        """The rendered heatmaps not yet sent to wandb (the last one, as an image)."""
+        self._plots = [f for f in self._plots if not f.done() or self._plot_result(f)]
+        if not self._wandb_images:
+            return {}
+        import wandb
+
+        step, path = self._wandb_images[-1]
+        self._wandb_images.clear()
+        return {"expert_load": wandb.Image(str(path), caption=f"step {step}")}
+
+    def _plot_result(self, future) -> bool:
+        """False (drop the future) once done; a failed render is a warning, not a crash."""
+        e = future.exception()
+        if e is not None:
+            self._warn(f"expert-load heatmap failed ({type(e).__name__}: {e})")
+        return False
+
+    def _expert_load(self, step: int, counts_LE: torch.Tensor, layer_ids: list[int]) -> None:
         import numpy as np
 
         fig = render_expert_load(counts_LE, layer_ids, step)
@@ -357,9 +392,7 @@ class RunLogger:
             rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
             self._tb.add_image("expert_load", rgb, step, dataformats="HWC")
         if self._wandb is not None:
-            import wandb
-
-            self._wandb.log({"expert_load": wandb.Image(str(path))}, step=step)
+            self._wandb_images.append((step, path))
 
     def info(self, msg: str) -> None:
         if not self.active:
@@ -393,6 +426,12 @@ class RunLogger:
     def close(self, exit_code: int = 0) -> None:
         if not self.active:
             return
+        if self._plotter is not None:  # the heatmaps still rendering
+            self._plotter.shutdown(wait=True)
+            images = self._done_images() if self._wandb is not None else {}
+            self._plots = [f for f in self._plots if self._plot_result(f)]
+            if images:
+                self._wandb.log(images)
         self.active = False
         if self._progress is not None:
             self._progress.stop()

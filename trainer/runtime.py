@@ -13,7 +13,25 @@ import torch.distributed as dist
 
 from trainer.errors import UserError
 
-__all__ = ["autocast_factory", "init_distributed", "pick_device"]
+__all__ = ["TORCH_FLOOR", "autocast_factory", "check_torch", "init_distributed", "pick_device"]
+
+# The oldest torch with every API the code needs: FSDP2's set_gradient_divide_factor and
+# set_force_sum_reduction_for_comms (pytorch#155915, first released in 2.8), which keep
+# gradient reductions plain sums (gloo has no PREMUL_SUM); DeviceMesh._flatten (2.5+),
+# the pipelining schedules incl. ZBV zero-bubble (2.6+). Also in pyproject.toml.
+TORCH_FLOOR = (2, 8)
+
+
+def check_torch(version: str | None = None) -> None:
+    """UserError (one line) when ``version`` (torch's) is older than ``TORCH_FLOOR``."""
+    import re
+
+    version = str(version or torch.__version__)
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) < TORCH_FLOOR:
+        need = ".".join(map(str, TORCH_FLOOR))
+        raise UserError(f"torch {version} is too old: moefold needs torch>={need} (FSDP2 "
+                        "set_force_sum_reduction_for_comms); pip install 'torch>=" + need + "'")
 
 
 def pick_device(trainer_cfg: Any) -> torch.device:

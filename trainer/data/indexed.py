@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer.data import sample_cache
 from trainer.data.corpus import (
     check_indexed_dataset,
     check_tokens,
@@ -112,6 +113,19 @@ def _single_process_guard(cache_dir: str):
         finally:
             torch.distributed.get_rank = get_rank
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _all_ranks(flag: bool) -> bool:
+    """``flag`` on every rank (True only if True everywhere): a collective when
+    torch.distributed is initialised, so that all ranks take the same path."""
+    if not _dist_initialized():
+        return flag
+    dist = torch.distributed
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if "nccl" in str(dist.get_backend()) else torch.device("cpu"))
+    missing = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(missing)
+    return missing.item() == 0
 
 
 def _rank0_first(fn):
@@ -322,14 +336,33 @@ def build_indexed(
     cache_dir = resolve_cache_dir(cfg_data.cache_dir)
     prefixes, weights, tokenizer = _sources(cfg_data, cache_dir, model_cfg.vocab_size)
     split = str(cfg_data.split)
-    valid_size = _check_split(split, prefixes, valid_samples, global_batch_size)
+    document_mask = bool(getattr(cfg_data, "document_mask", False))
+    # The builtin corpus' samples come from the sample cache when a run with the same
+    # settings materialised them: no megatron.core import (trainer/data/sample_cache.py).
+    key = cached = None
+    if cfg_data.source == "builtin":
+        key = sample_cache.cache_key(
+            prefixes, weights=weights, seed=seed, seq_len=seq_len, split=split,
+            train_samples=int(train_samples), valid_samples=int(valid_samples),
+            global_batch_size=global_batch_size, document_mask=document_mask)
+        cached = sample_cache.load(cache_dir, key)
+        if not _all_ranks(cached is not None):  # every rank builds, or none
+            cached = None
+    if cached is None:  # (a cache hit passed this check when it was written)
+        valid_size = _check_split(split, prefixes, valid_samples, global_batch_size)
     for prefix in prefixes:  # ids in range, the data's recorded tokenizer (if any) is ours
         check_tokens(prefix, tokenizer, model_cfg.vocab_size)
-    document_mask = bool(getattr(cfg_data, "document_mask", False))
-    train_ds, valid_ds = _gpt_datasets(prefixes, weights, tokenizer, split, seed=seed,
-                                       seq_len=seq_len, cache_dir=cache_dir,
-                                       document_mask=document_mask,
-                                       sizes=[int(train_samples), valid_size, 0])
+    if cached is not None:
+        train_ds, valid_ds, _ = cached
+    else:
+        train_ds, valid_ds = _gpt_datasets(prefixes, weights, tokenizer, split, seed=seed,
+                                           seq_len=seq_len, cache_dir=cache_dir,
+                                           document_mask=document_mask,
+                                           sizes=[int(train_samples), valid_size, 0])
+        if key is not None and (not _dist_initialized()
+                                or torch.distributed.get_rank() == 0):
+            sample_cache.save(cache_dir, key, {"train": train_ds, "valid": valid_ds},
+                              {"seq_len": seq_len, "seed": seed, "split": split})
     data = PretrainData(
         tokenizer=tokenizer,
         train_dataset=train_ds,
