@@ -45,6 +45,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Initializer, keep_fp32_apply
+from models.permute import count_ids
 
 
 class TokenGroup:
@@ -120,7 +121,7 @@ def rank_within_expert(expert_A: torch.Tensor, num_experts: int, key_A=None) -> 
     if key_A is not None:
         order = torch.argsort(-key_A, stable=True)
     order = order[torch.argsort(expert_A[order], stable=True)]
-    counts = torch.bincount(expert_A, minlength=num_experts)
+    counts = count_ids(expert_A, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(A, device=order.device) - starts[expert_A[order]]
@@ -197,7 +198,7 @@ class Router(nn.Module):
             weights = weights * kept
 
         # Statistics of the micro-batch: local sums, then one all-reduce over the group.
-        stats: dict[str, torch.Tensor] = {"counts": torch.bincount(idx.flatten(), minlength=E)}
+        stats: dict[str, torch.Tensor] = {"counts": count_ids(idx, E)}
         if m.aux_loss_coeff > 0 or m.seq_aux_loss_coeff > 0:
             aux_scores = scores
             if m.score_func == "sigmoid":
@@ -208,11 +209,11 @@ class Router(nn.Module):
             if m.aux_loss_coeff > 0:
                 stats["scores_sum"] = aux_scores.sum(0)
                 if plain is not idx:
-                    stats["plain_counts"] = torch.bincount(plain.flatten(), minlength=E)
+                    stats["plain_counts"] = count_ids(plain, E)
             if m.seq_aux_loss_coeff > 0:
                 S_l = plain.shape[0] // B
                 seq_of = torch.arange(B, device=idx.device).repeat_interleave(S_l * k) * E
-                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * E)
+                seq_counts = count_ids(plain.flatten() + seq_of, B * E)
                 stats["seq_counts"] = seq_counts.view(B, E)
                 stats["seq_scores"] = aux_scores.view(B, S_l, E).sum(1)
         if m.z_loss_coeff > 0:

@@ -16,13 +16,15 @@ equal before timing):
 
 Every repeat times each contender once, in a rotating order, so a busy neighbour slows
 them all alike; the table shows the median time per contender and ratios of medians
-(ratio = our tokens/s / peer's tokens/s). Also printed: aten ops per fwd+bwd (a
+(ratio = our tokens/s / peer's tokens/s). The clock is the main thread's CPU time
+(``--clock cpu``, the default: torch runs one thread here, and time the OS gives to other
+processes does not count), or wall time (``--clock wall``, for a quiet machine). Also printed: aten ops per fwd+bwd (a
 TorchDispatchMode counter) and host-sync-prone calls per fwd+bwd (a TorchFunctionMode
 counter: item / tolist / bool / int of a tensor, nonzero, bincount, boolean-mask
 indexing, ...).
 
-    python scripts/bench_moe_layer.py            # full shapes, ~10+ min on one core
-    python scripts/bench_moe_layer.py --quick    # the large shapes at 1/8 of the tokens, < 2 min
+    python scripts/bench_moe_layer.py            # full shapes, ~15 min of one core
+    python scripts/bench_moe_layer.py --quick    # fewer tokens at the large shapes, < 2 min
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +211,8 @@ class DenseMM(torch.nn.Module):
 # ---------------------------------------------------------------- timing
 
 
-def run_shape(shape, bf16: bool, repeats: int, with_loop: bool) -> dict[str, float]:
+def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
+              clock: Callable[[], float] = time.thread_time) -> dict[str, float]:
     T, D, F_, E, k = shape
     torch.manual_seed(1)
     x = torch.randn(1, T, D, requires_grad=True)
@@ -243,10 +246,10 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool) -> dict[str, flo
         for p in models[name].parameters():
             p.grad = None
         x.grad = None
-        t0 = time.perf_counter()
+        t0 = clock()
         y = step(name)()
         y.backward(torch.ones_like(y))
-        return time.perf_counter() - t0
+        return clock() - t0
 
     names = list(models)
     for name in names:  # warm-up
@@ -272,29 +275,35 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool) -> dict[str, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="large shapes at 1/8 of the tokens, fewer repeats (< 2 min)")
+                    help="T cut so T*k*D*F <= 2**28 (the E=64 shape at 128 tokens), 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop fallback")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: this thread's CPU time (robust to busy neighbours); wall")
+    ap.add_argument("--shapes", default=None,
+                    help="indices into the shape list, e.g. 0,2 (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 7)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    print(f"torch {torch.__version__}, 1 thread, {repeats} interleaved repeats, medians; "
-          "ratio = our tokens/s / peer's")
+    print(f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
+          "repeats, medians; ratio = our tokens/s / peer's")
     hdr = (f"{'shape (T,D,F,E,k)':<24}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
            f"{'/hf_gmm':>9}{'/tt':>7}{'/loop':>7}{'GF/s':>7}{'/mm':>6}"
            f"{'ops ours/hf/hf_gmm':>20}{'syncs ours/hf/gmm':>19}")
     print(hdr)
     t_start = time.perf_counter()
-    for shape in SHAPES:
-        T, *rest = shape
-        if args.quick and T * shape[4] * shape[1] * shape[2] > 2**27:
-            shape = (T // 8, *rest)
+    for shape in shapes:
+        T, D, F_, E, k = shape
+        while args.quick and T * k * D * F_ > 2**28:
+            T //= 2
         for dt in dtypes:
-            r = run_shape(shape, dt == "bf16", repeats, not args.no_loop)
+            r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock)
             loop = f"{r['t_ours_loop'] / r['t_ours']:.2f}" if "t_ours_loop" in r else "-"
-            print(f"{str(shape):<24}{dt:<6}{r['tok_s']:>11.0f}"
+            print(f"{str((T, D, F_, E, k)):<24}{dt:<6}{r['tok_s']:>11.0f}"
                   f"{r['t_hf_eager'] / r['t_ours']:>10.2f}{r['t_hf_gmm'] / r['t_ours']:>9.2f}"
                   f"{r['t_tt'] / r['t_ours']:>7.2f}{loop:>7}{r['gflops']:>7.1f}"
                   f"{r['gflops'] / r['mm_gflops']:>6.2f}"
