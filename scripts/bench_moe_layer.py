@@ -233,13 +233,14 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
                 return models[name](x)
         return fn
 
-    with torch.no_grad():  # same function: outputs agree (routing ties aside)
+    # Same function: fp32 outputs agree. (Under autocast the peers' routers run in bf16,
+    # ours in fp32, so a few tokens pick other experts: same FLOPs, other values.)
+    with torch.no_grad():
         ref = step("ours")()
         for name in ("hf_eager", "hf_gmm", "tt", "ours_loop"):
-            if name in models:
+            if name in models and (not bf16 or name == "ours_loop"):
                 err = (step(name)().float() - ref.float()).abs().max().item()
-                tol = 5e-2 if bf16 else 1e-3
-                if err > tol * ref.abs().max().item():
+                if err > (5e-2 if bf16 else 1e-3) * ref.abs().max().item():
                     print(f"  warning: {name} differs from ours by {err:.2e}")
 
     def timed(name: str) -> float:
@@ -275,7 +276,7 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="T cut so T*k*D*F <= 2**28 (the E=64 shape at 128 tokens), 3 repeats")
+                    help="T halved until T*k*D*F <= 2**29 (the E=64 shape at 128 tokens), 3 repeats")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop fallback")
@@ -298,7 +299,7 @@ def main() -> None:
     t_start = time.perf_counter()
     for shape in shapes:
         T, D, F_, E, k = shape
-        while args.quick and T * k * D * F_ > 2**28:
+        while args.quick and T * k * D * F_ > 2**29:
             T //= 2
         for dt in dtypes:
             r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import ModelConfig, MoEConfig
 from models import grouped_gemm
+from models.config import ModelConfig, MoEConfig
 from models.grouped_gemm import grouped_mm
 from models.moe import LocalDispatcher, MoELayer, set_aux_loss_scale
 from models.permute import SlotMap, reduce_rows
