@@ -283,6 +283,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop fallback")
+    ap.add_argument("--no-hf-eager", action="store_true", help="skip HF eager (slow at E=64)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu: this thread's CPU time (robust to busy neighbours); wall")
     ap.add_argument("--shapes", default=None,
@@ -307,7 +308,7 @@ def main() -> None:
         for dt in dtypes:
             # HF eager at E=64 costs ~40x ours (each expert's weight slice zero-fills the
             # whole weight gradient in backward): --quick leaves it out there.
-            eager = not (args.quick and E >= 64)
+            eager = not (args.no_hf_eager or (args.quick and E >= 64))
             r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock,
                           eager)
             loop = f"{r['t_ours_loop'] / r['t_ours']:.2f}" if "t_ours_loop" in r else "-"
