@@ -296,7 +296,7 @@ def main() -> None:
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     print(f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
           "repeats, medians; ratio = our tokens/s / peer's")
-    hdr = (f"{'shape (T,D,F,E,k)':<24}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
+    hdr = (f"{'shape (T,D,F,E,k)':<26}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
            f"{'/hf_gmm':>9}{'/tt':>7}{'/loop':>7}{'GF/s':>7}{'/mm':>6}"
            f"{'ops ours/hf/hf_gmm':>20}{'syncs ours/hf/gmm':>19}")
     print(hdr)
@@ -313,7 +313,7 @@ def main() -> None:
                           eager)
             loop = f"{r['t_ours_loop'] / r['t_ours']:.2f}" if "t_ours_loop" in r else "-"
             hf_e = f"{r['t_hf_eager'] / r['t_ours']:.2f}" if eager else "-"
-            print(f"{str((T, D, F_, E, k)):<24}{dt:<6}{r['tok_s']:>11.0f}"
+            print(f"{str((T, D, F_, E, k)):<26}{dt:<6}{r['tok_s']:>11.0f}"
                   f"{hf_e:>10}{r['t_hf_gmm'] / r['t_ours']:>9.2f}"
                   f"{r['t_tt'] / r['t_ours']:>7.2f}{loop:>7}{r['gflops']:>7.1f}"
                   f"{r['gflops'] / r['mm_gflops']:>6.2f}"
