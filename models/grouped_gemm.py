@@ -107,9 +107,12 @@ def fed_rows(
         total = int(offs_E[-1]) if offs_E.numel() else 0
         if total == N:
             return x_ND, contiguous_grad
+
+        def pad(y: torch.Tensor) -> torch.Tensor:
+            return torch.cat([contiguous_grad(y), y.new_zeros(N - total, y.shape[1])])
+
         # a slice's backward zero-fills the gradient of the rows cut off
-        return x_ND[:total], lambda y: torch.cat(
-            [contiguous_grad(y), y.new_zeros(N - total, y.shape[1])])
+        return x_ND[:total], pad
     # where(), not a multiply: the uninitialised rows may hold NaN.
     valid_N1 = (torch.arange(N, device=offs_E.device) < offs_E[-1]).unsqueeze(1)
     return torch.where(valid_N1, x_ND, 0), lambda y: torch.where(valid_N1, contiguous_grad(y), 0)

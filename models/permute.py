@@ -71,8 +71,8 @@ def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     """``bincount(ids, minlength=n)`` for ids in [0, n) without a host sync (CUDA bincount
     reads the max id to size its output): a scatter-add of ones into n known slots."""
     ids = ids.flatten()
-    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(
-        0, ids, torch.ones_like(ids))
+    counts = torch.zeros(n, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def group_rows(

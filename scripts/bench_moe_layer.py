@@ -56,9 +56,24 @@ SHAPES = [
     (2048, 256, 512, 64, 8),
 ]
 
-_SYNC_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero",
-                 "cpu", "numpy", "bincount", "unique", "unique_consecutive", "masked_select",
-                 "repeat_interleave", "argwhere", "nonzero_static"}
+_SYNC_METHODS = {
+    "item",
+    "tolist",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "nonzero",
+    "cpu",
+    "numpy",
+    "bincount",
+    "unique",
+    "unique_consecutive",
+    "masked_select",
+    "repeat_interleave",
+    "argwhere",
+    "nonzero_static",
+}
 
 
 class SyncCounter(TorchFunctionMode):
@@ -124,8 +139,9 @@ def count_fwd_bwd(fn: Callable[[], torch.Tensor], x: torch.Tensor) -> tuple[OpCo
 
 
 def make_ours(D: int, F_: int, E: int, k: int, impl: str = "auto") -> MoELayer:
-    cfg = ModelConfig(hidden_size=D, moe=MoEConfig(num_experts=E, top_k=k,
-                                                   expert_ffn_hidden_size=F_))
+    cfg = ModelConfig(
+        hidden_size=D, moe=MoEConfig(num_experts=E, top_k=k, expert_ffn_hidden_size=F_)
+    )
     layer = MoELayer(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -143,8 +159,13 @@ def make_hf(ours: MoELayer, impl: str) -> torch.nn.Module:
 
     ex = ours.experts
     E, D, F_ = ex.w1.shape
-    cfg = MixtralConfig(hidden_size=D, intermediate_size=F_, num_local_experts=E,
-                        num_experts_per_tok=ours.moe.top_k, router_jitter_noise=0.0)
+    cfg = MixtralConfig(
+        hidden_size=D,
+        intermediate_size=F_,
+        num_local_experts=E,
+        num_experts_per_tok=ours.moe.top_k,
+        router_jitter_noise=0.0,
+    )
     cfg._experts_implementation = impl  # "eager" | "grouped_mm"
     block = MixtralSparseMoeBlock(cfg)
     with torch.no_grad():
@@ -211,9 +232,14 @@ class DenseMM(torch.nn.Module):
 # ---------------------------------------------------------------- timing
 
 
-def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
-              clock: Callable[[], float] = time.thread_time,
-              with_hf_eager: bool = True) -> dict[str, float]:
+def run_shape(
+    shape,
+    bf16: bool,
+    repeats: int,
+    with_loop: bool,
+    clock: Callable[[], float] = time.thread_time,
+    with_hf_eager: bool = True,
+) -> dict[str, float]:
     T, D, F_, E, k = shape
     torch.manual_seed(1)
     x = torch.randn(1, T, D, requires_grad=True)
@@ -233,6 +259,7 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
         def fn() -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return models[name](x)
+
         return fn
 
     # Same function: fp32 outputs agree. (Under autocast the peers' routers run in bf16,
@@ -259,14 +286,17 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
         timed(name)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        rot = names[r % len(names):] + names[: r % len(names)]
+        rot = names[r % len(names) :] + names[: r % len(names)]
         for name in rot:
             times[name].append(timed(name))
     med = {n: statistics.median(v) for n, v in times.items()}
     counts = {n: count_fwd_bwd(step(n), x) for n in ("ours", "hf_eager", "hf_gmm") if n in models}
     gemm_flops = 3 * 3 * 2 * T * k * D * F_  # 3 GEMMs, fwd + 2x bwd
-    out = {"tok_s": T / med["ours"], "gflops": gemm_flops / med["ours"] / 1e9,
-           "mm_gflops": gemm_flops / med["mm"] / 1e9}
+    out = {
+        "tok_s": T / med["ours"],
+        "gflops": gemm_flops / med["ours"] / 1e9,
+        "mm_gflops": gemm_flops / med["mm"] / 1e9,
+    }
     for n in names:
         out[f"t_{n}"] = med[n]
     for n, (ops, syncs) in counts.items():
@@ -277,28 +307,40 @@ def run_shape(shape, bf16: bool, repeats: int, with_loop: bool,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="T halved until T*k*D*F <= 2**29 (the E=64 shape at 128 tokens), "
-                    "3 repeats, no HF eager at E=64")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="T halved until T*k*D*F <= 2**29 (the E=64 shape at 128 tokens), "
+        "3 repeats, no HF eager at E=64",
+    )
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     ap.add_argument("--no-loop", action="store_true", help="skip the loop fallback")
     ap.add_argument("--no-hf-eager", action="store_true", help="skip HF eager (slow at E=64)")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                    help="cpu: this thread's CPU time (robust to busy neighbours); wall")
-    ap.add_argument("--shapes", default=None,
-                    help="indices into the shape list, e.g. 0,2 (default: all)")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: this thread's CPU time (robust to busy neighbours); wall",
+    )
+    ap.add_argument(
+        "--shapes", default=None, help="indices into the shape list, e.g. 0,2 (default: all)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     repeats = args.repeats or (3 if args.quick else 7)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    print(f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
-          "repeats, medians; ratio = our tokens/s / peer's")
-    hdr = (f"{'shape (T,D,F,E,k)':<26}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
-           f"{'/hf_gmm':>9}{'/tt':>7}{'/loop':>7}{'GF/s':>7}{'/mm':>6}"
-           f"{'ops ours/hf/hf_gmm':>20}{'syncs ours/hf/gmm':>19}")
+    print(
+        f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
+        "repeats, medians; ratio = our tokens/s / peer's"
+    )
+    hdr = (
+        f"{'shape (T,D,F,E,k)':<26}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
+        f"{'/hf_gmm':>9}{'/tt':>7}{'/loop':>7}{'GF/s':>7}{'/mm':>6}"
+        f"{'ops ours/hf/hf_gmm':>20}{'syncs ours/hf/gmm':>19}"
+    )
     print(hdr)
     t_start = time.perf_counter()
     for shape in shapes:
@@ -309,19 +351,22 @@ def main() -> None:
             # HF eager at E=64 costs ~40x ours (each expert's weight slice zero-fills the
             # whole weight gradient in backward): --quick leaves it out there.
             eager = not (args.no_hf_eager or (args.quick and E >= 64))
-            r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock,
-                          eager)
+            r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock, eager)
             loop = f"{r['t_ours_loop'] / r['t_ours']:.2f}" if "t_ours_loop" in r else "-"
             hf_e = f"{r['t_hf_eager'] / r['t_ours']:.2f}" if eager else "-"
-            print(f"{str((T, D, F_, E, k)):<26}{dt:<6}{r['tok_s']:>11.0f}"
-                  f"{hf_e:>10}{r['t_hf_gmm'] / r['t_ours']:>9.2f}"
-                  f"{r['t_tt'] / r['t_ours']:>7.2f}{loop:>7}{r['gflops']:>7.1f}"
-                  f"{r['gflops'] / r['mm_gflops']:>6.2f}"
-                  f"{r['ops_ours']:>8}/{r.get('ops_hf_eager', '-')}/{r['ops_hf_gmm']:<6}"
-                  f"{r['sync_ours']:>8}/{r.get('sync_hf_eager', '-')}/{r['sync_hf_gmm']}",
-                  flush=True)
-    print(f"({time.perf_counter() - t_start:.0f} s; /loop = loop-fallback time / fused time; "
-          "GF/s = expert-GEMM GFLOP/s of ours; /mm = that over torch.mm's at the same FLOPs)")
+            print(
+                f"{str((T, D, F_, E, k)):<26}{dt:<6}{r['tok_s']:>11.0f}"
+                f"{hf_e:>10}{r['t_hf_gmm'] / r['t_ours']:>9.2f}"
+                f"{r['t_tt'] / r['t_ours']:>7.2f}{loop:>7}{r['gflops']:>7.1f}"
+                f"{r['gflops'] / r['mm_gflops']:>6.2f}"
+                f"{r['ops_ours']:>8}/{r.get('ops_hf_eager', '-')}/{r['ops_hf_gmm']:<6}"
+                f"{r['sync_ours']:>8}/{r.get('sync_hf_eager', '-')}/{r['sync_hf_gmm']}",
+                flush=True,
+            )
+    print(
+        f"({time.perf_counter() - t_start:.0f} s; /loop = loop-fallback time / fused time; "
+        "GF/s = expert-GEMM GFLOP/s of ours; /mm = that over torch.mm's at the same FLOPs)"
+    )
 
 
 if __name__ == "__main__":

@@ -256,9 +256,11 @@ def test_checkpoint_recompute_does_not_double_count_stats():
 
 @pytest.mark.parametrize(
     "impl, read_total, syncs",
-    [("fused", False, {}),  # the device path: no host sync at all
-     ("fused", True, {"__int__": 1}),  # CPU: reads the total from host memory
-     ("loop", True, {"tolist": 1})],  # the fallback: one sync for the three GEMMs
+    [
+        ("fused", False, {}),  # the device path: no host sync at all
+        ("fused", True, {"__int__": 1}),  # CPU: reads the total from host memory
+        ("loop", True, {"tolist": 1}),  # the fallback: one sync for the three GEMMs
+    ],
 )
 @pytest.mark.parametrize("mode", ["dropless", "shared_gate"])
 def test_local_layer_host_syncs(mode, impl, read_total, syncs, monkeypatch):
