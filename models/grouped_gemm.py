@@ -8,25 +8,23 @@ Two implementations, equal in values and gradients (tests/test_moe_layer.py):
   16-byte aligned rows; CUDA bf16 on sm90+.
 - the reference segment loop (a loop over experts, never over tokens). It needs the
   counts on the host, i.e. one device->host sync.
+
+A layer of several GEMMs over the same segments (``models.moe.GroupedExperts``) computes
+the offsets (or the host counts) once, handles the trailing rows once on entry and once
+on exit (:func:`fed_rows`), and calls the ``*_unmasked`` kernels in between: a trailing
+row's garbage is only ever read by the next grouped GEMM, which skips rows past the last
+offset.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def _contiguous_grad(y: torch.Tensor) -> torch.Tensor:
-    """``y``, whose incoming gradient is made contiguous (the CPU ``_grouped_mm`` backward
-    rejects strided gradients). A tensor hook rather than an identity autograd Function:
-    that one returned a view of ``y``, which FSDP2 warns about ("returned a view tensor
-    ... can produce wrong gradients") when ``y`` is an FSDP-wrapped module's output, as
-    the experts' is."""
-    if y.requires_grad:
-        y.register_hook(lambda g: g.contiguous())
-    return y
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype of ``device_type`` if autocast is on there, else None."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -36,7 +34,7 @@ def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` can run these operands (after autocast casting)."""
     if not hasattr(torch, "_grouped_mm") or x.dim() != 2 or w.dim() != 3:
         return False
-    dtype = _autocast_dtype(x.device.type) or x.dtype
+    dtype = autocast_dtype(x.device.type) or x.dtype
     if x.device.type == "cuda":
         if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
@@ -47,11 +45,18 @@ def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (w.shape[1] * itemsize) % 16 == 0 and (w.shape[2] * itemsize) % 16 == 0
 
 
-def grouped_mm_loop(
-    x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor
+def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
+    """impl "auto" (fused when available) | "fused" | "loop" -> whether to run fused."""
+    if impl not in ("auto", "fused", "loop"):
+        raise ValueError(f"grouped_mm impl={impl!r} is not one of 'auto', 'fused', 'loop'")
+    return impl == "fused" or (impl == "auto" and grouped_mm_available(x, w))
+
+
+def grouped_mm_loop_unmasked(
+    x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]
 ) -> torch.Tensor:
-    """Reference: one matmul per expert segment (host sync for the counts)."""
-    counts = tokens_per_expert_E.tolist()
+    """One matmul per expert segment (``counts``: the host copy of tokens_per_expert).
+    Trailing rows come back zero, and so does their gradient (a slice's backward)."""
     total = sum(counts)
     # unbind, not w_EDF[e]: each indexing's backward would zero-fill a whole [E, D, F]
     # gradient (54% of the layer's time in fill_ at E=64); unbind's backward stacks once.
@@ -63,24 +68,73 @@ def grouped_mm_loop(
     return y
 
 
+def contiguous_grad(y: torch.Tensor) -> torch.Tensor:
+    """``y``, whose incoming gradient is made contiguous (the CPU ``_grouped_mm`` backward
+    rejects strided gradients, and ``where``/elementwise backwards keep a caller's
+    strides). A tensor hook rather than an identity autograd Function: that one returned
+    a view of ``y``, which FSDP2 warns about ("returned a view tensor ... can produce
+    wrong gradients") when ``y`` is an FSDP-wrapped module's output, as the experts' is.
+    Python-only cost: ``contiguous()`` of a contiguous gradient launches nothing."""
+    if y.requires_grad:
+        y.register_hook(lambda g: g.contiguous())
+    return y
+
+
+def grouped_mm_fused_unmasked(
+    x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor
+) -> torch.Tensor:
+    """``torch._grouped_mm`` on operands already in the compute dtype; ``offs_E``: int32
+    cumulative counts. Rows past ``offs_E[-1]`` of the output and of the input gradient
+    are left uninitialised (the caller masks them). The incoming gradient must be
+    contiguous (wrap the last GEMM's output in :func:`contiguous_grad`)."""
+    return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
+
+
+# On CPU the offsets live in host memory: reading the total is free, and cutting the
+# trailing rows off (none, when every row is fed) beats two full-size where() masks. Tests
+# switch it off to run the device path (masks, no read) on CPU.
+READ_TOTAL_ON_CPU = True
+
+
+def fed_rows(
+    x_ND: torch.Tensor, offs_E: torch.Tensor
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """(x_ND with its trailing rows cut off or zeroed, ``finish``): run the grouped GEMMs
+    on the first, then ``finish(y)`` returns their N-row output with the trailing rows
+    zero (and their input gradient is zero too). No host sync off CPU."""
+    N = x_ND.shape[0]
+    if x_ND.device.type == "cpu" and READ_TOTAL_ON_CPU:
+        total = int(offs_E[-1]) if offs_E.numel() else 0
+        if total == N:
+            return x_ND, contiguous_grad
+
+        def pad(y: torch.Tensor) -> torch.Tensor:
+            return torch.cat([contiguous_grad(y), y.new_zeros(N - total, y.shape[1])])
+
+        # a slice's backward zero-fills the gradient of the rows cut off
+        return x_ND[:total], pad
+    # where(), not a multiply: the uninitialised rows may hold NaN.
+    valid_N1 = (torch.arange(N, device=offs_E.device) < offs_E[-1]).unsqueeze(1)
+    return torch.where(valid_N1, x_ND, 0), lambda y: torch.where(valid_N1, contiguous_grad(y), 0)
+
+
+def grouped_mm_loop(
+    x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor
+) -> torch.Tensor:
+    """Reference: one matmul per expert segment (host sync for the counts)."""
+    return grouped_mm_loop_unmasked(x_ND, w_EDF, tokens_per_expert_E.tolist())
+
+
 def grouped_mm_fused(
     x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor
 ) -> torch.Tensor:
     """``torch._grouped_mm`` with the trailing-row contract enforced (no host sync)."""
-    dtype = _autocast_dtype(x_ND.device.type)
+    dtype = autocast_dtype(x_ND.device.type)
     if dtype is not None:  # _grouped_mm is not on the autocast lists
         x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
-    offs = torch.cumsum(tokens_per_expert_E, 0)
-    # Rows past the last offset come back uninitialised, and so does their gradient:
-    # mask both with where() (NaN-safe, unlike a multiply). On CPU, reading the total is
-    # free (no device), so the masks are skipped when every row belongs to an expert.
-    if x_ND.device.type == "cpu" and int(offs[-1]) == x_ND.shape[0]:
-        y = torch._grouped_mm(x_ND.contiguous(), w_EDF, offs=offs.to(torch.int32))
-        return _contiguous_grad(y)
-    valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1]).unsqueeze(1)
-    x_ND = torch.where(valid_N1, x_ND, 0).contiguous()
-    y = torch._grouped_mm(x_ND, w_EDF, offs=offs.to(torch.int32))
-    return torch.where(valid_N1, _contiguous_grad(y), 0)
+    offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+    x_ND, finish = fed_rows(x_ND, offs)
+    return finish(grouped_mm_fused_unmasked(x_ND, w_EDF, offs))
 
 
 def grouped_mm(
@@ -94,8 +148,6 @@ def grouped_mm(
 
     impl: "auto" (fused when available, else loop) | "fused" | "loop".
     """
-    if impl == "loop" or (impl == "auto" and not grouped_mm_available(x_ND, w_EDF)):
-        return grouped_mm_loop(x_ND, w_EDF, tokens_per_expert_E)
-    if impl not in ("auto", "fused"):
-        raise ValueError(f"grouped_mm impl={impl!r} is not one of 'auto', 'fused', 'loop'")
-    return grouped_mm_fused(x_ND, w_EDF, tokens_per_expert_E)
+    if use_fused(x_ND, w_EDF, impl):
+        return grouped_mm_fused(x_ND, w_EDF, tokens_per_expert_E)
+    return grouped_mm_loop(x_ND, w_EDF, tokens_per_expert_E)

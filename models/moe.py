@@ -19,9 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.grouped_gemm import grouped_mm
+from models.grouped_gemm import (
+    autocast_dtype,
+    fed_rows,
+    grouped_mm_fused_unmasked,
+    grouped_mm_loop_unmasked,
+    use_fused,
+)
 from models.layers import FeedForward, Initializer, keep_fp32_apply
-from models.permute import SlotMap, gather_rows, group_rows, reduce_rows
+from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
 
 __all__ = [
@@ -100,10 +106,13 @@ class LocalDispatcher(Dispatcher):
             C = routing.capacity
             m = group_rows(expert_TK, E, E * C, C, dense=False)
             tokens_per_expert = torch.full((E,), C, dtype=torch.long, device=x_TD.device)
+        elif kept is None:  # dropless: the argsort is the whole map
+            m = SlotMap.sorted_by(idx)
+            tokens_per_expert = count_ids(idx, E)
         else:
-            m = group_rows(expert_TK, E, idx.numel(), dense=kept is None)
-            key = torch.where(expert_TK >= 0, expert_TK, E).flatten()
-            tokens_per_expert = torch.bincount(key, minlength=E + 1)[:E]
+            m = group_rows(expert_TK, E, idx.numel(), dense=False)
+            key = torch.where(expert_TK >= 0, expert_TK, E)
+            tokens_per_expert = count_ids(key, E + 1)[:E]
         c = LocalDispatchContext(m, routing.weights_TK, x_TD.dtype)
         return gather_rows(x_TD, m), tokens_per_expert, c
 
@@ -137,10 +146,23 @@ class GroupedExperts(nn.Module):
         self.grouped_mm_impl = "auto"  # auto | fused | loop
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        impl = self.grouped_mm_impl
-        h = F.silu(grouped_mm(x_ND, self.w1, tokens_per_expert_E, impl=impl))
-        h = h * grouped_mm(x_ND, self.w3, tokens_per_expert_E, impl=impl)
-        return grouped_mm(h, self.w2, tokens_per_expert_E, impl=impl)
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        if not use_fused(x_ND, w1, self.grouped_mm_impl):
+            counts = tokens_per_expert_E.tolist()  # the loop's one host sync per layer
+            h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
+            h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
+            return grouped_mm_loop_unmasked(h, w2, counts)
+        dtype = autocast_dtype(x_ND.device.type)
+        if dtype is not None:  # _grouped_mm is not on the autocast lists
+            x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
+        # Offsets once for the three GEMMs; trailing rows handled once on entry (their
+        # input gradient) and once on exit (their output): in between, a trailing row's
+        # garbage only reaches the next grouped GEMM, which skips it.
+        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        x_ND, finish = fed_rows(x_ND, offs)
+        h = F.silu(grouped_mm_fused_unmasked(x_ND, w1, offs))
+        h = h * grouped_mm_fused_unmasked(x_ND, w3, offs)
+        return finish(grouped_mm_fused_unmasked(h, w2, offs))
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own

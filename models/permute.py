@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["SlotMap", "gather_rows", "group_rows", "reduce_rows"]
+__all__ = ["SlotMap", "count_ids", "gather_rows", "group_rows", "reduce_rows"]
 
 
 @dataclass
@@ -32,6 +32,13 @@ class SlotMap:
     row_MS: torch.Tensor
     slot_R: torch.Tensor  # flat slot m*S + s feeding each row (0 for padding)
     valid_R: Optional[torch.Tensor]  # None = every row is fed
+    # Every slot feeds a row (no -1 in row_MS): the gathers index without a padding row.
+    all_slots_fed: bool = False
+    src_R: Optional[torch.Tensor] = None  # slot_R // S, computed once
+
+    def __post_init__(self) -> None:
+        if self.src_R is None:
+            self.src_R = self.slot_R // self.row_MS.shape[1]
 
     @classmethod
     def build(cls, row_MS: torch.Tensor, num_rows: int, dense: bool) -> SlotMap:
@@ -46,6 +53,26 @@ class SlotMap:
             valid = torch.zeros(num_rows + 1, dtype=torch.bool, device=dev)
             valid = valid.index_put_((tgt,), torch.ones_like(tgt, dtype=torch.bool))[:num_rows]
         return cls(row_MS, slot[:num_rows], valid)
+
+    @classmethod
+    def sorted_by(cls, group_MS: torch.Tensor) -> SlotMap:
+        """Every slot a row, rows sorted by ``group_MS`` (no -1): one stable argsort, its
+        inverse by one scatter, nothing to mask (the dropless local dispatch)."""
+        order = torch.argsort(group_MS.flatten(), stable=True)
+        pos = torch.empty_like(order).scatter_(0, order, _arange_like(order))
+        return cls(pos.view_as(group_MS), order, None, all_slots_fed=True)
+
+
+def _arange_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.arange(t.numel(), device=t.device)
+
+
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``bincount(ids, minlength=n)`` for ids in [0, n) without a host sync (CUDA bincount
+    reads the max id to size its output): a scatter-add of ones into n known slots."""
+    ids = ids.flatten()
+    counts = torch.zeros(n, dtype=torch.long, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def group_rows(
@@ -62,11 +89,13 @@ def group_rows(
     valid = group_MS >= 0
     key = torch.where(valid, group_MS, num_groups).flatten()
     order = torch.argsort(key, stable=True)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=order.device)
+    pos = torch.empty_like(order).scatter_(0, order, _arange_like(order))
+    if capacity is None and dense:
+        # The fed rows are the first num_rows of the sort: the sort order is the slot map.
+        return SlotMap(torch.where(valid, pos.view_as(group_MS), -1), order[:num_rows], None)
     row = pos
     if capacity is not None:
-        counts = torch.bincount(key, minlength=num_groups + 1)
+        counts = count_ids(key, num_groups + 1)
         starts = torch.cumsum(counts, 0) - counts
         row = key * capacity + (pos - starts[key]).clamp(max=capacity - 1)
     row_MS = torch.where(valid, row.view_as(group_MS), -1)
@@ -74,7 +103,7 @@ def group_rows(
 
 
 def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    x_R = x_M[m.slot_R // m.row_MS.shape[1]]
+    x_R = x_M[m.src_R]
     if m.valid_R is not None:
         x_R = x_R.masked_fill(~m.valid_R.unsqueeze(1), 0)
     return x_R
@@ -82,6 +111,8 @@ def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
 
 def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
     """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    if m.all_slots_fed:
+        return t_R[m.row_MS]
     R = t_R.shape[0]
     pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
     return pad[torch.where(m.row_MS >= 0, m.row_MS, R)]
@@ -99,26 +130,36 @@ class _Gather(torch.autograd.Function):
 
 
 class _Reduce(torch.autograd.Function):
+    """fp32 throughout, autocast off inside (einsum and bmm are on CUDA autocast's
+    lower-precision list; whatever this computes with, the k-way sum must not round to
+    bf16)."""
+
     @staticmethod
     def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
         ctx.m = m
         ctx.save_for_backward(y_R, w_MS)
-        y = _slots(y_R, m).float()
-        out = y.sum(1) if w_MS is None else torch.einsum("msd,ms->md", y, w_MS)
+        with torch.autocast(y_R.device.type, enabled=False):
+            y = _slots(y_R, m).float()
+            if w_MS is not None:  # multiply-sum, not einsum/bmm: [M] tiny matmuls are slow
+                y = y * w_MS.float().unsqueeze(2)
+            out = y.sum(1)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, g_M):
         y_R, w_MS = ctx.saved_tensors
-        m, g = ctx.m, g_M.float()
+        m = ctx.m
         g_y = g_w = None
-        if ctx.needs_input_grad[0]:
-            g_y = _fan_out(g, m)
-            if w_MS is not None:
-                g_y = g_y * w_MS.flatten()[m.slot_R].unsqueeze(1)
-            g_y = g_y.to(y_R.dtype)
-        if w_MS is not None and ctx.needs_input_grad[1]:
-            g_w = torch.einsum("msd,md->ms", _slots(y_R, m).float(), g)
+        with torch.autocast(g_M.device.type, enabled=False):
+            g = g_M.float()
+            if ctx.needs_input_grad[0]:
+                g_y = _fan_out(g, m)
+                if w_MS is not None:
+                    g_y = g_y * w_MS.float().flatten()[m.slot_R].unsqueeze(1)
+                g_y = g_y.to(y_R.dtype)
+            if w_MS is not None and ctx.needs_input_grad[1]:
+                g_w = (_slots(y_R, m).float() * g.unsqueeze(1)).sum(2)
+                g_w = g_w.to(w_MS.dtype)
         return g_y, g_w, None, None
 
 

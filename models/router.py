@@ -60,6 +60,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Initializer, keep_fp32_apply
+from models.permute import count_ids
 
 
 class TokenGroup:
@@ -135,7 +136,7 @@ def rank_within_expert(expert_A: torch.Tensor, num_experts: int, key_A=None) -> 
     if key_A is not None:
         order = torch.argsort(-key_A, stable=True)
     order = order[torch.argsort(expert_A[order], stable=True)]
-    counts = torch.bincount(expert_A, minlength=num_experts)
+    counts = count_ids(expert_A, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     ranks = torch.empty_like(order)
     ranks[order] = torch.arange(A, device=order.device) - starts[expert_A[order]]
@@ -234,7 +235,7 @@ class Router(nn.Module):
             kept = real
 
         # Statistics of the micro-batch: local sums, then one all-reduce over the group.
-        stats: dict[str, torch.Tensor] = {"counts": torch.bincount(idx.flatten(), minlength=En)}
+        stats: dict[str, torch.Tensor] = {"counts": count_ids(idx, En)}
         global_lb = m.aux_loss_scope == "global_batch"
         if m.aux_loss_coeff > 0 or m.seq_aux_loss_coeff > 0:
             aux_scores = scores
@@ -246,11 +247,11 @@ class Router(nn.Module):
             if m.aux_loss_coeff > 0:
                 stats["scores_sum"] = aux_scores.sum(0)
                 if plain is not idx and not global_lb:
-                    stats["plain_counts"] = torch.bincount(plain.flatten(), minlength=En)
+                    stats["plain_counts"] = count_ids(plain, En)
             if m.seq_aux_loss_coeff > 0:
                 S_l = plain.shape[0] // B
                 seq_of = torch.arange(B, device=idx.device).repeat_interleave(S_l * k) * En
-                seq_counts = torch.bincount(plain.flatten() + seq_of, minlength=B * En)
+                seq_counts = count_ids(plain.flatten() + seq_of, B * En)
                 stats["seq_counts"] = seq_counts.view(B, En)
                 stats["seq_scores"] = aux_scores.view(B, S_l, En).sum(1)
         if m.z_loss_coeff > 0:

@@ -33,7 +33,7 @@ All-to-all, one *unit* = one token row sent to one rank:
 5. ``combine`` is the exact reverse. dedup: each destination sums ``w * y`` over a unit's
    slots in fp32 and returns one row per unit (in y's dtype); the source sums its units.
    plain: destinations return the expert rows unweighted and the source computes
-   ``sum_k w * y`` in fp32 exactly as ``LocalDispatcher`` (same einsum, same order).
+   ``sum_k w * y`` in fp32 exactly as ``LocalDispatcher`` (same reduce_rows, same order).
 
 Padding (``pad_to_capacity``; capacity C comes from the router on the *local* tokens, so
 every EP rank must hold the same number of tokens T): shapes are static. Expert rows are
@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from models.moe import Dispatcher
-from models.permute import SlotMap, gather_rows, group_rows, reduce_rows
+from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import Routing
 from parallel.collectives import (
     all_gather_autograd,
@@ -82,13 +82,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- helpers
-def _count(key: torch.Tensor, n: int) -> torch.Tensor:
-    """``bincount(key, minlength=n)`` for ``0 <= key < n`` without a host sync (CUDA's
-    bincount reads max(key) back to size its output). Integer sums: exact, any order."""
-    out = torch.zeros(n, dtype=torch.long, device=key.device)
-    return out.scatter_add_(0, key.flatten(), torch.ones_like(key.flatten()))
-
-
 def _wire(x: torch.Tensor) -> torch.Tensor:
     """Rows as they travel: the autocast compute dtype when autocast is on (the fp32
     residual stream would otherwise double the bytes); the experts compute in it anyway."""
@@ -243,7 +236,7 @@ class AllToAllDispatcher(Dispatcher):
         order = torch.argsort(key, stable=True)  # units by (destination, token, slot)
         pos = torch.empty_like(order)
         pos[order] = torch.arange(T * k, device=idx.device)
-        counts = _count(key, P + 1)[:P]
+        counts = count_ids(key, P + 1)[:P]
         return kept, dest, first, is_unit, member, pos.view(T, k), counts
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
@@ -282,7 +275,7 @@ class AllToAllDispatcher(Dispatcher):
             tokens_per_expert = torch.full((El,), P * C, dtype=torch.long, device=dev)
             off_send = off_recv = (P - 1) * U
         else:
-            per_expert = _count(torch.where(kept, idx, E), E + 1)
+            per_expert = count_ids(torch.where(kept, idx, E), E + 1)
             send_c = torch.cat([counts.unsqueeze(1), per_expert[:E].view(P, El)], 1)
             recv_c = all_to_all(send_c, None, None, self.group)  # row p: from source p
             tokens_per_expert = recv_c[:, 1:].sum(0)
@@ -401,7 +394,7 @@ class AllGatherDispatcher(Dispatcher):
             host = []
         else:
             C = None
-            tokens_per_expert = _count(torch.where(lid >= 0, lid, El), El + 1)[:El]
+            tokens_per_expert = count_ids(torch.where(lid >= 0, lid, El), El + 1)[:El]
             extra = [] if host_counts is None else [host_counts(tokens_per_expert).flatten()]
             host = torch.cat([tokens_per_expert.sum().view(1), *extra]).tolist()  # the sync
             n_rows, host = host[0], host[1:]

@@ -1,5 +1,7 @@
 """MoELayer against a naive reference (a loop over experts with masks), grouped_mm
-implementations against each other, aux-loss gradient plumbing, expert bias and stats."""
+implementations against each other, aux-loss gradient plumbing, expert bias and stats;
+host-sync-prone calls and aten-op counts of one layer (counted, never timed), and the
+combine's fp32 under bf16 autocast."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import grouped_gemm
 from models.config import ModelConfig, MoEConfig
 from models.grouped_gemm import grouped_mm
 from models.moe import LocalDispatcher, MoELayer, set_aux_loss_scale
+from models.permute import SlotMap, reduce_rows
 from models.router import expert_capacity
+from scripts.bench_moe_layer import SyncCounter, count_fwd_bwd, make_hf, make_ours
 
 B, S, D, FFN = 2, 16, 16, 8
 
@@ -93,9 +98,13 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["fused", "loop"])
+@pytest.mark.parametrize("impl", ["fused", "fused_device", "loop"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_layer_matches_reference(mode, impl):
+def test_layer_matches_reference(mode, impl, monkeypatch):
+    """fused_device: the sync-free path CUDA takes (where() masks, no read of the total)."""
+    if impl == "fused_device":
+        monkeypatch.setattr(grouped_gemm, "READ_TOTAL_ON_CPU", False)
+        impl = "fused"
     layer = make_layer(**MODES[mode])
     layer.experts.grouped_mm_impl = impl
     with torch.no_grad():  # skew the load so that capacity really drops assignments
@@ -137,8 +146,10 @@ def test_experts_with_zero_tokens():
         assert torch.all(w.grad[[0, 5]] == 0) and torch.any(w.grad[1] != 0)
 
 
+@pytest.mark.parametrize("read_total", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_fused_equals_loop(dtype):
+def test_grouped_mm_fused_equals_loop(dtype, read_total, monkeypatch):
+    monkeypatch.setattr(grouped_gemm, "READ_TOTAL_ON_CPU", read_total)
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 0, 4])  # two empty experts, 3 trailing rows
     x0 = torch.randn(15, 16).to(dtype)
@@ -243,3 +254,82 @@ def test_checkpoint_recompute_does_not_double_count_stats():
     layer.router.weight.grad = None
     layer(x).sum().backward()  # aux gradient also survives the recompute
     torch.testing.assert_close(layer.router.weight.grad, g_ckpt)
+
+
+@pytest.mark.parametrize(
+    "impl, read_total, syncs",
+    [
+        ("fused", False, {}),  # the device path: no host sync at all
+        ("fused", True, {"__int__": 1}),  # CPU: reads the total from host memory
+        ("loop", True, {"tolist": 1}),  # the fallback: one sync for the three GEMMs
+    ],
+)
+@pytest.mark.parametrize("mode", ["dropless", "shared_gate"])
+def test_local_layer_host_syncs(mode, impl, read_total, syncs, monkeypatch):
+    """Host-sync-prone calls (item/tolist/bool/int of a tensor, nonzero, bincount,
+    boolean-mask indexing, ...) in one local MoE layer fwd+bwd: at most one."""
+    monkeypatch.setattr(grouped_gemm, "READ_TOTAL_ON_CPU", read_total)
+    layer = make_layer(**MODES[mode])
+    layer.experts.grouped_mm_impl = impl
+    x = make_x()
+    _, counter = count_fwd_bwd(lambda: layer(x), x)
+    assert dict(counter.calls) == syncs
+    with SyncCounter() as c:  # the counter sees what it must
+        torch.bincount(torch.tensor([1, 2])).tolist()
+        bool(torch.tensor(True))
+        torch.arange(3)[torch.tensor([True, False, True])]
+    assert dict(c.calls) == {"bincount": 1, "tolist": 1, "__bool__": 1, "__getitem__[bool mask]": 1}
+
+
+@pytest.mark.parametrize("mode", ["probs", "padded"])
+def test_capacity_layer_host_syncs(mode, monkeypatch):
+    """With capacity, only expert_capacity's read of a host-built scalar remains."""
+    monkeypatch.setattr(grouped_gemm, "READ_TOTAL_ON_CPU", False)
+    layer = make_layer(**MODES[mode])
+    x = make_x()
+    _, counter = count_fwd_bwd(lambda: layer(x), x)
+    assert dict(counter.calls) == {"item": 1}
+
+
+def test_aten_ops_at_most_hf_mixtral_block():
+    """Ops (not time) per fwd+bwd at the tiny shape: ours <= transformers'
+    MixtralSparseMoeBlock (eager experts), with identical weights and outputs."""
+    ours = make_ours(64, 64, 8, 2)
+    hf = make_hf(ours, "eager")
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 64, requires_grad=True)
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)
+    ops_ours, _ = count_fwd_bwd(lambda: ours(x), x)
+    ops_hf, _ = count_fwd_bwd(lambda: hf(x), x)
+    assert 0 < ops_ours.total <= ops_hf.total, (ops_ours.total, ops_hf.total)
+
+
+@pytest.mark.parametrize("all_fed", [True, False])
+def test_reduce_rows_is_fp32_under_bf16_autocast(all_fed):
+    """The k-way weighted sum and its backward stay fp32 under CPU bf16 autocast: equal to
+    an fp64 loop far below bf16 rounding (~4e-3 relative)."""
+    torch.manual_seed(0)
+    M, K, Dm = 6, 3, 8
+    if all_fed:
+        m, R = SlotMap.sorted_by(torch.randint(0, 4, (M, K))), M * K
+    else:  # 4 slots feed no row
+        R = M * K - 4
+        row_MS = torch.full((M * K,), -1)
+        row_MS[torch.randperm(M * K)[:R]] = torch.arange(R)
+        m = SlotMap.build(row_MS.view(M, K), R, dense=True)
+    y = (1 + torch.rand(R, Dm)).requires_grad_()
+    w = torch.rand(M, K).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reduce_rows(y, w, m, torch.float32)
+        gy, gw = torch.autograd.grad(out, [y, w], torch.ones(M, Dm))
+    assert out.dtype == gy.dtype == gw.dtype == torch.float32
+    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.zeros(M, Dm, dtype=torch.float64)
+    for i in range(M):
+        for s in range(K):
+            r = int(m.row_MS[i, s])
+            if r >= 0:
+                ref[i] = ref[i] + w64[i, s] * y64[r]
+    ry, rw = torch.autograd.grad(ref, [y64, w64], torch.ones(M, Dm, dtype=torch.float64))
+    for a, b in ((out, ref), (gy, ry), (gw, rw)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
