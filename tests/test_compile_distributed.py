@@ -9,19 +9,11 @@ which costs minutes per layout on a shared 2-core CPU."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.helpers import read_metrics
 from tests.inproc import LazyRuns, selected_ids
-from tests.test_parity_distributed import (
-    COMMON,
-    LOSS_RTOL,
-    MODES,
-    PARAM_ATOL,
-    PARAM_RTOL,
-    STEPS,
-    _final_model,
-)
+from tests.parity import check_metrics, check_model
+from tests.test_parity_distributed import COMMON, MODES, STEPS, _final_model
 
 pytestmark = [pytest.mark.distributed]
 
@@ -48,17 +40,9 @@ LAYOUTS = [
 
 
 def _check(run_dir, ref_metrics, ref_model, name: str) -> None:
-    got = read_metrics(run_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
-                name, step, key)
-    model = _final_model(run_dir)
-    assert set(model) == set(ref_model)  # compiling leaves the parameter names alone
-    for key, ref in ref_model.items():
-        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
-                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
+    check_metrics(read_metrics(run_dir), ref_metrics, range(1, STEPS + 1), name)
+    # compiling leaves the parameter names alone
+    check_model(_final_model(run_dir), ref_model, name)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from parallel.expert_placement import (
     optimise_placement,
 )
 from tests.helpers import read_metrics
+from tests.parity import check_metrics, check_model
 
 
 def _paired_trace(T: int = 4000, E: int = 16, layers: int = 2, seed: int = 0):
@@ -129,9 +130,7 @@ def placement_runs(tmp_path_factory, moefold_cache):
 
 
 def _check_losses(got, ref, steps):
-    for step in steps:
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
+    check_metrics(got, ref, steps, "placement")
 
 
 @pytest.mark.distributed
@@ -146,10 +145,7 @@ def test_placed_experts_train_like_one_process(placement_runs, single_run):
     got = read_metrics(root / "placed")
     _check_losses(got, ref, range(1, STEPS + 1))
     # the checkpoint holds experts in logical order: one process reads it as the reference
-    model, ref_model = _final_model(root / "placed"), _final_model(ref_dir)
-    for key, value in ref_model.items():
-        torch.testing.assert_close(model[key], value, atol=2e-5, rtol=1e-4,
-                                   msg=lambda m, k=key: f"{k}: {m}")
+    check_model(_final_model(root / "placed"), _final_model(ref_dir), "placed")
 
 
 @pytest.mark.distributed

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from models.config import ModelConfig, MoEConfig
 from models.moe import MoELayer
 from parallel.dispatch import AllGatherDispatcher, AllToAllDispatcher
 from tests.distributed_utils import spawn
 from tests.helpers import FAST, read_metrics
-from tests.inproc import LazyRuns, selected_ids
+from tests.parity import check_metrics, check_model, final_model, reference_runs
+from tests.parity import layout_runs as parity_layouts
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -53,33 +53,23 @@ LAYOUTS = [
      ["parallel.ep=2", "parallel.dispatcher=allgather"]),
     ("pp2_null_global", 2, "null_global", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
 ]
-LOSS_RTOL = 1e-5
-PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
 KEYS = ("loss", "lm_loss", "aux_loss", "load_balance_loss", "grad_norm",
         "real_experts_per_token", "dropped_frac", "expert_load_max")
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{STEPS:07d}", out)
-    return torch.load(out, weights_only=False)["model"]
+    return final_model(run_dir, STEPS)
 
 
 @pytest.fixture(scope="module")
 def references(single_run):
-    refs = {}
-    for mode, extra in MODES.items():
-        run_dir = single_run([*COMMON, *extra])
-        refs[mode] = (read_metrics(run_dir), _final_model(run_dir))
-    return refs
+    return reference_runs(single_run, COMMON, MODES, STEPS)
 
 
 @pytest.fixture(scope="module")
 def layout_runs(request, tmp_path_factory, moefold_cache):
-    jobs = {name: (nproc, [*COMMON, *MODES[mode], *extra])
-            for name, nproc, mode, extra in LAYOUTS}
-    return LazyRuns(tmp_path_factory.mktemp("moe_features"), moefold_cache, jobs,
-                    selected_ids(request, test_feature_layout_matches_single_process))
+    return parity_layouts(request, tmp_path_factory.mktemp("moe_features"), moefold_cache,
+                          LAYOUTS, COMMON, MODES, test_feature_layout_matches_single_process)
 
 
 @pytest.mark.parametrize("name, nproc, mode, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -87,24 +77,17 @@ def test_feature_layout_matches_single_process(name, nproc, mode, extra, referen
                                                layout_runs):
     ref_metrics, ref_model = references[mode]
     got = read_metrics(layout_runs(name))
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        for key in KEYS:
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL,
-                                                   abs=1e-7), (name, step, key)
+    check_metrics(got, ref_metrics, range(1, STEPS + 1), name, keys=KEYS, atol=1e-7)
     last = ref_metrics[STEPS]
     # null experts really chosen, and real ones too
     assert 0.5 < last["real_experts_per_token"] < 2.9
     if mode == "null_capacity":
         assert last["dropped_frac"] > 0
     model = _final_model(layout_runs(name))
-    assert set(model) == set(ref_model)
     if mode == "null_global":  # the lagged counts are checkpointed, equal to one process's
         assert any(k.endswith("router.lb_counts") for k in model)
         assert last["load_balance_loss"] != pytest.approx(ref_metrics[1]["load_balance_loss"])
-    for key, ref in ref_model.items():
-        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
-                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
+    check_model(model, ref_model, name)
 
 
 # ---------------------------------------------------------------- dispatch bytes

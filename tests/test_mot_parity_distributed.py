@@ -6,19 +6,12 @@ multimodal data."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.helpers import read_metrics
-from tests.inproc import LazyRuns, selected_ids
+from tests.parity import check_metrics, check_model, reference_runs
+from tests.parity import layout_runs as parity_layouts
 from tests.test_parity_distributed import COMMON as PARITY_COMMON
-from tests.test_parity_distributed import (
-    LOSS_RTOL,
-    PARAM_ATOL,
-    PARAM_RTOL,
-    STEPS,
-    _final_model,
-    _report,
-)
+from tests.test_parity_distributed import STEPS, _final_model, _report
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -76,21 +69,16 @@ KEYS = {"chameleon3": ("loss", "loss_text", "loss_image", "loss_speech", "grad_n
 
 @pytest.fixture(scope="module")
 def mot_references(single_run):
-    refs = {}
-    for name, extra in SETTINGS.items():
-        run_dir = single_run([*PARITY_COMMON, *COMMON, *extra])
-        refs[name] = (read_metrics(run_dir), _final_model(run_dir))
-    return refs
+    return reference_runs(single_run, [*PARITY_COMMON, *COMMON], SETTINGS, STEPS)
 
 
 @pytest.fixture(scope="module")
 def mot_layout_runs(request, tmp_path_factory, moefold_cache):
     """``mot_layout_runs(name) -> run_dir``; each world size's selected layouts train
     together (tests/inproc.py)."""
-    jobs = {name: (nproc, [*PARITY_COMMON, *COMMON, *SETTINGS[setting], *extra])
-            for name, nproc, setting, extra in LAYOUTS}
-    return LazyRuns(tmp_path_factory.mktemp("mot_layouts"), moefold_cache, jobs,
-                    selected_ids(request, test_mot_layout_matches_single_process))
+    return parity_layouts(request, tmp_path_factory.mktemp("mot_layouts"), moefold_cache,
+                          LAYOUTS, [*PARITY_COMMON, *COMMON], SETTINGS,
+                          test_mot_layout_matches_single_process)
 
 
 @pytest.mark.parametrize("name, nproc, setting, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -99,14 +87,7 @@ def test_mot_layout_matches_single_process(name, nproc, setting, extra, mot_refe
     run_dir = mot_layout_runs(name)
     ref_metrics, ref_model = mot_references[setting]
     got = read_metrics(run_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        for key in KEYS[setting]:
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
-                name, step, key)
+    check_metrics(got, ref_metrics, range(1, STEPS + 1), name, keys=KEYS[setting])
     model = _final_model(run_dir)
-    assert set(model) == set(ref_model)
     _report(name, nproc, setting, ref_metrics, got, ref_model, model)
-    for key, ref in ref_model.items():
-        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
-                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
+    check_model(model, ref_model, name)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.helpers import FAST, read_metrics, run_cli
 from tests.inproc import LazyRuns, selected_ids
+from tests.parity import LOSS_RTOL, check_metrics, check_model, final_model, reference_runs
+from tests.parity import layout_runs as parity_layouts
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -115,15 +116,10 @@ LAYOUTS = [
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
 ]
-LOSS_RTOL = 1e-5
-PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    src = run_dir / "checkpoints" / f"step_{STEPS:07d}"
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(src, out)
-    return torch.load(out, weights_only=False)["model"]
+    return final_model(run_dir, STEPS)
 
 
 def _train(run_dir: Path, nproc: int, overrides: list[str], cache: Path) -> None:
@@ -157,20 +153,14 @@ def _report(name, nproc, mode, ref_metrics, got, ref_model, model) -> None:
 
 @pytest.fixture(scope="module")
 def references(single_run):
-    refs = {}
-    for mode, extra in MODES.items():
-        run_dir = single_run([*COMMON, *extra])
-        refs[mode] = (read_metrics(run_dir), _final_model(run_dir))
-    return refs
+    return reference_runs(single_run, COMMON, MODES, STEPS)
 
 
 @pytest.fixture(scope="module")
 def layout_runs(request, tmp_path_factory, moefold_cache):
     """``layout_runs(name) -> run_dir``; each world size's selected layouts train together."""
-    jobs = {name: (nproc, [*COMMON, *MODES[mode], *extra])
-            for name, nproc, mode, extra in LAYOUTS}
-    return LazyRuns(tmp_path_factory.mktemp("layouts"), moefold_cache, jobs,
-                    selected_ids(request, test_layout_matches_single_process))
+    return parity_layouts(request, tmp_path_factory.mktemp("layouts"), moefold_cache, LAYOUTS,
+                          COMMON, MODES, test_layout_matches_single_process)
 
 
 @pytest.mark.parametrize("name, nproc, mode, extra", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -178,29 +168,13 @@ def test_layout_matches_single_process(name, nproc, mode, extra, references, lay
     run_dir = layout_runs(name)
     ref_metrics, ref_model = references[mode]
     got = read_metrics(run_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
-                name,
-                step,
-                key,
-            )
+    check_metrics(got, ref_metrics, range(1, STEPS + 1), name)
     if mode.startswith("capacity"):
         assert got[STEPS]["dropped_frac"] == pytest.approx(ref_metrics[STEPS]["dropped_frac"])
         assert ref_metrics[STEPS]["dropped_frac"] > 0  # the mode really drops tokens
     model = _final_model(run_dir)
-    assert set(model) == set(ref_model)
     _report(name, nproc, mode, ref_metrics, got, ref_model, model)
-    for key, ref in ref_model.items():
-        assert model[key].shape == ref.shape, key
-        torch.testing.assert_close(
-            model[key],
-            ref,
-            atol=PARAM_ATOL,
-            rtol=PARAM_RTOL,
-            msg=lambda m, k=key: f"{name}: {k}: {m}",
-        )
+    check_model(model, ref_model, name)
 
 
 def test_torchrun_cli_equals_in_process(layout_runs, tmp_path, moefold_cache):

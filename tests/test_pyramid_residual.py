@@ -20,8 +20,9 @@ from models.transformer import Transformer
 from parallel.dims import ParallelDims
 from parallel.moe_stats import MoEStats
 from tests.helpers import compose_config, read_metrics
-from tests.inproc import LazyRuns, selected_ids
-from tests.test_parity_distributed import COMMON, LOSS_RTOL, PARAM_ATOL, PARAM_RTOL, _final_model
+from tests.parity import check_metrics, check_model, reference_runs
+from tests.parity import layout_runs as parity_layouts
+from tests.test_parity_distributed import COMMON, _final_model
 from trainer.config import validate
 from trainer.errors import ConfigError
 from trainer.planner import enumerate_layouts
@@ -168,18 +169,13 @@ LAYOUTS = [
 
 @pytest.fixture(scope="module")
 def references(single_run):
-    out = {}
-    for mode, extra in MODES.items():
-        run_dir = single_run([*COMMON, *extra])
-        out[mode] = (read_metrics(run_dir), _final_model(run_dir))
-    return out
+    return reference_runs(single_run, COMMON, MODES, STEPS)
 
 
 @pytest.fixture(scope="module")
 def layout_runs(request, tmp_path_factory, moefold_cache):
-    jobs = {name: (nproc, [*COMMON, *MODES[mode], *extra]) for name, nproc, mode, extra in LAYOUTS}
-    return LazyRuns(tmp_path_factory.mktemp("pyramid"), moefold_cache, jobs,
-                    selected_ids(request, test_pyramid_residual_layout_matches_single_process))
+    return parity_layouts(request, tmp_path_factory.mktemp("pyramid"), moefold_cache, LAYOUTS,
+                          COMMON, MODES, test_pyramid_residual_layout_matches_single_process)
 
 
 @pytest.mark.distributed
@@ -189,19 +185,12 @@ def test_pyramid_residual_layout_matches_single_process(name, nproc, mode, extra
     run_dir = layout_runs(name)
     ref_metrics, ref_model = references[mode]
     got = read_metrics(run_dir)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in got:
-        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "expert_load_max"):
-            assert got[step][key] == pytest.approx(ref_metrics[step][key], rel=LOSS_RTOL), (
-                name, step, key)
+    check_metrics(got, ref_metrics, range(1, STEPS + 1), name,
+                  keys=("loss", "lm_loss", "aux_loss", "grad_norm", "expert_load_max"))
     model = _final_model(run_dir)
-    assert set(model) == set(ref_model)
     if mode == "pyramid":
         assert ref_model["layers.1.ffn.experts.w1"].shape[0] == 4
         assert ref_model["layers.3.ffn.experts.w1"].shape[0] == 8
     else:
         assert "layers.0.ffn.residual_coef.weight" in ref_model
-    for key, ref in ref_model.items():
-        assert model[key].shape == ref.shape, key
-        torch.testing.assert_close(model[key], ref, atol=PARAM_ATOL, rtol=PARAM_RTOL,
-                                   msg=lambda m, k=key: f"{name}: {k}: {m}")
+    check_model(model, ref_model, name)
