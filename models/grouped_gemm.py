@@ -52,20 +52,57 @@ def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
     return impl == "fused" or (impl == "auto" and grouped_mm_available(x, w))
 
 
+class _SegmentMM(torch.autograd.Function):
+    """One ``mm`` per expert segment written into preallocated outputs (``out=``): no
+    ``cat``/``stack`` of the pieces in either direction. An expert with no rows gets a
+    zero weight gradient (a ``[D, 0] @ [0, F]`` product); trailing rows are zero."""
+
+    @staticmethod
+    def forward(ctx, x_ND, w_EDF, counts):
+        ctx.counts = counts
+        ctx.save_for_backward(x_ND, w_EDF)
+        y = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[2])
+        xs, ys = _segments(x_ND, counts), _segments(y, counts)
+        for x_e, w_e, y_e in zip(xs, w_EDF.unbind(0), ys):
+            torch.mm(x_e, w_e, out=y_e)
+        ys[-1].zero_()
+        return y
+
+    @staticmethod
+    def backward(ctx, g_NF):
+        x_ND, w_EDF = ctx.saved_tensors
+        counts = ctx.counts
+        g_x = g_w = None
+        gs = _segments(g_NF, counts)
+        if ctx.needs_input_grad[0]:
+            g_x = g_NF.new_empty(x_ND.shape)
+            gxs = _segments(g_x, counts)
+            for g_e, w_e, gx_e in zip(gs, w_EDF.unbind(0), gxs):
+                torch.mm(g_e, w_e.t(), out=gx_e)
+            gxs[-1].zero_()
+        if ctx.needs_input_grad[1]:
+            g_w = g_NF.new_empty(w_EDF.shape)
+            for x_e, g_e, gw_e in zip(_segments(x_ND, counts), gs, g_w.unbind(0)):
+                torch.mm(x_e.t(), g_e, out=gw_e)
+        return g_x, g_w, None
+
+
+def _segments(t_N: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, ...]:
+    """Views of the E expert segments of ``t_N``, then the trailing rows (maybe empty)."""
+    return t_N.split([*counts, t_N.shape[0] - sum(counts)])
+
+
 def grouped_mm_loop_unmasked(
     x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: list[int]
 ) -> torch.Tensor:
     """One matmul per expert segment (``counts``: the host copy of tokens_per_expert).
-    Trailing rows come back zero, and so does their gradient (a slice's backward)."""
-    total = sum(counts)
-    # unbind, not w_EDF[e]: each indexing's backward would zero-fill a whole [E, D, F]
-    # gradient (54% of the layer's time in fill_ at E=64); unbind's backward stacks once.
-    w_D_F = w_EDF.unbind(0)
-    outs = [seg @ w_D_F[e] for e, seg in enumerate(x_ND[:total].split(counts))]
-    y = torch.cat(outs) if outs else x_ND[:0] @ w_EDF.sum(0)
-    if total < x_ND.shape[0]:
-        y = torch.cat([y, y.new_zeros(x_ND.shape[0] - total, y.shape[1])])
-    return y
+    Trailing rows come back zero, and so does their gradient. Under autocast the
+    operands are cast as autocast casts a matmul's."""
+    dtype = autocast_dtype(x_ND.device.type)
+    if dtype is not None:
+        x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        return _SegmentMM.apply(x_ND, w_EDF, counts)
 
 
 def contiguous_grad(y: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ def group_rows(
 
 
 def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    x_R = x_M[m.src_R]
+    x_R = x_M.index_select(0, m.src_R)  # index_select: a fraction of aten::index's cost
     if m.valid_R is not None:
         x_R = x_R.masked_fill(~m.valid_R.unsqueeze(1), 0)
     return x_R
@@ -111,11 +111,13 @@ def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
 
 def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
     """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    M, S = m.row_MS.shape
     if m.all_slots_fed:
-        return t_R[m.row_MS]
+        return t_R.index_select(0, m.row_MS.flatten()).view(M, S, *t_R.shape[1:])
     R = t_R.shape[0]
     pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
-    return pad[torch.where(m.row_MS >= 0, m.row_MS, R)]
+    rows = torch.where(m.row_MS >= 0, m.row_MS, R).flatten()
+    return pad.index_select(0, rows).view(M, S, *t_R.shape[1:])
 
 
 class _Gather(torch.autograd.Function):
@@ -137,9 +139,12 @@ class _Reduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
         ctx.m = m
-        ctx.save_for_backward(y_R, w_MS)
+        ctx.y_dtype = y_R.dtype
         with torch.autocast(y_R.device.type, enabled=False):
-            y = _slots(y_R, m).float()
+            y_MSD = _slots(y_R, m)
+            # saved instead of y_R (same bytes): the weights' gradient needs it slot-major
+            ctx.save_for_backward(y_MSD, w_MS)
+            y = y_MSD.float()
             if w_MS is not None:  # multiply-sum, not einsum/bmm: [M] tiny matmuls are slow
                 y = y * w_MS.float().unsqueeze(2)
             out = y.sum(1)
@@ -147,18 +152,22 @@ class _Reduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_M):
-        y_R, w_MS = ctx.saved_tensors
+        y_MSD, w_MS = ctx.saved_tensors
         m = ctx.m
         g_y = g_w = None
         with torch.autocast(g_M.device.type, enabled=False):
             g = g_M.float()
             if ctx.needs_input_grad[0]:
-                g_y = _fan_out(g, m)
-                if w_MS is not None:
-                    g_y = g_y * w_MS.float().flatten()[m.slot_R].unsqueeze(1)
-                g_y = g_y.to(y_R.dtype)
+                if w_MS is not None:  # weight the [M, S] slots, then one gather to rows
+                    g_MSD = g.unsqueeze(1) * w_MS.float().unsqueeze(2)
+                    g_y = g_MSD.flatten(0, 1).index_select(0, m.slot_R)
+                    if m.valid_R is not None:
+                        g_y = g_y.masked_fill(~m.valid_R.unsqueeze(1), 0)
+                else:
+                    g_y = _fan_out(g, m)
+                g_y = g_y.to(ctx.y_dtype)
             if w_MS is not None and ctx.needs_input_grad[1]:
-                g_w = (_slots(y_R, m).float() * g.unsqueeze(1)).sum(2)
+                g_w = (y_MSD.float() * g.unsqueeze(1)).sum(2)
                 g_w = g_w.to(w_MS.dtype)
         return g_y, g_w, None, None
 

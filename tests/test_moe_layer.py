@@ -165,10 +165,28 @@ def test_grouped_mm_fused_equals_loop(dtype, read_total, monkeypatch):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tol)
-    y, xg, wg = results[0]
-    assert torch.all(y[12:] == 0) and torch.all(xg[12:] == 0)
-    assert torch.all(wg[1] == 0) and torch.all(wg[3] == 0)
-    torch.testing.assert_close(y[3:8].float(), (x0[3:8] @ w0[2]).float(), **tol)
+    for y, xg, wg in results:  # both: NaN trailing rows leak nowhere, empty experts get 0
+        assert torch.all(y[12:] == 0) and torch.all(xg[12:] == 0)
+        assert torch.all(wg[1] == 0) and torch.all(wg[3] == 0)
+        torch.testing.assert_close(y[3:8].float(), (x0[3:8] @ w0[2]).float(), **tol)
+
+
+def test_grouped_mm_loop_under_autocast_casts_like_matmul():
+    # the loop's out= matmuls run outside autocast: operands cast first, as autocast would
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 0, 3])
+    x0, w0 = torch.randn(6, 16), torch.randn(3, 16, 8)
+    grads = []
+    for impl in ("fused", "loop"):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = grouped_mm(x, w, counts, impl=impl)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        assert w.grad.dtype == torch.float32
+        grads.append((y, x.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_aux_loss_adds_gradient_without_changing_output():
