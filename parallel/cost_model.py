@@ -15,7 +15,8 @@ activation recompute (every forward collective and the forward FLOPs are repeate
   as many in the backward: ``(2 fwd_passes + 2) * 2 * (tp-1)/tp * t*h*a * L * m / bw``;
   exposed fully (no TP overlap is modelled).
 - cp: all-gather of K and V per attention layer (forward), reduce-scatter of their
-  gradients (backward): ``(fwd_passes + 1) * (cp-1) * t * 2*kv_dim * a * L * m / bw``.
+  gradients (backward): ``(fwd_passes + 1) * (cp-1) * t * kv_width * a * L * m / bw``
+  (``kv_width``: ``2*kv_heads*head_dim``, or MLA's ``heads*(qk_nope+qk_rope+v_head)``).
 - ep: all-to-all dispatch + combine per MoE layer, forward and backward; the rank routes
   ``t/tp`` tokens (TP ranks split the tokens), each sent once per distinct destination rank
   other than itself: ``units = ep * (1 - C(E - E/ep, k) / C(E, k)) * (ep-1)/ep`` with dedup
@@ -139,6 +140,16 @@ def _layer_params(cfg: Any) -> tuple[float, float]:
     return total - expert, expert
 
 
+def cp_kv_width(cfg: Any) -> int:
+    """Elements of K and V per token that CP all-gathers: ``2 * kv_heads * head_dim``
+    (GQA); multi-head latent attention gathers its up-projected per-head K and V,
+    ``heads * (qk_nope + qk_rope + v_head)`` (models/mla.py)."""
+    if getattr(cfg, "attention", "gqa") == "mla":
+        a = cfg.mla
+        return cfg.num_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim)
+    return 2 * cfg.num_kv_heads * (cfg.head_dim or cfg.hidden_size // cfg.num_heads)
+
+
 def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> StepEstimate:
     """The step-time estimate of ``lay`` (module docstring)."""
     a, h, W = ACT_BYTES, cfg.hidden_size, lay.world
@@ -153,8 +164,7 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
     # TP (+SP): tp ranks are consecutive (tp varies fastest)
     b["tp"] = ((2 * fwd + 2) * 2 * (lay.tp - 1) / lay.tp * t * h * a * L * m
                / _span_bw(lay.tp, hw)) if lay.tp > 1 else 0.0
-    hd = cfg.head_dim or h // cfg.num_heads
-    b["cp"] = ((fwd + 1) * (lay.cp - 1) * t * 2 * cfg.num_kv_heads * hd * a * L * m
+    b["cp"] = ((fwd + 1) * (lay.cp - 1) * t * cp_kv_width(cfg) * a * L * m
                / _span_bw(lay.cp * lay.tp, hw)) if lay.cp > 1 else 0.0
     # EP: the ep group's members are etp apart; a destination is in-node when it is
     # among the ep members inside this rank's node

@@ -158,3 +158,17 @@ def test_parallel_auto_four_processes_match_one(tmp_path, moefold_cache):
     assert sorted(got) == sorted(ref) == [1, 2, 3]
     for step in ref:
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
+
+
+def test_cp_traffic_uses_the_attention_kind_kv_width():
+    """CP all-gathers the K and V the attention core gets: GQA's kv heads, or MLA's
+    up-projected per-head K and V (DeepSeek-V3: 128 heads x (128 + 64 + 128))."""
+    from omegaconf import OmegaConf
+
+    from parallel.cost_model import cp_kv_width
+
+    def width(model: str) -> int:
+        return cp_kv_width(OmegaConf.to_object(compose_config([f"model={model}"]).model))
+
+    assert width("moe_tiny") == 2 * 2 * 16  # 2 kv heads of 64 / 4 = 16
+    assert width("deepseek_v3") == 128 * (128 + 64 + 128)
