@@ -128,6 +128,13 @@ class Initializer:
         self.apply(t, self.constant(value))
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing
+    recomputes forwards, and where gradient hooks fire)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool) -> nn.Module:
     """``Module._apply`` that moves the buffers ``names`` with the module but never changes
     their dtype (``model.to(torch.bfloat16)`` must not round an fp32 expert bias or RoPE

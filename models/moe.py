@@ -26,7 +26,7 @@ from models.grouped_gemm import (
     grouped_mm_loop_unmasked,
     use_fused,
 )
-from models.layers import FeedForward, Initializer, keep_fp32_apply
+from models.layers import FeedForward, Initializer, in_backward, keep_fp32_apply
 from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
 
@@ -193,12 +193,6 @@ class _AuxLossGrad(torch.autograd.Function):
 _STAT_LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpointing recomputes)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 class MoELayer(nn.Module):
     """``cfg``: this layer's config, ``cfg.moe.num_experts`` an int (a pyramid model's
     blocks get ``models.config.moe_layer_config(model, i)``).
@@ -293,7 +287,7 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor]) -> None:
-        if _in_backward():  # activation-checkpoint recompute: already counted once
+        if in_backward():  # activation-checkpoint recompute: already counted once
             return
         self.stat_counts += r.counts_E
         self.stat_dropped += r.num_dropped

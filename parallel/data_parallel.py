@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from models.layers import in_backward
 from parallel.dims import ParallelDims
 
 # flat buffers of at most this many elements per all-reduce (25M fp32 = 100 MB)
@@ -326,9 +327,7 @@ class _Buckets:
             b.flat = torch._utils._flatten_dense_tensors(b.grads)
             b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
         b.launched = True
-        task = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside backward
-        in_backward = task is not None and task() != -1
-        self.log.append(("launch_in_backward" if in_backward else "launch",
+        self.log.append(("launch_in_backward" if in_backward() else "launch",
                          self.next))
         self.next += 1
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.layers import in_backward
 from models.moe import Dispatcher, MoELayer
 from models.router import Routing
 
@@ -273,7 +274,7 @@ class RoutingTrace:
 
     def _hook(self, name: str):
         def hook(module, args, out) -> None:
-            if not self.active or not torch.is_grad_enabled() or _in_backward():
+            if not self.active or not torch.is_grad_enabled() or in_backward():
                 return  # not a recording step, an eval pass, or a checkpoint recompute
             if self.tokens[name] >= self.max_tokens:
                 return
@@ -302,11 +303,6 @@ class RoutingTrace:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-def _in_backward() -> bool:
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 def load_trace(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
