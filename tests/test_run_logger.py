@@ -3,6 +3,7 @@ import json
 import logging
 import socket
 import sys
+import time
 
 import matplotlib.image as mpimg
 import pytest
@@ -159,6 +160,7 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_same_id(tmp_path, monkey
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     cfg = make_cfg("none", wandb_mode="offline")
+    first_start = int(time.time())
     with RunLogger(
         cfg,
         run_dir,
@@ -172,6 +174,10 @@ def test_wandb_offline_writes_under_run_dir_and_resumes_same_id(tmp_path, monkey
         lg.log_expert_load(1, torch.ones(2, 4), [0, 1])
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     assert len(run_id) == 8
+    # wandb names a session's directory by its start second: a resumed session that
+    # starts within the first one's second would share (and overwrite) its directory
+    while int(time.time()) <= first_start:
+        time.sleep(0.05)
     with RunLogger(cfg, run_dir, is_main=True, total_steps=4, start_step=1) as lg:
         assert lg._wandb.id == run_id
         lg.log_step(2, {"loss": 1.5})
