@@ -18,6 +18,8 @@ offset.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,19 +32,35 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def no_autocast(device_type: str):
+    """A context with autocast off on ``device_type``: ``torch.autocast(enabled=False)``
+    where autocast is on, else a no-op context (entering and leaving a real autocast
+    context costs ~5 us of Python per call, paid on every MoE layer's hot path)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` can run these operands (after autocast casting)."""
-    if not hasattr(torch, "_grouped_mm") or x.dim() != 2 or w.dim() != 3:
+    if x.dim() != 2 or w.dim() != 3:
         return False
     dtype = autocast_dtype(x.device.type) or x.dtype
-    if x.device.type == "cuda":
-        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif x.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    return _grouped_mm_runs(x.device, dtype, w.shape[1], w.shape[2])
+
+
+@functools.lru_cache(maxsize=256)
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> bool:
+    """Cached: asked once per MoE layer call (the CUDA capability query is not free)."""
+    if not hasattr(torch, "_grouped_mm"):
         return False
-    itemsize = dtype.itemsize
+    if device.type == "cuda":
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(device)[0] < 9:
+            return False
+    elif device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
     # Every row of x, w[e] and the output must start on a 16-byte boundary.
-    return (w.shape[1] * itemsize) % 16 == 0 and (w.shape[2] * itemsize) % 16 == 0
+    return (rows * dtype.itemsize) % 16 == 0 and (cols * dtype.itemsize) % 16 == 0
 
 
 def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
@@ -101,7 +119,7 @@ def grouped_mm_loop_unmasked(
     dtype = autocast_dtype(x_ND.device.type)
     if dtype is not None:
         x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
-    with torch.autocast(x_ND.device.type, enabled=False):
+    with no_autocast(x_ND.device.type):
         return _SegmentMM.apply(x_ND, w_EDF, counts)
 
 

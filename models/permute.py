@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from models.grouped_gemm import no_autocast
+
 __all__ = ["SlotMap", "count_ids", "gather_rows", "group_rows", "reduce_rows"]
 
 
@@ -140,7 +142,7 @@ class _Reduce(torch.autograd.Function):
     def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
         ctx.m = m
         ctx.y_dtype = y_R.dtype
-        with torch.autocast(y_R.device.type, enabled=False):
+        with no_autocast(y_R.device.type):
             y_MSD = _slots(y_R, m)
             # saved instead of y_R (same bytes): the weights' gradient needs it slot-major
             ctx.save_for_backward(y_MSD, w_MS)
@@ -155,7 +157,7 @@ class _Reduce(torch.autograd.Function):
         y_MSD, w_MS = ctx.saved_tensors
         m = ctx.m
         g_y = g_w = None
-        with torch.autocast(g_M.device.type, enabled=False):
+        with no_autocast(g_M.device.type):
             g = g_M.float()
             if ctx.needs_input_grad[0]:
                 if w_MS is not None:  # weight the [M, S] slots, then one gather to rows

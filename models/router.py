@@ -60,6 +60,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Initializer, keep_fp32_apply
+from models.grouped_gemm import no_autocast
 from models.permute import count_ids
 
 
@@ -106,6 +107,9 @@ class Routing:
     kept_TK: Optional[torch.Tensor] = None  # bool; None = dropless (all kept)
     capacity: Optional[int] = None  # per-expert rows when capacity_factor is set
     pad_to_capacity: bool = False  # every expert gets exactly `capacity` rows
+    # dropless, no null experts: this rank's assignments per expert (int64 [E]), which a
+    # dispatcher need not count again; None: count them
+    local_counts_E: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -113,7 +117,7 @@ class RouterOutput:
     routing: Routing
     logits_TE: torch.Tensor  # fp32
     counts_E: torch.Tensor  # int64 assignments per expert (E real, then n null), before drops
-    num_dropped: torch.Tensor  # int64 scalar (real experts only: null picks never drop)
+    num_dropped: Optional[torch.Tensor]  # int64 scalar (real experts only); None: no capacity
     num_assignments: int  # T * k (counts_E, num_dropped, the losses: over the token group)
     aux_loss: Optional[torch.Tensor] = None  # unweighted switch loss (coeff > 0 only)
     seq_aux_loss: Optional[torch.Tensor] = None  # unweighted per-sequence loss
@@ -196,7 +200,7 @@ class Router(nn.Module):
         """x_TD: this rank's tokens, sequence-major (``num_seqs`` sequences of equal
         length, needed by the per-sequence aux loss and by token groups); ``group``: the
         ranks sharing the micro-batch (see the module docstring)."""
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        with no_autocast(x_TD.device.type):
             return self._route(x_TD, num_seqs, group)
 
     def _route(self, x_TD: torch.Tensor, num_seqs: int, group: TokenGroup) -> RouterOutput:
@@ -206,27 +210,39 @@ class Router(nn.Module):
         T = x_TD.shape[0] * group.size  # the micro-batch's tokens
         S = T // B
         logits = F.linear(x_TD.float(), group.shared_param(self.weight).float())
-        scores = logits.softmax(-1) if m.score_func == "softmax" else logits.sigmoid()
-        sel = logits if (m.score_func == "softmax" and m.norm_topk_prob) else scores
-        if self.expert_bias is not None:
-            sel = sel + self.expert_bias
-        idx = self._topk(sel.detach())
-        top_scores = scores.gather(1, idx)
-        real = idx < E if self.num_null else None  # [T, k] picks of a real expert
-        weights = top_scores if real is None else top_scores * real
-        if real is not None and m.norm_topk_prob and m.score_func == "softmax":
-            # renormalised over the real picks only; all-null tokens keep zero weights
-            denom = weights.sum(-1, keepdim=True)
-            weights = weights / torch.where(denom > 0, denom, 1.0)
-        elif m.norm_topk_prob and m.score_func == "softmax":
-            weights = top_scores / top_scores.sum(-1, keepdim=True)
-        elif m.norm_topk_prob and k > 1:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        real = None
+        lean = (m.score_func == "softmax" and m.norm_topk_prob and self.expert_bias is None
+                and m.num_groups == 0 and not self.num_null and m.capacity_factor is None)
+        if lean:
+            # Mixtral routing, the common case: top-k of the logits, weights = softmax over
+            # those k (= the renormalised top-k probabilities); the [T, E] softmax is only
+            # computed when an aux loss needs it.
+            top_logits, idx = logits.topk(k, dim=-1)
+            weights = top_logits.softmax(-1)
+            aux = m.aux_loss_coeff > 0 or m.seq_aux_loss_coeff > 0
+            scores = logits.softmax(-1) if aux else None
+        else:
+            scores = logits.softmax(-1) if m.score_func == "softmax" else logits.sigmoid()
+            sel = logits if (m.score_func == "softmax" and m.norm_topk_prob) else scores
+            if self.expert_bias is not None:
+                sel = sel + self.expert_bias
+            idx = self._topk(sel.detach())
+            top_scores = scores.gather(1, idx)
+            real = idx < E if self.num_null else None  # [T, k] picks of a real expert
+            weights = top_scores if real is None else top_scores * real
+            if real is not None and m.norm_topk_prob and m.score_func == "softmax":
+                # renormalised over the real picks only; all-null tokens keep zero weights
+                denom = weights.sum(-1, keepdim=True)
+                weights = weights / torch.where(denom > 0, denom, 1.0)
+            elif m.norm_topk_prob and m.score_func == "softmax":
+                weights = top_scores / top_scores.sum(-1, keepdim=True)
+            elif m.norm_topk_prob and k > 1:
+                weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if m.topk_scaling_factor != 1.0:
             weights = weights * m.topk_scaling_factor
 
         kept, capacity = None, None
-        num_dropped = torch.zeros((), dtype=torch.long, device=idx.device)
+        num_dropped = None  # None: nothing dropped (no capacity)
         if m.capacity_factor is not None:
             capacity = expert_capacity(T, E, k, m.capacity_factor, m.min_capacity)
             kept, num_dropped = self._capacity_mask(idx, top_scores.detach(), B, capacity, group)
@@ -259,9 +275,11 @@ class Router(nn.Module):
         stats = _group_sum(stats, group)
 
         counts = stats["counts"]
+        # this rank's assignments per expert, when they are the dispatcher's rows per expert
+        local_counts = counts if (group.size == 1 and kept is None and real is None) else None
         if real is not None:  # a null pick is an unused slot for every dispatcher
             idx = torch.where(real, idx, -1)
-        routing = Routing(idx, weights, E, kept, capacity, m.pad_to_capacity)
+        routing = Routing(idx, weights, E, kept, capacity, m.pad_to_capacity, local_counts)
         out = RouterOutput(routing, logits, counts, num_dropped, T * k)
         if m.aux_loss_coeff > 0 and global_lb:
             # f_i: the previous step's global-batch load fractions (uniform before any)

@@ -278,7 +278,9 @@ def test_checkpoint_recompute_does_not_double_count_stats():
     "impl, read_total, syncs",
     [
         ("fused", False, {}),  # the device path: no host sync at all
-        ("fused", True, {"__int__": 1}),  # CPU: reads the total from host memory
+        # dropless: every row is fed, so not even CPU reads the total (a capacity layer
+        # does: test_capacity_layer_reads_total_on_cpu)
+        ("fused", True, {}),
         ("loop", True, {"tolist": 1}),  # the fallback: one sync for the three GEMMs
     ],
 )
@@ -307,6 +309,15 @@ def test_capacity_layer_host_syncs(mode, monkeypatch):
     x = make_x()
     _, counter = count_fwd_bwd(lambda: layer(x), x)
     assert dict(counter.calls) == {"item": 1}
+
+
+def test_capacity_layer_reads_total_on_cpu(monkeypatch):
+    """With drops, the CPU path reads the fed-row total once (host memory, no wait)."""
+    monkeypatch.setattr(grouped_gemm, "READ_TOTAL_ON_CPU", True)
+    layer = make_layer(**MODES["probs"])
+    x = make_x()
+    _, counter = count_fwd_bwd(lambda: layer(x), x)
+    assert dict(counter.calls) == {"item": 1, "__int__": 1}
 
 
 def test_aten_ops_at_most_hf_mixtral_block():
