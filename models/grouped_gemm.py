@@ -63,11 +63,61 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, rows: int, cols: 
     return (rows * dtype.itemsize) % 16 == 0 and (cols * dtype.itemsize) % 16 == 0
 
 
+IMPLS = ("auto", "fused", "loop", "loop_segments", "loop_padded")
+
+
 def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
-    """impl "auto" (fused when available) | "fused" | "loop" -> whether to run fused."""
-    if impl not in ("auto", "fused", "loop"):
-        raise ValueError(f"grouped_mm impl={impl!r} is not one of 'auto', 'fused', 'loop'")
+    """impl (one of ``IMPLS``: "auto" = fused when available, else the loop; "loop" = the
+    loop fallback, segments or padded chosen per call; the last two force one) -> whether
+    to run fused."""
+    if impl not in IMPLS:
+        raise ValueError(f"grouped_mm impl={impl!r} is not one of {', '.join(IMPLS)}")
     return impl == "fused" or (impl == "auto" and grouped_mm_available(x, w))
+
+
+# The loop fallback's choice between one matmul per expert segment (9 * E matmul calls per
+# SwiGLU fwd+bwd) and one bmm over the segments padded to the longest (9 calls, but the
+# padding rows' FLOPs too): padded when its extra FLOPs cost less than the extra calls.
+# Rough per-device figures: a call's fixed cost (Python + dispatch + launch) in seconds,
+# and the matmul rate in FLOP/s; the choice only needs the order of magnitude.
+CALL_COST_S = {"cpu": 3e-6, "cuda": 1.5e-5}
+FLOP_RATE = {"cpu": 1e11, "cuda": 1e14}
+
+
+def padded_pays(counts: list[int], dim: int, hidden: int, device_type: str) -> bool:
+    """Whether the padded bmm beats the segment loop for a SwiGLU over these segments."""
+    E, total = len(counts), sum(counts)
+    if E == 0 or total == 0:
+        return False
+    waste_rows = E * max(counts) - total
+    waste_s = waste_rows * 18 * dim * hidden / FLOP_RATE.get(device_type, 1e11)
+    calls_s = 9 * (E - 1) * CALL_COST_S.get(device_type, 3e-6)
+    return waste_s < calls_s
+
+
+def pad_segments(
+    x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x as [E, C, D] with expert e's rows first in block e and zeros after, C the longest
+    segment; ``dest``: the padded row of each fed row). Trailing rows are left out. Both
+    directions are one-to-one copies (index_copy / index_select on unique rows), so the
+    gradients are exact and deterministic."""
+    E, total, C = len(counts), sum(counts), max(counts)
+    dev = x_ND.device
+    ends = torch.cumsum(tokens_per_expert_E, 0)
+    shift_E = torch.arange(E, device=dev) * C - (ends - tokens_per_expert_E)
+    rows = torch.arange(total, device=dev)
+    dest = rows + shift_E[torch.searchsorted(ends, rows, right=True)]
+    x_pad = x_ND.new_zeros(E * C, x_ND.shape[1]).index_copy(0, dest, x_ND[:total])
+    return x_pad.view(E, C, -1), dest
+
+
+def unpad_segments(y_ECF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The fed rows of a padded result back in segment order, then zero trailing rows."""
+    y = y_ECF.reshape(-1, y_ECF.shape[-1]).index_select(0, dest)
+    if y.shape[0] < num_rows:
+        y = torch.cat([y, y.new_zeros(num_rows - y.shape[0], y.shape[1])])
+    return y
 
 
 class _SegmentMM(torch.autograd.Function):

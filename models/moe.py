@@ -24,6 +24,10 @@ from models.grouped_gemm import (
     fed_rows,
     grouped_mm_fused_unmasked,
     grouped_mm_loop_unmasked,
+    no_autocast,
+    pad_segments,
+    padded_pays,
+    unpad_segments,
     use_fused,
 )
 from models.layers import FeedForward, Initializer, in_backward, keep_fp32_apply
@@ -149,7 +153,7 @@ class GroupedExperts(nn.Module):
         # set by parallel/expert_parallel.py when it shards the experts
         self.ep_size, self.etp_size = 1, 1
         self.num_global_experts = num_experts
-        self.grouped_mm_impl = "auto"  # auto | fused | loop
+        self.grouped_mm_impl = "auto"  # models.grouped_gemm.IMPLS
 
     def forward(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, rows_fed: bool = False
@@ -158,8 +162,13 @@ class GroupedExperts(nn.Module):
         (``tokens_per_expert_E`` sums to N) and that the output's incoming gradient is
         contiguous, so the trailing-row handling and the contiguity hook are skipped."""
         w1, w3, w2 = self.w1, self.w3, self.w2
-        if not use_fused(x_ND, w1, self.grouped_mm_impl):
+        impl = self.grouped_mm_impl
+        if not use_fused(x_ND, w1, impl):
             counts = tokens_per_expert_E.tolist()  # the loop's one host sync per layer
+            padded = impl == "loop_padded" or (impl != "loop_segments" and padded_pays(
+                counts, w1.shape[1], w1.shape[2], x_ND.device.type))
+            if padded:
+                return self._padded(x_ND, tokens_per_expert_E, counts)
             h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
             h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
             return grouped_mm_loop_unmasked(h, w2, counts)
@@ -177,6 +186,19 @@ class GroupedExperts(nn.Module):
         h = h * grouped_mm_fused_unmasked(x_ND, w3, offs)
         y = grouped_mm_fused_unmasked(h, w2, offs)
         return y if finish is None else finish(y)
+
+    def _padded(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        """The loop fallback as three bmm over the segments padded to the longest (zero
+        rows in, zero rows out: they add nothing to the weight gradients)."""
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        dtype = autocast_dtype(x_ND.device.type)
+        if dtype is not None:  # cast as autocast casts bmm, then run the block outside it
+            x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
+        with no_autocast(x_ND.device.type):
+            x_ECD, dest = pad_segments(x_ND, tokens_per_expert_E, counts)
+            h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
+            return unpad_segments(torch.bmm(h, w2), dest, x_ND.shape[0])
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own

@@ -54,20 +54,24 @@ class DataParallel:
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
                  roots: list[nn.Module] | None = None, *,
                  param_dtype: torch.dtype | None = None, grad_sync: str = "last",
-                 overlap: bool = True, bucket_mb: float = 25.0):
+                 overlap: bool = True, bucket_mb: float = 25.0, fsdp_prefetch: int = 1):
         """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
         pipeline parallelism with several stages per rank they are the stage chunks, which
         share ``model``'s submodules (parallel/pipeline.py). ``param_dtype``: the compute
         dtype when it is not fp32 (FSDP all-gathers in it, reduces in fp32). ``grad_sync``:
         ``last`` (FSDP reduces after the last micro-batch only) or ``every``. ``overlap`` /
         ``bucket_mb``: the ``ddp`` engine's reduction during backward and its bucket size
-        (MiB of gradient per all-reduce)."""
+        (MiB of gradient per all-reduce). ``fsdp_prefetch``: blocks whose FSDP all-gather
+        is issued ahead of use (forward: the next ones, backward: the previous ones); 0
+        leaves FSDP2's own implicit order."""
         self.model, self.dims, self.engine = model, dims, engine
+        self.fsdp_prefetch = fsdp_prefetch
         self.overlap, self.bucket_mb = overlap, bucket_mb
         self._buckets: _Buckets | None = None
         self.roots = roots or [model]
         self.param_dtype, self.grad_sync = param_dtype, grad_sync
         self.fsdp_units: list[nn.Module] = []
+        self.block_units: list[nn.Module] = []  # the blocks' units, forward order
         self.dense_size = dims.dp * dims.cp
         # Routed experts see the tokens of their whole edp group (TP ranks split a
         # micro-batch's tokens at MoE entry, so they are edp peers too).
@@ -130,6 +134,9 @@ class DataParallel:
         # the module's current parameters, which must be the gathered ones.
         reshard = dims.pp == 1
         managed = []
+        # FSDP units of each block in forward order (a block's own unit, then its experts')
+        per_block: dict[nn.Module, list[nn.Module]] = {b: [] for b in model.layers.values()}
+        owner = {id(m): b for b in per_block for m in b.modules()}
         for layer in model.modules():
             if isinstance(layer, MoELayer):
                 # dim 0 is split over ep and the FFN dim over etp: FSDP splits the hidden
@@ -141,6 +148,8 @@ class DataParallel:
                 managed.append(fully_shard(
                     layer.experts, mesh=dims.mesh("edp"), reshard_after_forward=reshard,
                     mp_policy=mp, shard_placement_fn=lambda p, w2=w2: Shard(2) if p is w2 else Shard(1)))
+                if id(layer) in owner:
+                    per_block[owner[id(layer)]].append(managed[-1])
         # Under PP every FSDP module must sit under a stage root that PipelineStage manages
         # (it defers the reduce-scatter to the last micro-batch and keeps the parameters
         # gathered across the zero-bubble schedules' split backward), so the stages are
@@ -149,6 +158,7 @@ class DataParallel:
             for block in model.layers.values():
                 managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
                                            reshard_after_forward=reshard, mp_policy=mp))
+                per_block[block].insert(0, managed[-1])
             for root in self.roots:  # embedding / norm / head, and the root state
                 managed.append(fully_shard(root, mesh=dims.mesh("dp_cp"),
                                            reshard_after_forward=reshard, mp_policy=mp))
@@ -156,11 +166,42 @@ class DataParallel:
             m.set_gradient_divide_factor(1.0)  # sum, see module docstring
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
         self.fsdp_units = managed
+        self.block_units = [u for units in per_block.values() for u in units]
+        if reshard and self.fsdp_prefetch > 0 and self.block_units:  # PP: stay gathered
+            self._set_prefetch(self.block_units,
+                               self.fsdp_prefetch * max(len(u) for u in per_block.values()))
         # parameters were replaced by DTensors: refresh the lists
         named = list(model.named_parameters())
         self.expert_params = [p for n, p in named if is_expert_param(n)]
         self.dense_params = [p for n, p in named if not is_expert_param(n)]
         assert not set(self.expert_params) & expert_params, "experts were not sharded by FSDP"
+
+    @staticmethod
+    def _set_prefetch(units: list[nn.Module], depth: int) -> None:
+        """Explicit FSDP2 prefetch over ``units`` (forward order): each unit's pre-forward
+        issues the all-gathers of the next ``depth`` units and its pre-backward those of the
+        previous ``depth``, so a block's gather runs (on the collective's own thread or
+        stream) while earlier blocks compute; FSDP2 alone prefetches one unit in backward
+        and none in forward."""
+        if depth <= 0 or len(units) < 2:
+            return
+        for i, unit in enumerate(units):
+            nxt = units[i + 1 : i + 1 + depth]
+            prev = units[max(0, i - depth) : i][::-1]
+            if nxt:
+                unit.set_modules_to_forward_prefetch(nxt)
+            if prev:
+                unit.set_modules_to_backward_prefetch(prev)
+
+    @property
+    def prefetch_plan(self) -> list[tuple[int, int]]:
+        """(forward, backward) prefetch list lengths of the blocks' FSDP units, in forward
+        order (tests)."""
+        out = []
+        for u in self.block_units:
+            st = u._get_fsdp_state()
+            out.append((len(st._states_to_forward_prefetch), len(st._states_to_backward_prefetch)))
+        return out
 
     def before_micro_batch(self, index: int, is_last: bool) -> None:
         """Called by the step runner before each training micro-batch's forward: FSDP

@@ -145,7 +145,8 @@ def parallelize(
                                            collective=materialize)
     dp = DataParallel(model, dims, engine, roots=chunks, param_dtype=amp_dtype,
                       grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,
-                      bucket_mb=pcfg.ddp_bucket_mb)
+                      bucket_mb=pcfg.ddp_bucket_mb,
+                      fsdp_prefetch=int(getattr(pcfg, "fsdp_prefetch", 1)))
     if materialize:
         materialize_and_init(model, chunks, device, seed)
         if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md

@@ -1,6 +1,7 @@
 """DP engine and CPU allocator on 2 gloo ranks: step time and peak RSS of ddp vs fsdp,
 each with the glibc tuning on (what every CPU run did before ``trainer.reuse_cpu_memory``)
-and off, plus ``dp_engine=auto`` with the default allocator rule.
+and off, plus ``dp_engine=auto`` with the default allocator rule; ``--configs "fsdp,
+prefetch 0" "fsdp, prefetch 1" ...``: FSDP2's explicit prefetch depth instead.
 
 Each configuration trains the same model, seed and global batch through the CLI
 (launch/torchrun.sh, ``--threads`` OMP threads per rank); repeats are interleaved
@@ -29,7 +30,12 @@ CONFIGS = {
     "fsdp, allocator tuned": ["parallel.dp_engine=fsdp", "trainer.reuse_cpu_memory=on"],
     "fsdp, glibc default": ["parallel.dp_engine=fsdp", "trainer.reuse_cpu_memory=off"],
     "auto (rule)": ["parallel.dp_engine=auto", "trainer.reuse_cpu_memory=auto"],
+    # FSDP2 explicit prefetch depth (blocks ahead); pick them with --configs
+    "fsdp, prefetch 0": ["parallel.dp_engine=fsdp", "parallel.fsdp_prefetch=0"],
+    "fsdp, prefetch 1": ["parallel.dp_engine=fsdp", "parallel.fsdp_prefetch=1"],
+    "fsdp, prefetch 2": ["parallel.dp_engine=fsdp", "parallel.fsdp_prefetch=2"],
 }
+DEFAULT = list(CONFIGS)[:5]
 
 
 def main() -> None:
@@ -38,7 +44,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=DEFAULT, choices=list(CONFIGS))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     times: dict[str, list[float]] = {c: [] for c in args.configs}

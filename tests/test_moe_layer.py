@@ -98,7 +98,7 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["fused", "fused_device", "loop"])
+@pytest.mark.parametrize("impl", ["fused", "fused_device", "loop_segments", "loop_padded"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_layer_matches_reference(mode, impl, monkeypatch):
     """fused_device: the sync-free path CUDA takes (where() masks, no read of the total)."""
@@ -132,8 +132,10 @@ def test_padded_dispatch_shapes_are_static():
     assert layer.dispatcher.bytes_sent == layer.dispatcher.bytes_received == 0
 
 
-def test_experts_with_zero_tokens():
+@pytest.mark.parametrize("impl", ["auto", "loop_segments", "loop_padded"])
+def test_experts_with_zero_tokens(impl):
     layer = make_layer(expert_bias=True)
+    layer.experts.grouped_mm_impl = impl
     layer.router.expert_bias[[0, 5]] = -1e3  # never selected
     x = make_x()
     x_TD = x.detach().reshape(-1, D)
@@ -281,7 +283,9 @@ def test_checkpoint_recompute_does_not_double_count_stats():
         # dropless: every row is fed, so not even CPU reads the total (a capacity layer
         # does: test_capacity_layer_reads_total_on_cpu)
         ("fused", True, {}),
-        ("loop", True, {"tolist": 1}),  # the fallback: one sync for the three GEMMs
+        # the fallback: one sync for the three GEMMs, segment loop or padded bmm
+        ("loop_segments", True, {"tolist": 1}),
+        ("loop_padded", True, {"tolist": 1}),
     ],
 )
 @pytest.mark.parametrize("mode", ["dropless", "shared_gate"])
@@ -309,6 +313,15 @@ def test_capacity_layer_host_syncs(mode, monkeypatch):
     x = make_x()
     _, counter = count_fwd_bwd(lambda: layer(x), x)
     assert dict(counter.calls) == {"item": 1}
+
+
+def test_loop_fallback_picks_padded_when_the_padding_is_cheap():
+    """Balanced small segments: the calls saved outweigh the padding; one long segment
+    among short ones, or big rows: the segment loop."""
+    assert grouped_gemm.padded_pays([32] * 64, 64, 64, "cpu")
+    assert not grouped_gemm.padded_pays([4096] + [1] * 7, 256, 512, "cpu")
+    assert not grouped_gemm.padded_pays([600, 400, 500, 548], 256, 512, "cpu")
+    assert not grouped_gemm.padded_pays([0, 0], 64, 64, "cpu")
 
 
 def test_capacity_layer_reads_total_on_cpu(monkeypatch):

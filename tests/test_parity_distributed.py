@@ -54,7 +54,8 @@ MODES = {
 LAYOUTS = [
     ("dp2_fsdp", 2, "dropless", ["parallel.dp_engine=fsdp"]),
     ("ep2_allgather", 2, "dropless", ["parallel.ep=2", "parallel.dispatcher=allgather"]),
-    ("dp2xep2_folded", 4, "dropless", ["parallel.ep=2"]),
+    # FSDP over dense (4 ranks) and experts (edp 2), all-gathers prefetched 2 blocks ahead
+    ("dp2xep2_folded", 4, "dropless", ["parallel.ep=2", "parallel.fsdp_prefetch=2"]),
     ("ep2_capacity", 2, "capacity", ["parallel.ep=2"]),
     # ddp reducing small buckets during the last of 4 accumulated backwards (overlap is
     # on by default in every ddp layout), EP2 with the shared expert overlapping the

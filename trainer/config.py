@@ -63,6 +63,9 @@ class ParallelConfig:
     # FSDP gradient reduce-scatter without PP: last = after the last micro-batch only (holds
     # unsharded fp32 grads until then), every = after each micro-batch (shards only)
     fsdp_grad_sync: str = "last"
+    # FSDP2 explicit prefetch: the next N blocks' all-gathers are issued as a block starts
+    # its forward (the previous N in backward); 0 = FSDP2's implicit order only
+    fsdp_prefetch: int = 1
     # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv (parallel/pipeline.py)
     pp_schedule: str = "1f1b"
     vpp: int = 1  # pipeline stages per rank (interleaved / zero-bubble schedules)
@@ -721,6 +724,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                           f"[0, {world_size})")
     _choice("parallel.dp_engine", p.dp_engine, ("fsdp", "ddp", "none", "auto"))
     _choice("parallel.fsdp_grad_sync", p.fsdp_grad_sync, ("last", "every"))
+    if not isinstance(p.fsdp_prefetch, int) or p.fsdp_prefetch < 0:
+        raise ConfigError(f"parallel.fsdp_prefetch={p.fsdp_prefetch!r} must be an int >= 0")
     if not p.ddp_bucket_mb > 0:
         raise ConfigError(f"parallel.ddp_bucket_mb={p.ddp_bucket_mb} must be > 0 "
                           "(MiB of gradients per all-reduce)")
