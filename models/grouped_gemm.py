@@ -75,23 +75,33 @@ def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
     return impl == "fused" or (impl == "auto" and grouped_mm_available(x, w))
 
 
-# The loop fallback's choice between one matmul per expert segment (9 * E matmul calls per
-# SwiGLU fwd+bwd) and one bmm over the segments padded to the longest (9 calls, but the
-# padding rows' FLOPs too): padded when its extra FLOPs cost less than the extra calls.
-# Rough per-device figures: a call's fixed cost (Python + dispatch + launch) in seconds,
-# and the matmul rate in FLOP/s; the choice only needs the order of magnitude.
-CALL_COST_S = {"cpu": 3e-6, "cuda": 1.5e-5}
-FLOP_RATE = {"cpu": 1e11, "cuda": 1e14}
+# The choice between one GEMM per expert segment (the segment loop, or CPU's
+# ``_grouped_mm``, which runs that loop in C++: 9 * E GEMMs per SwiGLU fwd+bwd) and one
+# bmm over the segments padded to the longest (9 GEMMs, plus the padding rows' FLOPs):
+# padded when its extra FLOPs cost less than the extra per-segment GEMMs. Rough figures per
+# kind of device: a segment GEMM's fixed cost in seconds (Python + dispatch + launch; on CPU
+# in bf16/fp16 a oneDNN primitive per new segment shape, ~15 us measured here) and the
+# GEMM rate in FLOP/s. The choice only needs their order of magnitude.
+CALL_COST_S = {"cpu": 3e-6, "cpu_lowp": 1.5e-5, "cuda": 1.5e-5}
+FLOP_RATE = {"cpu": 1e11, "cpu_lowp": 2.4e11, "cuda": 1e14}
 
 
-def padded_pays(counts: list[int], dim: int, hidden: int, device_type: str) -> bool:
-    """Whether the padded bmm beats the segment loop for a SwiGLU over these segments."""
+def cost_kind(device_type: str, dtype: torch.dtype) -> str:
+    """The ``CALL_COST_S`` / ``FLOP_RATE`` key of a device and compute dtype."""
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "cpu_lowp"
+    return device_type if device_type in CALL_COST_S else "cpu"
+
+
+def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> bool:
+    """Whether the padded bmm beats per-segment GEMMs for a SwiGLU over these segments
+    (``kind``: see :func:`cost_kind`)."""
     E, total = len(counts), sum(counts)
     if E == 0 or total == 0:
         return False
     waste_rows = E * max(counts) - total
-    waste_s = waste_rows * 18 * dim * hidden / FLOP_RATE.get(device_type, 1e11)
-    calls_s = 9 * (E - 1) * CALL_COST_S.get(device_type, 3e-6)
+    waste_s = waste_rows * 18 * dim * hidden / FLOP_RATE[kind]
+    calls_s = 9 * (E - 1) * CALL_COST_S[kind]
     return waste_s < calls_s
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.grouped_gemm import (
     autocast_dtype,
+    cost_kind,
     fed_rows,
     grouped_mm_fused_unmasked,
     grouped_mm_loop_unmasked,
@@ -163,16 +164,22 @@ class GroupedExperts(nn.Module):
         contiguous, so the trailing-row handling and the contiguity hook are skipped."""
         w1, w3, w2 = self.w1, self.w3, self.w2
         impl = self.grouped_mm_impl
-        if not use_fused(x_ND, w1, impl):
-            counts = tokens_per_expert_E.tolist()  # the loop's one host sync per layer
+        dev = x_ND.device.type
+        dtype = autocast_dtype(dev)
+        kind = cost_kind(dev, dtype or x_ND.dtype)
+        fused = use_fused(x_ND, w1, impl)
+        if not fused or (impl == "auto" and kind == "cpu_lowp"):
+            # the loop's one host sync per layer; on CPU (auto, bf16/fp16: CPU's grouped
+            # GEMM pays a oneDNN set-up per segment shape) a read of host memory
+            counts = tokens_per_expert_E.tolist()
             padded = impl == "loop_padded" or (impl != "loop_segments" and padded_pays(
-                counts, w1.shape[1], w1.shape[2], x_ND.device.type))
+                counts, w1.shape[1], w1.shape[2], kind))
             if padded:
                 return self._padded(x_ND, tokens_per_expert_E, counts)
+        if not fused:
             h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
             h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
             return grouped_mm_loop_unmasked(h, w2, counts)
-        dtype = autocast_dtype(x_ND.device.type)
         if dtype is not None:  # _grouped_mm is not on the autocast lists
             x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
         # Offsets once for the three GEMMs; trailing rows handled once on entry (their

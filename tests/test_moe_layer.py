@@ -318,10 +318,29 @@ def test_capacity_layer_host_syncs(mode, monkeypatch):
 def test_loop_fallback_picks_padded_when_the_padding_is_cheap():
     """Balanced small segments: the calls saved outweigh the padding; one long segment
     among short ones, or big rows: the segment loop."""
-    assert grouped_gemm.padded_pays([32] * 64, 64, 64, "cpu")
-    assert not grouped_gemm.padded_pays([4096] + [1] * 7, 256, 512, "cpu")
-    assert not grouped_gemm.padded_pays([600, 400, 500, 548], 256, 512, "cpu")
-    assert not grouped_gemm.padded_pays([0, 0], 64, 64, "cpu")
+    pays = grouped_gemm.padded_pays
+    assert pays([32] * 64, 64, 64, "cpu")
+    assert not pays([4096] + [1] * 7, 256, 512, "cpu")
+    assert not pays([600, 400, 500, 548], 256, 512, "cpu")
+    assert not pays([0, 0], 64, 64, "cpu")
+    assert grouped_gemm.cost_kind("cpu", torch.bfloat16) == "cpu_lowp"
+    assert grouped_gemm.cost_kind("cuda", torch.float32) == "cuda"
+
+
+def test_cpu_bf16_auto_runs_padded_bmm_at_small_segments():
+    """CPU, bf16 autocast, 8 small segments: "auto" takes the padded bmm (CPU's bf16
+    grouped GEMM sets up oneDNN per segment shape), with the fused path's values."""
+    layer = make_layer()
+    x = make_x()
+    calls = []
+    orig = layer.experts._padded
+    layer.experts._padded = lambda *a: calls.append(1) or orig(*a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        layer.experts.grouped_mm_impl = "fused"
+        ref = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
 def test_capacity_layer_reads_total_on_cpu(monkeypatch):
