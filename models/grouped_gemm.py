@@ -3,11 +3,18 @@ owning ``tokens_per_expert[e]`` consecutive rows. Rows past ``tokens_per_expert.
 (dropped assignments a dispatcher parks at the end) belong to no expert: their output and
 their input gradient are zero.
 
-Two implementations, equal in values and gradients (tests/test_moe_layer.py):
+Three implementations, equal in values and gradients (tests/test_moe_layer.py):
 - ``torch._grouped_mm`` (one kernel, no host sync) where it runs: CPU fp32/bf16/fp16 with
-  16-byte aligned rows; CUDA bf16 on sm90+.
-- the reference segment loop (a loop over experts, never over tokens). It needs the
-  counts on the host, i.e. one device->host sync.
+  16-byte aligned rows; CUDA bf16 on sm90+. (torch >= 2.10 also runs it on other CUDA
+  devices and dtypes through a fallback that copies the offsets to the host on every
+  call, 9 syncs per SwiGLU fwd+bwd: the loop below syncs once for all of them.)
+- the segment loop (a loop over experts, never over tokens);
+- the padded bmm (``pad_segments``: the segments padded to the longest, three ``bmm``).
+The last two need the counts on the host, i.e. one device->host sync per layer; the loop
+fallback picks between them per call with :func:`padded_pays` (its padding FLOPs against
+the per-segment GEMMs it saves). On CPU in bf16/fp16, where the grouped kernel pays a
+oneDNN set-up per segment shape, "auto" makes the same choice between it and the padded
+bmm (the counts are in host memory there: no wait).
 
 A layer of several GEMMs over the same segments (``models.moe.GroupedExperts``) computes
 the offsets (or the host counts) once, handles the trailing rows once on entry and once

@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import Initializer, keep_fp32_apply
 from models.grouped_gemm import no_autocast
+from models.layers import Initializer, keep_fp32_apply
 from models.permute import count_ids
 
 
