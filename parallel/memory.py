@@ -274,7 +274,7 @@ def activation_bytes(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dim
 
 
 def _buffers(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any,
-             a: int, pbytes: int) -> dict[str, int]:
+             a: int, pbytes: int, num_micro: int = 1) -> dict[str, int]:
     s = _shape(model_cfg, pcfg, tcfg, dims, a)
     h, V = model_cfg.hidden_size, model_cfg.vocab_size
     out: dict[str, int] = {}
@@ -285,9 +285,18 @@ def _buffers(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any,
         if dims.pp > 1:  # parameters stay gathered from the forward to the last backward
             out["fsdp_unsharded_params"] = sum(blocks) * shards * pbytes
             out["fsdp_unsharded_grads"] = max(blocks, default=0) * shards * pbytes
-        else:  # the current block and the prefetched next one; one block's gradients
-            out["fsdp_unsharded_params"] = 2 * max(blocks, default=0) * shards * pbytes
-            out["fsdp_unsharded_grads"] = max(blocks, default=0) * shards * pbytes
+        else:
+            # the current block and the prefetched ones (parallel.fsdp_prefetch blocks
+            # ahead; FSDP2's implicit order prefetches one in backward)
+            ahead = max(1, int(getattr(pcfg, "fsdp_prefetch", 1)))
+            biggest = sorted(blocks, reverse=True)[: 1 + ahead]
+            out["fsdp_unsharded_params"] = sum(biggest) * shards * pbytes
+            if num_micro > 1 and getattr(pcfg, "fsdp_grad_sync", "last") == "last":
+                # no reduce-scatter before the last micro-batch: every block keeps its
+                # unsharded gradients (fp32) from the first backward to the last
+                out["fsdp_unsharded_grads"] = sum(blocks) * shards * 4
+            else:  # one block's gradients between its backward and its reduce-scatter
+                out["fsdp_unsharded_grads"] = max(blocks, default=0) * shards * pbytes
     moe = [_unwrap(b).ffn for b in model.layers.values()
            if isinstance(getattr(_unwrap(b), "ffn", None), MoELayer)]
     if moe and dims.ep * dims.etp > 1:
@@ -319,7 +328,8 @@ def estimate_memory(model_cfg: Any, pcfg: Any, tcfg: Any, pm: Any) -> MemoryRepo
     else:
         flight = 1.0
     acts = int(per_mb * flight) + recompute
-    buffers = _buffers(model, model_cfg, pcfg, tcfg, dims, a, pbytes)
+    buffers = _buffers(model, model_cfg, pcfg, tcfg, dims, a, pbytes,
+                       int(getattr(pm, "num_micro", 1) or 1))
     params, grads, opt = numel * pbytes, numel * gbytes, numel * obytes
     total = params + grads + opt + acts + sum(buffers.values())
     return MemoryReport(

@@ -104,3 +104,23 @@ def test_experiment_dry_runs(path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_fsdp_buffers_follow_prefetch_and_grad_sync():
+    """FSDP's transient buffers in the estimate: one more gathered block per block of
+    prefetch, and with grad_sync=last over 2 micro-batches every block's unsharded fp32
+    gradients (held until the last backward) instead of one block's."""
+    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=4",
+            "parallel.dp_engine=fsdp", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=8", "trainer.precision=fp32"]
+
+    def buffers(*extra):
+        return dry_run_report(compose_config([*base, *extra])).buffers
+
+    one, two = buffers("parallel.fsdp_prefetch=1"), buffers("parallel.fsdp_prefetch=2")
+    every = buffers("parallel.fsdp_grad_sync=every")
+    last = buffers("parallel.fsdp_grad_sync=last")
+    assert two["fsdp_unsharded_params"] == one["fsdp_unsharded_params"] * 3 // 2  # equal blocks
+    assert buffers("parallel.fsdp_prefetch=0") == one  # FSDP2's implicit one-ahead
+    n_blocks = 4  # moe_tiny
+    assert last["fsdp_unsharded_grads"] == n_blocks * every["fsdp_unsharded_grads"]
