@@ -167,7 +167,12 @@ class DataParallel:
             m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
         self.fsdp_units = managed
         self.block_units = [u for units in per_block.values() for u in units]
-        if reshard and self.fsdp_prefetch > 0 and self.block_units:  # PP: stay gathered
+        # Prefetch needs one FSDP root over all the units (its lazy init sets up every
+        # unit's communication state): there is one when the dense group is sharded. With
+        # only the experts sharded (dense group of one rank) each experts unit is its own
+        # root, initialised at its first forward, so a neighbour's prefetch would find it
+        # unready. Under PP the parameters stay gathered: nothing to prefetch.
+        if reshard and self.fsdp_prefetch > 0 and self.dense_size > 1 and self.block_units:
             self._set_prefetch(self.block_units,
                                self.fsdp_prefetch * max(len(u) for u in per_block.values()))
         # parameters were replaced by DTensors: refresh the lists
