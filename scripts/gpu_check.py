@@ -171,6 +171,51 @@ def step_combine_autocast(ctx: Ctx):
             f"fp32 out {ref.dtype}, autocast out {amp.dtype}, max rel diff {rel:.2e}")
 
 
+def step_expert_kernels(ctx: Ctx):
+    """2b. the experts' three kernels (``_grouped_mm``, segment loop, padded bmm) under bf16
+    autocast, fwd+bwd: equal values, and their times, which calibrate
+    ``models.grouped_gemm`` CALL_COST_S / FLOP_RATE["cuda"] (the padded-vs-segments
+    choice) and show whether "auto" picks the fastest here."""
+    from models.grouped_gemm import IMPLS, padded_pays
+
+    D, F, E, k, T = ctx.size((1024, 512, 64, 8, 4096), (32, 16, 8, 2, 64))
+    layer = _moe_layer(ctx, D, E, k, F)
+    x = torch.randn(1, T, D, device=ctx.device)
+    amp = torch.autocast(ctx.device.type, dtype=torch.bfloat16)
+    times, outs = {}, {}
+    for impl in [i for i in IMPLS if i not in ("auto", "loop")]:
+        layer.experts.grouped_mm_impl = impl
+        runs = []
+        for _ in range(ctx.size(5, 2)):
+            for p in layer.parameters():
+                p.grad = None
+            xi = x.clone().requires_grad_()
+            _peak_reset(ctx)
+            t0 = time.perf_counter()
+            with amp:
+                y = layer(xi)
+            y.float().pow(2).sum().backward()
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        times[impl] = sorted(runs)[len(runs) // 2]
+        outs[impl] = (y.float(), layer.experts.w1.grad.float())
+    ref_y, ref_g = outs["fused"]
+    diff = max(max((a - ref_y).abs().max().item() / (ref_y.abs().max().item() + 1e-9),
+                   (g - ref_g).abs().max().item() / (ref_g.abs().max().item() + 1e-9))
+               for a, g in outs.values())
+    with torch.no_grad():
+        r = layer.router(x.view(-1, D))
+        counts = torch.bincount(r.routing.expert_idx_TK.flatten(), minlength=E).tolist()
+    kind = "cuda" if ctx.cuda else "cpu"
+    pick = "padded" if padded_pays(counts, D, F, kind) else "segments"
+    ms = ", ".join(f"{i} {t * 1e3:.2f} ms" for i, t in times.items())
+    ok = diff < 5e-2
+    return ("PASS" if ok else "FAIL",
+            f"T{T} D{D} F{F} E{E} k{k}: {ms}; max rel diff {diff:.1e}; cost model picks "
+            f"{pick} for the loop")
+
+
 def step_sdpa(ctx: Ctx):
     """3. SDPA with GQA at B1 H32 Hkv8 T8192 Dh128 bf16: which fused kernel takes causal /
     document-mask / additive-bias attention, and the default path's peak memory."""
@@ -476,6 +521,7 @@ STEPS: list[tuple[str, Callable[[Ctx], tuple[str, str]]]] = [
     ("0 env", step_env),
     ("1 grouped GEMM fused vs loop", step_grouped_gemm),
     ("2 MoE combine autocast", step_combine_autocast),
+    ("2b expert kernels: fused / segments / padded", step_expert_kernels),
     ("3 SDPA kernels + memory", step_sdpa),
     ("4 host syncs (MoE layer)", step_host_syncs),
     ("5 1-rank group, clip, FSDP2, DCP", step_one_rank_group),
