@@ -326,7 +326,20 @@ def main() -> None:
     ap.add_argument(
         "--shapes", default=None, help="indices into the shape list, e.g. 0,2 (default: all)"
     )
+    ap.add_argument(
+        "--allocator",
+        choices=["tuned", "glibc"],
+        default="tuned",
+        help="tuned: glibc keeps freed blocks (trainer/perf.py reuse_freed_cpu_memory, as a "
+        "one-process CPU run of the trainer does); glibc: its defaults, under which 16-32 "
+        "MiB activations are unmapped and page-faulted back every step, a cost that "
+        "depends on the allocation history more than on the kernels",
+    )
     args = ap.parse_args()
+    if args.allocator == "tuned":
+        from trainer.perf import reuse_freed_cpu_memory
+
+        reuse_freed_cpu_memory()
     torch.set_num_threads(1)
     repeats = args.repeats or (3 if args.quick else 7)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
@@ -334,7 +347,7 @@ def main() -> None:
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     print(
         f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
-        "repeats, medians; ratio = our tokens/s / peer's"
+        f"repeats, medians, allocator {args.allocator}; ratio = our tokens/s / peer's"
     )
     hdr = (
         f"{'shape (T,D,F,E,k)':<26}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
