@@ -174,14 +174,13 @@ class GroupedExperts(nn.Module):
             counts = tokens_per_expert_E.tolist()
             padded = impl == "loop_padded" or (impl != "loop_segments" and padded_pays(
                 counts, w1.shape[1], w1.shape[2], kind))
+            if not (fused or padded):  # the segment loop casts as autocast would
+                h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
+                h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
+                return grouped_mm_loop_unmasked(h, w2, counts)
             if padded:
                 return self._padded(x_ND, tokens_per_expert_E, counts)
-        if not fused:
-            h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
-            h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
-            return grouped_mm_loop_unmasked(h, w2, counts)
-        if dtype is not None:  # _grouped_mm is not on the autocast lists
-            x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
+        x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         # Offsets once for the three GEMMs; trailing rows handled once on entry (their
         # input gradient) and once on exit (their output): in between, a trailing row's
         # garbage only reaches the next grouped GEMM, which skips it.
@@ -194,14 +193,18 @@ class GroupedExperts(nn.Module):
         y = grouped_mm_fused_unmasked(h, w2, offs)
         return y if finish is None else finish(y)
 
+    def _in_compute_dtype(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x and the three weights cast as autocast casts a matmul's (``_grouped_mm`` is
+        not on autocast's lists, and the padded block runs with autocast off)."""
+        ts = (x_ND, self.w1, self.w3, self.w2)
+        dtype = autocast_dtype(x_ND.device.type)
+        return ts if dtype is None else tuple(t.to(dtype) for t in ts)
+
     def _padded(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 counts: list[int]) -> torch.Tensor:
         """The loop fallback as three bmm over the segments padded to the longest (zero
         rows in, zero rows out: they add nothing to the weight gradients)."""
-        w1, w3, w2 = self.w1, self.w3, self.w2
-        dtype = autocast_dtype(x_ND.device.type)
-        if dtype is not None:  # cast as autocast casts bmm, then run the block outside it
-            x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
+        x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         with no_autocast(x_ND.device.type):
             x_ECD, dest = pad_segments(x_ND, tokens_per_expert_E, counts)
             h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
