@@ -34,6 +34,7 @@ from models.grouped_gemm import (
 from models.layers import FeedForward, Initializer, in_backward, keep_fp32_apply
 from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
+from models.steps import Steps, run, start
 
 __all__ = [
     "Dispatcher",
@@ -57,11 +58,17 @@ class Dispatcher:
     routing-weighted sum over each token's assignments, accumulated in fp32, returned in
     x's dtype.
 
+    Steppable forms (models/steps.py): ``dispatch_steps(x_TD, routing)`` and
+    ``combine_steps(y_ND, ctx)`` are generators that pause while their rows are in flight
+    and return what ``dispatch`` / ``combine`` return. The base class has no such point
+    (one plain call); the all-to-all dispatcher pauses between launching its exchange and
+    waiting for it, and ``dispatch`` / ``combine`` are these generators run through.
+
     ``dispatch_overlapped(x_TD, routing, work) -> (x_ND, tokens_per_expert_E, ctx,
-    work())``: the same dispatch, with ``work`` (the layer's shared experts) run while the
-    token rows are in flight. The base runs it after ``dispatch``; the expert-parallel
-    dispatchers run it between launching the row all-to-all and waiting for it (and
-    overlap its backward with the reverse exchange the same way).
+    work())``: the same dispatch, with ``work`` (the layer's shared experts) run at the
+    dispatch's pause, i.e. while the token rows are in flight (after the dispatch where
+    there is none). The backward overlaps the same way: the reverse exchange is launched
+    before ``work``'s backward and waited for after it.
 
     Traffic of the last dispatch + combine (0 for a dispatcher that sends nothing):
     ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks;
@@ -80,11 +87,24 @@ class Dispatcher:
     def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def dispatch_steps(self, x_TD: torch.Tensor, routing: Routing, **kw: Any
+                       ) -> Steps[tuple[torch.Tensor, torch.Tensor, Any]]:
+        return self.dispatch(x_TD, routing, **kw)
+        yield  # a generator with no pause
+
+    def combine_steps(self, y_ND: torch.Tensor, ctx: Any) -> Steps[torch.Tensor]:
+        return self.combine(y_ND, ctx)
+        yield  # a generator with no pause
+
     def dispatch_overlapped(
-        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], W]
+        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], W], **kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor, Any, W]:
-        x_ND, tokens_per_expert, ctx = self.dispatch(x_TD, routing)
-        return x_ND, tokens_per_expert, ctx, work()
+        steps = self.dispatch_steps(x_TD, routing, **kw)
+        paused, out = start(steps)
+        done = work()
+        if paused:
+            out = run(steps)
+        return (*out, done)
 
 
 @dataclass
@@ -271,6 +291,8 @@ class MoELayer(nn.Module):
         # The ranks sharing this rank's micro-batch (TP token split, CP): parallel/ sets it.
         self.token_group: TokenGroup = SINGLE
         self.aux_loss_scale = 1.0
+        # bytes this layer's dispatcher sent since the last take_dispatch_bytes() (host int)
+        self.dispatch_bytes_sent = 0
         # Statistics since the last pop_stats(); never synced to the host in forward.
         # [E + num_null_experts]: the null experts' picks are counted too (they are balanced)
         n_counts = m.num_experts + m.num_null_experts
@@ -295,26 +317,60 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        g = self.token_group
-        r = self.router(x_TD, num_seqs=B, group=g)
+        r = self.router(x_TD, num_seqs=B, group=self.token_group)
+        d = self.dispatcher
         if self.shared_experts is None:
-            x_ND, tokens_per_expert, ctx = self.dispatcher.dispatch(x_TD, r.routing)
+            x_ND, tokens_per_expert, ctx = d.dispatch(x_TD, r.routing)
             shared = None
         else:  # the shared experts run while the dispatcher's all-to-all is in flight
-            x_ND, tokens_per_expert, ctx, shared = self.dispatcher.dispatch_overlapped(
+            x_ND, tokens_per_expert, ctx, shared = d.dispatch_overlapped(
                 x_TD, r.routing, lambda: self._shared(x_TD))
         y_ND = self.experts(x_ND, tokens_per_expert, getattr(ctx, "rows_fed", False))
-        y_TD = self.dispatcher.combine(y_ND, ctx)
+        y_TD = d.combine(y_ND, ctx)
+        return self._finish(r, x_TD, y_TD, shared, d.bytes_sent).view(B, T, -1)
+
+    def forward_steps(self, x_BTD: torch.Tensor) -> Steps[torch.Tensor]:
+        """:meth:`forward` as steps (models/steps.py): pauses while the dispatch's rows
+        are in flight (after the shared experts have run) and while the combine's are."""
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        r = self.router(x_TD, num_seqs=B, group=self.token_group)
+        d = self.dispatcher
+        steps = d.dispatch_steps(x_TD, r.routing)
+        paused, out = start(steps)
+        shared = None if self.shared_experts is None else self._shared(x_TD)
+        if paused:
+            yield
+            out = yield from steps
+        x_ND, tokens_per_expert, ctx = out
+        # The traffic counters are the dispatcher's, which the other micro-batch also
+        # uses: read them in the stretch that set them (dispatch's end, combine's start).
+        sent = d.bytes_sent
+        y_ND = self.experts(x_ND, tokens_per_expert, getattr(ctx, "rows_fed", False))
+        before = d.bytes_sent
+        steps = d.combine_steps(y_ND, ctx)
+        paused, y_TD = start(steps)
+        sent += d.bytes_sent - before
+        if paused:
+            yield
+            y_TD = yield from steps
+        return self._finish(r, x_TD, y_TD, shared, sent).view(B, T, -1)
+
+    def _finish(self, r: RouterOutput, x_TD: torch.Tensor, y_TD: torch.Tensor,
+                shared: torch.Tensor | None, sent: int) -> torch.Tensor:
+        """After the combine: the shared / residual branch, the aux losses' gradient, the
+        statistics (``sent``: bytes the dispatcher sent for this micro-batch)."""
         if shared is not None:
             if self.residual_coef is not None:  # residual MoE: learned per-token mix
-                y_TD = _residual_mix(y_TD, shared, x_TD, g.shared_param(self.residual_coef.weight))
+                coef_w = self.token_group.shared_param(self.residual_coef.weight)
+                y_TD = _residual_mix(y_TD, shared, x_TD, coef_w)
             else:
                 y_TD = y_TD + shared
         weighted = self._weighted_losses(r)
         if weighted and torch.is_grad_enabled():
             y_TD = _AuxLossGrad.apply(y_TD, sum(weighted.values()), self.aux_loss_scale)
-        self._record(r, weighted)
-        return y_TD.view(B, T, -1)
+        self._record(r, weighted, sent)
+        return y_TD
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared = self.shared_experts(x_TD)
@@ -332,11 +388,13 @@ class MoELayer(nn.Module):
         }
         return {n: c * getattr(r, n) for n, c in coeffs.items() if getattr(r, n) is not None}
 
-    def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor]) -> None:
-        """Adds the micro-batch's statistics to the stat buffers. No no_grad() needed (and
-        its ~8 us per call saved): counts are integers and the losses are detached."""
+    def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor], sent: int) -> None:
+        """Adds the micro-batch's statistics to the stat buffers (and ``sent`` dispatch
+        bytes to the host counter). No no_grad() needed (and its ~8 us per call saved):
+        counts are integers and the losses are detached."""
         if in_backward():  # activation-checkpoint recompute: already counted once
             return
+        self.dispatch_bytes_sent += sent
         # add_, not +=: an augmented assignment re-sets the buffer through
         # Module.__setattr__ (~10 us of Python each, on every layer's forward)
         self.stat_counts.add_(r.counts_E)
@@ -362,6 +420,11 @@ class MoELayer(nn.Module):
             for buf in self.buffers(recurse=False):
                 buf.zero_()
         return out
+
+    def take_dispatch_bytes(self) -> int:
+        """Activation bytes the dispatcher sent for this layer since the last take."""
+        sent, self.dispatch_bytes_sent = self.dispatch_bytes_sent, 0
+        return sent
 
     @torch.no_grad()
     def update_expert_bias(self, counts_E: torch.Tensor) -> None:

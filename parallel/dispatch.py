@@ -21,8 +21,10 @@ All-to-all, one *unit* = one token row sent to one rank:
    exchange (the static rows' grouping may still count once: models/permute.py).
 3. Token rows and metadata: ``all_to_all_single`` with uneven splits, inside autograd
    Functions whose backward is the reverse all-to-all. With ``overlap`` (default) the
-   exchange is asynchronous: ``dispatch_overlapped`` runs the caller's work (the shared
-   experts) between launch and wait, and in backward the reverse exchange is launched
+   exchange is asynchronous: ``dispatch_steps`` pauses between launch and wait
+   (models/steps.py), where ``dispatch_overlapped`` runs the caller's work (the shared
+   experts) and the two-batch overlap runs the other micro-batch's work; in backward
+   the reverse exchange is launched
    where the rows' gradient is ready and waited for only where the sent rows' gradient
    is needed, so the shared experts' backward (and any other independent node autograd
    schedules in between) runs while it travels. Rows travel in the autocast dtype when
@@ -30,7 +32,8 @@ All-to-all, one *unit* = one token row sent to one rank:
 4. Destination: the received (unit, slot) assignments are stably sorted by (local expert,
    source rank), i.e. the chunks [source, expert] become [expert, source], and fanned out
    into rows grouped by local expert.
-5. ``combine`` is the exact reverse. dedup: each destination sums ``w * y`` over a unit's
+5. ``combine`` is the exact reverse (``combine_steps`` pauses while the rows travel,
+   with ``overlap``). dedup: each destination sums ``w * y`` over a unit's
    slots in fp32 and returns one row per unit (in y's dtype); the source sums its units.
    plain: destinations return the expert rows unweighted and the source computes
    ``sum_k w * y`` in fp32 exactly as ``LocalDispatcher`` (same reduce_rows, same order).
@@ -64,6 +67,7 @@ import torch.distributed as dist
 from models.moe import Dispatcher
 from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import Routing
+from models.steps import run
 from parallel.collectives import (
     all_gather_autograd,
     all_to_all,
@@ -214,7 +218,7 @@ class AllToAllDispatcher(Dispatcher):
         self.overlap = True  # asynchronous row exchange (parallel.overlap)
         self.in_flight = 0  # row exchanges launched and not yet waited for (fwd and bwd)
 
-    host_counts_supported = True  # dispatch_overlapped takes ``host_counts`` (ETP)
+    host_counts_supported = True  # dispatch_steps takes ``host_counts`` (ETP)
 
     def _plan(self, routing: Routing):
         """Per source slot: its destination, the unit row carrying it, its index in the unit."""
@@ -240,16 +244,19 @@ class AllToAllDispatcher(Dispatcher):
         return kept, dest, first, is_unit, member, pos.view(T, k), counts
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
-        return x_ND, tpe, ctx
+        return run(self.dispatch_steps(x_TD, routing))
 
-    def dispatch_overlapped(
-        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], Any],
+    def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
+        return run(self.combine_steps(y_ND, ctx))
+
+    def dispatch_steps(
+        self, x_TD: torch.Tensor, routing: Routing,
         host_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        """Steps 1-4 of the module docstring; ``work()`` runs while the rows travel.
-        ``host_counts(tokens_per_expert_E) -> int tensor``: more values the caller needs
-        on the host, fetched in this layer's one sync (``ctx.host``; not with padding).
+        """Steps 1-4 of the module docstring; pauses while the rows travel (with
+        ``overlap``; models/steps.py). ``host_counts(tokens_per_expert_E) -> int tensor``:
+        more values the caller needs on the host, fetched in this layer's one sync
+        (``ctx.host``; not with padding).
 
         One function (over 60 lines) on purpose: the layer's only host sync must come
         after every size-independent device op, and that order is only visible when the
@@ -304,12 +311,11 @@ class AllToAllDispatcher(Dispatcher):
         if self.overlap:
             x_recv, fx = _a2a_start(x_send, recv_splits, send_splits, self.group, self)
             meta_recv, fm = _a2a_start(meta, recv_splits, send_splits, self.group, self)
-            done = work()
+            yield
             meta_recv, x_recv = _a2a_wait(meta_recv, fm), _a2a_wait(x_recv, fx)
         else:
             x_recv = all_to_all_autograd(x_send, recv_splits, send_splits, self.group)
             meta_recv = all_to_all_autograd(meta, recv_splits, send_splits, self.group)
-            done = work()
 
         if pad:
             src_U = torch.arange(n_recv, device=dev) // U
@@ -325,15 +331,22 @@ class AllToAllDispatcher(Dispatcher):
         weights = meta_recv[:, S:] if self.dedup else routing.weights_TK
         ctx = AllToAllContext(src_map, dst_map, send_splits, recv_splits, host, weights,
                               x_TD.dtype, off_send, off_recv)
-        return x_ND, tokens_per_expert, ctx, done
+        return x_ND, tokens_per_expert, ctx
 
-    def combine(self, y_ND: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
+    def combine_steps(self, y_ND: torch.Tensor, ctx: AllToAllContext):
+        """Step 5: partial sums back to their tokens' ranks; pauses while they travel
+        (with ``overlap``). The traffic is counted before the pause."""
         w_dst = ctx.weights if self.dedup else None
         part = reduce_rows(y_ND, w_dst, ctx.dst_map, y_ND.dtype)
-        back = all_to_all_autograd(part, ctx.send_splits, ctx.recv_splits, self.group)
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self.bytes_sent += ctx.off_recv * row_bytes
         self.bytes_received += ctx.off_send * row_bytes
+        if self.overlap:
+            back, f = _a2a_start(part, ctx.send_splits, ctx.recv_splits, self.group, self)
+            yield
+            back = _a2a_wait(back, f)
+        else:
+            back = all_to_all_autograd(part, ctx.send_splits, ctx.recv_splits, self.group)
         w_src = None if self.dedup else ctx.weights
         return reduce_rows(back, w_src, ctx.src_map, ctx.dtype)
 
@@ -353,8 +366,8 @@ class AllGatherDispatcher(Dispatcher):
     rank must hold the same number of tokens. Bytes are the algorithm's logical traffic:
     (P - 1) * T rows sent and received by each of the two collectives. Needs one host sync
     (the number of local assignments; an ETP wrapper's counts ride along) unless
-    ``pad_to_capacity``. ``dispatch_overlapped`` runs its work after the (synchronous)
-    gathers: no overlap here yet."""
+    ``pad_to_capacity``. Its collectives are synchronous: its steps never pause, and
+    ``dispatch_overlapped`` runs its work after the gathers."""
 
     def __init__(self, ep_group, num_experts: int):
         self.group, self.num_experts = ep_group, num_experts
@@ -363,18 +376,10 @@ class AllGatherDispatcher(Dispatcher):
         self.n_local = num_experts // self.ep
         self.meta_bytes_sent = 0
 
-    host_counts_supported = True  # dispatch_overlapped takes ``host_counts`` (ETP)
+    host_counts_supported = True  # dispatch_steps takes ``host_counts`` (ETP)
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
-        return x_ND, tpe, ctx
-
-    def dispatch_overlapped(
-        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], Any],
-        host_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    ):
-        """:meth:`dispatch`, then ``work()``; ``host_counts`` as in
-        :meth:`AllToAllDispatcher.dispatch_overlapped` (``ctx.host``)."""
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, host_counts=None):
+        """``host_counts`` as in :meth:`AllToAllDispatcher.dispatch_steps` (``ctx.host``)."""
         _check(routing, self.num_experts, self.ep)
         P, El = self.ep, self.n_local
         idx = routing.expert_idx_TK
@@ -404,7 +409,7 @@ class AllGatherDispatcher(Dispatcher):
         self.bytes_sent = self.bytes_received = (P - 1) * T * row_bytes
         self.meta_bytes_sent = (P - 1) * meta.numel() * meta.element_size()
         ctx = AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype, host)
-        return x_ND, tokens_per_expert, ctx, work()
+        return x_ND, tokens_per_expert, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:
         part = reduce_rows(y_ND, ctx.weights_UK, ctx.dst_map, y_ND.dtype)

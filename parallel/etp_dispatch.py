@@ -17,14 +17,14 @@ dispatcher (all-to-all, all-gather, or the local one when ep=1), as DESIGN.md §
 Row counts of the other members come from an all-gather of the [E_local] counts; their
 host copy rides in the inner EP dispatcher's one host sync (``host_counts``), so the layer
 still syncs once; around the local dispatcher (ep=1) it is a sync of its own. With padding
-every size is static. ``dispatch_overlapped`` hands the shared experts to the inner
-dispatcher (they run while its all-to-all is in flight). Bytes: rows that left or
+every size is static. ``dispatch_steps`` / ``combine_steps`` pause where the inner
+dispatcher's do (its all-to-all in flight: the shared experts, or the other micro-batch of
+the two-batch overlap, run there; the ETP exchanges themselves are synchronous). Bytes: rows that left or
 reached this rank in the ETP exchanges are added to the inner dispatcher's counters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from models.moe import Dispatcher
 from models.router import Routing
+from models.steps import run
 from parallel.collectives import all_gather, all_to_all_autograd
 
 __all__ = ["ETPContext", "ETPDispatcher"]
@@ -69,11 +70,14 @@ class ETPDispatcher(Dispatcher):
         return self.inner.meta_bytes_sent
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
-        x_ND, tpe, ctx, _ = self.dispatch_overlapped(x_TD, routing, lambda: None)
-        return x_ND, tpe, ctx
+        return run(self.dispatch_steps(x_TD, routing))
 
-    def dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing,
-                            work: Callable[[], Any]):
+    def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
+        return run(self.combine_steps(y_ND, ctx))
+
+    def dispatch_steps(self, x_TD: torch.Tensor, routing: Routing):
+        """The inner dispatch's steps (pausing where its rows travel), then the ETP
+        exchange."""
         gathered: list[torch.Tensor] = []
 
         def host_counts(tpe_E: torch.Tensor) -> torch.Tensor:
@@ -81,11 +85,8 @@ class ETPDispatcher(Dispatcher):
             return gathered[0].sum(1)
 
         merged = hasattr(self.inner, "host_counts_supported") and not routing.pad_to_capacity
-        if merged:
-            x_ND, tpe_E, inner_ctx, done = self.inner.dispatch_overlapped(
-                x_TD, routing, work, host_counts=host_counts)
-        else:
-            x_ND, tpe_E, inner_ctx, done = self.inner.dispatch_overlapped(x_TD, routing, work)
+        kw = {"host_counts": host_counts} if merged else {}
+        x_ND, tpe_E, inner_ctx = yield from self.inner.dispatch_steps(x_TD, routing, **kw)
         Q, El, n_inner = self.etp, tpe_E.numel(), x_ND.shape[0]
         dev = x_ND.device
         if routing.pad_to_capacity:  # static: every member has n_inner rows, evenly split
@@ -114,9 +115,9 @@ class ETPDispatcher(Dispatcher):
         self._sent = (Q - 1) * n_own * row_bytes
         self._received = (N - n_own) * row_bytes
         ctx = ETPContext(inner_ctx, inv_perm, n_rows, n_inner, x_ND.dtype)
-        return x_all[perm], counts_QE.sum(0), ctx, done
+        return x_all[perm], counts_QE.sum(0), ctx
 
-    def combine(self, y_ND: torch.Tensor, ctx: ETPContext) -> torch.Tensor:
+    def combine_steps(self, y_ND: torch.Tensor, ctx: ETPContext):
         Q, n_own = self.etp, ctx.n_rows[self.rank]
         parts = all_to_all_autograd(y_ND[ctx.inv_perm], [n_own] * Q, ctx.n_rows, self.group)
         y_own = parts.view(Q, n_own, y_ND.shape[1]).float().sum(0).to(ctx.dtype)
@@ -125,4 +126,4 @@ class ETPDispatcher(Dispatcher):
         row_bytes = y_ND.shape[1] * y_ND.element_size()
         self._sent += (sum(ctx.n_rows) - n_own) * row_bytes
         self._received += (Q - 1) * n_own * row_bytes
-        return self.inner.combine(y_own, ctx.inner)
+        return (yield from self.inner.combine_steps(y_own, ctx.inner))

@@ -166,11 +166,14 @@ class PlacedDispatcher(Dispatcher):
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         return self.inner.dispatch(x_TD, self.map_routing(routing))
 
-    def dispatch_overlapped(self, x_TD: torch.Tensor, routing: Routing, work):
-        return self.inner.dispatch_overlapped(x_TD, self.map_routing(routing), work)
+    def dispatch_steps(self, x_TD: torch.Tensor, routing: Routing, **kw):
+        return self.inner.dispatch_steps(x_TD, self.map_routing(routing), **kw)
 
     def combine(self, y_ND: torch.Tensor, ctx: Any) -> torch.Tensor:
         return self.inner.combine(y_ND, ctx)
+
+    def combine_steps(self, y_ND: torch.Tensor, ctx: Any):
+        return self.inner.combine_steps(y_ND, ctx)
 
 
 # --------------------------------------------------------------------------------------

@@ -65,16 +65,16 @@ class MoEStats:
         set_aux_loss_scale(model, 1.0 / (num_micro * dims.dp_size))
         self._bytes_sent = 0  # host int: no device sync
 
-    def count_dispatch(self, micro_batches: int = 1) -> None:
-        """Add the bytes the dispatchers sent in the last micro-batch (``micro_batches``
-        times: under PP they keep only the last micro-batch's count, an estimate)."""
-        self._bytes_sent += micro_batches * sum(
-            layer.dispatcher.bytes_sent for layer in self.layers)
+    def count_dispatch(self) -> None:
+        """Add the bytes the dispatchers sent since the last call (every layer counts
+        each micro-batch it ran, also when micro-batches interleave)."""
+        self._bytes_sent += sum(layer.take_dispatch_bytes() for layer in self.layers)
 
     def reset(self) -> None:
         """Forget the statistics since the last pop (validation routing, a discarded pass)."""
         for layer in self.layers:
             layer.pop_stats()
+            layer.take_dispatch_bytes()
         self._bytes_sent = 0
 
     def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:

@@ -349,8 +349,8 @@ class PipelineRunner:
             # Switching back from eval() makes torch re-run its shape inference (a real
             # forward/backward) inside the next step(): prime again before it.
             self._primed = False
-        else:  # the dispatchers keep the last micro-batch's bytes: an estimate under PP
-            self.moe.count_dispatch(len(mbs))
+        else:
+            self.moe.count_dispatch()
         if not self._sums:
             return torch.zeros_like(self._norm)
         return torch.stack(self._sums).sum(0)
