@@ -61,20 +61,20 @@ def start(steps: Steps[R]) -> tuple[bool, Any]:
     return True, None
 
 
-def call_steps(module: nn.Module, *args: Any) -> Steps[Any]:
-    """``module(*args)`` as steps: its forward pre-hooks, ``forward_steps``, its forward
-    hooks. A module without ``forward_steps`` is one plain call. Hooks this cannot replay
-    (keyword-argument hooks, as FSDP's; backward hooks; global module hooks) are refused
-    by name rather than skipped."""
+def call_steps(module: nn.Module, *args: Any, **kwargs: Any) -> Steps[Any]:
+    """``module(*args, **kwargs)`` as steps: its forward pre-hooks, ``forward_steps``,
+    its forward hooks. A module without ``forward_steps`` is one plain call. Hooks this
+    cannot replay (keyword-argument hooks, as FSDP's; backward hooks; global module
+    hooks) are refused by name rather than skipped."""
     steps_fn = getattr(module, "forward_steps", None)
     if steps_fn is None:
-        return module(*args)
+        return module(*args, **kwargs)
     _check_hooks(module)
     for hook in module._forward_pre_hooks.values():
         out = hook(module, args)
         if out is not None:
             args = out if isinstance(out, tuple) else (out,)
-    result = yield from steps_fn(*args)
+    result = yield from steps_fn(*args, **kwargs)
     for hook in module._forward_hooks.values():
         out = hook(module, args, result)
         if out is not None:

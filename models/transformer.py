@@ -25,6 +25,7 @@ from models.layers import (
 )
 from models.mla import MultiHeadLatentAttention, mla_rope_dim
 from models.moe import MoELayer
+from models.steps import Steps, call_steps, run
 
 # Prefixes added by wrappers (activation checkpointing, torch.compile, FSDP1); stripped so
 # a wrapped module initialises exactly like the plain one.
@@ -60,6 +61,19 @@ class TransformerBlock(nn.Module):
         h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
                                    block_ids_BT)
         return h + self.ffn(self.ffn_norm(h))
+
+    def forward_steps(
+        self,
+        x_BTD: torch.Tensor,
+        position_ids_BT: Optional[torch.Tensor] = None,
+        doc_ids_BT: Optional[torch.Tensor] = None,
+        block_ids_BT: Optional[torch.Tensor] = None,
+    ) -> Steps[torch.Tensor]:
+        """:meth:`forward` as steps (models/steps.py): pauses inside an MoE layer while
+        its rows are in flight."""
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
+                                   block_ids_BT)
+        return h + (yield from call_steps(self.ffn, self.ffn_norm(h)))
 
 
 class Transformer(nn.Module):
@@ -105,9 +119,28 @@ class Transformer(nn.Module):
         ``tok_embeddings`` takes hidden states [B, T, D] instead; one without ``norm`` /
         ``output`` returns hidden states. ``doc_ids_BT`` / ``block_ids_BT``: attention
         masks for packed documents and bidirectional blocks (models/layers.py)."""
+        return run(self._stack(tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, False))
+
+    def forward_steps(
+        self,
+        tokens_BT: torch.Tensor,
+        position_ids_BT: Optional[torch.Tensor] = None,
+        doc_ids_BT: Optional[torch.Tensor] = None,
+        block_ids_BT: Optional[torch.Tensor] = None,
+    ) -> Steps[torch.Tensor]:
+        """:meth:`forward` as steps (models/steps.py): each block's stepped forward, so
+        two micro-batches can interleave (``parallel.two_batch_overlap``). The blocks'
+        own module calls are bypassed (their plain forward hooks are replayed)."""
+        return self._stack(tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, True)
+
+    def _stack(self, tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, stepped: bool
+               ) -> Steps[torch.Tensor]:
         h = self.tok_embeddings(tokens_BT) if self.tok_embeddings is not None else tokens_BT
         for layer in self.layers.values():
-            h = layer(h, position_ids_BT, doc_ids_BT, block_ids_BT)
+            if stepped:
+                h = yield from call_steps(layer, h, position_ids_BT, doc_ids_BT, block_ids_BT)
+            else:
+                h = layer(h, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is not None:
             h = self.norm(h)
         return self._logits(h)

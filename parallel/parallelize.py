@@ -43,7 +43,7 @@ from parallel.pipeline import (
     stage_chunks,
     stage_module,
 )
-from parallel.runner import MicroBatchLoop, StepRunner
+from parallel.runner import MicroBatchLoop, StepRunner, TwoBatchLoop, check_two_batch_engine
 from parallel.sharded_init import materialize_and_init
 from parallel.tensor_parallel import (
     apply_tensor_parallel,
@@ -74,6 +74,7 @@ class ParallelModel:
     pp_split: Optional[PipelineSplit] = None
     pp_report: str = ""
     dp_note: str = ""  # parallel.dp_engine=auto: what it chose and why (one line)
+    two_batch_overlap: bool = False  # parallel.two_batch_overlap (parallel/runner.py)
 
     def loss_sum(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
                  ) -> torch.Tensor:
@@ -94,8 +95,9 @@ class ParallelModel:
                     ) -> StepRunner:
         """The runner of one step's micro-batches for this layout (parallel/runner.py)."""
         if self.pp_split is None:
-            return MicroBatchLoop(self.model, objective, self.arch, autocast, self.moe,
-                                  before_micro_batch=self.dp.before_micro_batch)
+            loop = TwoBatchLoop if self.two_batch_overlap else MicroBatchLoop
+            return loop(self.model, objective, self.arch, autocast, self.moe,
+                        before_micro_batch=self.dp.before_micro_batch)
         return PipelineRunner(self.model, self.chunks, self.pp_split,
                               schedule=self.pp_schedule, n_microbatches=self.num_micro,
                               objective=objective, arch=self.arch, autocast=autocast,
@@ -143,6 +145,8 @@ def parallelize(
         engine, dp_note = choose_dp_engine(model, dims, device,
                                            float(getattr(pcfg, "gpu_memory_gib", 0) or 0),
                                            collective=materialize)
+    two_batch = bool(getattr(pcfg, "two_batch_overlap", False))
+    check_two_batch_engine(two_batch, engine, dims.dp * dims.cp)  # auto may pick fsdp
     dp = DataParallel(model, dims, engine, roots=chunks, param_dtype=amp_dtype,
                       grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,
                       bucket_mb=pcfg.ddp_bucket_mb,
@@ -160,7 +164,7 @@ def parallelize(
     return ParallelModel(model=model, chunks=chunks, dp=dp, dims=dims, moe=moe,
                          arch=model_cfg.arch, num_micro=num_micro,
                          pp_schedule=pcfg.pp_schedule, device=device, pp_split=split,
-                         pp_report=report, dp_note=dp_note)
+                         pp_report=report, dp_note=dp_note, two_batch_overlap=two_batch)
 
 
 def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:

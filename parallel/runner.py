@@ -19,6 +19,15 @@ reduces only in the step's last backward: FSDP reduce-scatters there
 order): the pipeline stage defers FSDP's reduction itself, and ``ddp`` reduces after the
 schedule, as without overlap.
 
+Two-batch overlap (``parallel.two_batch_overlap``): :class:`TwoBatchLoop` takes the
+micro-batches in pairs and runs each pair's forwards in lockstep on one thread
+(models/steps.py): while one micro-batch's expert all-to-all is in flight the other's
+attention, router and experts run. Its backward is one ``backward`` of the pair's summed
+objective: autograd runs the nodes in reverse creation order, so the two backwards
+interleave the same way and each reverse exchange travels during the other micro-batch's
+backward. Two micro-batches' activations are live at once (the dry-run estimate counts
+them); halve ``trainer.micro_batch_size`` to keep the memory of the plain loop.
+
 The ``objective`` they take is duck-typed: ``sums(model_output, micro_batch) -> [G + 1]``
 and ``value(sums, normaliser) -> scalar`` (the trainer's ``Objective``).
 """
@@ -33,9 +42,10 @@ import torch
 from torch import nn
 
 from models.inputs import model_kwargs
+from models.steps import call_steps, interleave
 from parallel.moe_stats import MoEStats
 
-__all__ = ["MicroBatchLoop", "StepRunner"]
+__all__ = ["MicroBatchLoop", "StepRunner", "TwoBatchLoop", "check_two_batch_overlap"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,3 +81,65 @@ class MicroBatchLoop:
                 self.moe.count_dispatch()
             sums += mb_sums.detach()
         return sums
+
+
+class TwoBatchLoop(MicroBatchLoop):
+    """Micro-batches in pairs (an odd last one alone): each pair's forwards interleaved
+    at the MoE layers' exchanges, one backward for the pair (module docstring)."""
+
+    def run(self, micro_batches: list[Batch], normaliser: torch.Tensor, train: bool
+            ) -> torch.Tensor:
+        sums = torch.zeros_like(normaliser)
+        n = len(micro_batches)
+        for first in range(0, n, 2):
+            pair = micro_batches[first:first + 2]
+            last = first + len(pair) - 1
+            if train and self.before_micro_batch is not None:
+                self.before_micro_batch(last, last == n - 1)
+            with self.autocast():
+                outs = interleave([
+                    call_steps(self.model, mb["tokens"], **model_kwargs(mb, self.arch))
+                    for mb in pair])
+            pair_sums = [self.objective.sums(out, mb) for out, mb in zip(outs, pair)]
+            if train:
+                values = [self.objective.value(s, normaliser) for s in pair_sums]
+                (values[0] + values[1] if len(values) == 2 else values[0]).backward()
+                self.moe.count_dispatch()
+            for mb_sums in pair_sums:
+                sums += mb_sums.detach()
+        return sums
+
+
+def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
+    """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
+    an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
+    micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm, no
+    activation checkpointing or compile around them) and no FSDP hooks on the blocks
+    (``dp_engine=fsdp`` with a sharded dense group: see :func:`check_two_batch_engine`)."""
+    if not getattr(pcfg, "two_batch_overlap", False):
+        return
+    why = []
+    if pcfg.ep <= 1 or pcfg.dispatcher != "alltoall" or not pcfg.overlap:
+        why.append("an expert all-to-all in flight (parallel.ep > 1, "
+                   "parallel.dispatcher=alltoall, parallel.overlap=true)")
+    if num_micro < 2:
+        why.append(f"at least 2 micro-batches per step (this layout has {num_micro}: "
+                   "raise trainer.global_batch_size or lower trainer.micro_batch_size)")
+    if pcfg.pp > 1:
+        why.append("no pipeline parallelism (the schedule owns the micro-batch order)")
+    if arch != "llm":
+        why.append(f"model.arch=llm (not {arch})")
+    if pcfg.activation_checkpointing or pcfg.compile:
+        why.append("parallel.activation_checkpointing=false and parallel.compile=false "
+                   "(both wrap the block call the schedule splits)")
+    if why:
+        raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))
+
+
+def check_two_batch_engine(on: bool, engine: str, dense_size: int) -> None:
+    """FSDP's hooks run around a whole block call (unshard before, reshard and reduce
+    after), which two interleaved forwards of one block would break."""
+    if on and engine == "fsdp" and dense_size > 1:
+        raise ValueError("parallel.two_batch_overlap=true does not work with FSDP over the "
+                         "dense group (its per-block hooks wrap the whole block call the "
+                         "schedule splits); use parallel.dp_engine=ddp")

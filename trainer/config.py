@@ -75,6 +75,10 @@ class ParallelConfig:
     # shared experts run while the EP all-to-all is in flight (docs/parallelism.md)
     overlap: bool = True
     ddp_bucket_mb: float = 25.0  # MiB of gradients per ddp all-reduce bucket (> 0)
+    # run micro-batches in pairs, interleaved at the expert all-to-all: one's attention and
+    # experts compute while the other's tokens travel (parallel/runner.py; two micro-batches'
+    # activations live at once)
+    two_batch_overlap: bool = False
     activation_checkpointing: bool = False
     # torch.compile each block (regional, after TP/EP/CP; parallel/parallelize.py)
     compile: bool = False
@@ -709,6 +713,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     from parallel.expert_parallel import check_expert_parallel
     from parallel.expert_placement import check_placement_spec
     from parallel.pipeline import SCHEDULES, check_pipeline
+    from parallel.runner import check_two_batch_engine, check_two_batch_overlap
     from parallel.tensor_parallel import check_tensor_parallel
 
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
@@ -766,6 +771,9 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             m.tie_embeddings)
         check_tensor_parallel(m, p.tp, seq_len=t.seq_len,
                               sequence_parallel=p.sequence_parallel, world_size=world_size)
+        check_two_batch_overlap(p, m.arch, t.global_batch_size // (
+            t.micro_batch_size * dims.dp))
+        check_two_batch_engine(p.two_batch_overlap, p.dp_engine, dims.dp * dims.cp)
     except ConfigError:
         raise
     except ValueError as e:  # the documented one-line errors of the check_* functions
