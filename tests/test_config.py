@@ -181,6 +181,22 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
          "parallel.expert_placement=/no/such/placement.json is neither contiguous"),
         (["parallel.ep=2", "parallel.expert_placement=auto", "checkpoint.async_save=true"], 2,
          "does not work with checkpoint.async_save=true"),
+        # two-batch overlap: what it needs, all reasons in one line
+        (["parallel.two_batch_overlap=true", "parallel.dp_engine=ddp"], 2,
+         "parallel.two_batch_overlap=true needs an expert all-to-all in flight (parallel.ep > 1"),
+        (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.dp_engine=ddp",
+          "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
+          "parallel.activation_checkpointing=true"], 2,
+         "needs at least 2 micro-batches per step (this layout has 1: raise "
+         "trainer.global_batch_size or lower trainer.micro_batch_size); "
+         "parallel.activation_checkpointing=false and parallel.compile=false"),
+        (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.pp=2",
+          "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
+          "trainer.micro_batch_size=1"], 4,
+         "no pipeline parallelism"),
+        (["parallel.two_batch_overlap=true", "parallel.ep=2", "trainer.global_batch_size=8",
+          "trainer.micro_batch_size=1"], 2,
+         "does not work with FSDP over the dense group"),
     ],
 )
 def test_impossible_layouts_fail_before_launch(overrides, world, message):
@@ -188,6 +204,15 @@ def test_impossible_layouts_fail_before_launch(overrides, world, message):
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=world)
     assert message in str(err.value)
+
+
+def test_two_batch_overlap_layouts_are_valid():
+    # ddp over the dense group; FSDP when only the experts are sharded (dense dp 1)
+    for overrides, world in ((["parallel.dp_engine=ddp"], 2), (["parallel.tp=2"], 2)):
+        validate(compose_config(["parallel.two_batch_overlap=true", "parallel.ep=2",
+                                 "trainer.global_batch_size=8", "trainer.micro_batch_size=1",
+                                 *overrides]),
+                 world_size=world)
 
 
 def test_folded_layout_is_valid():

@@ -6,7 +6,10 @@
   and backward, and the layer's output and gradients are bit-equal to ``overlap=False``
   and match the unsharded layer;
 - the EP dispatch path syncs device -> host at most once per layer (ETP included);
-- under autocast the rows travel in the compute dtype and combine returns fp32.
+- under autocast the rows travel in the compute dtype and combine returns fp32;
+- two micro-batches' forwards interleaved at the exchanges (two-batch overlap) keep one
+  micro-batch's rows in flight while the other's experts run, forward and backward, and
+  give the one-at-a-time loop's outputs and gradients.
 
 The training-level parity of the overlapped ``ddp`` engine (grad accumulation, EP and
 shared experts) is in tests/test_parity_distributed.py (every ddp layout there runs with
@@ -27,6 +30,7 @@ from models.build import build_model
 from models.config import ModelConfig, MoEConfig
 from models.moe import MoELayer
 from models.router import Routing
+from models.steps import call_steps, interleave
 from parallel.data_parallel import DataParallel
 from parallel.dims import ParallelDims
 from parallel.dispatch import AllToAllDispatcher, set_dispatch_overlap
@@ -233,6 +237,49 @@ def _check_fsdp_prefetch(dims: ParallelDims, rank: int) -> None:
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+# ------------------------------------------------------------- two-batch overlap
+def _check_two_batch(dims: ParallelDims, rank: int) -> None:
+    """Two micro-batches' stepped forwards interleaved (parallel.two_batch_overlap) and one
+    backward of their summed loss: each one's exchanges are in flight while the other
+    computes, forward and backward, and outputs and gradients equal the plain
+    one-at-a-time loop."""
+    gen = torch.Generator().manual_seed(50 + rank)
+    mbs = [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(2)]
+    results = {}
+    for two_batch in (False, True):
+        model = _tiny(dims)
+        disps = [_inner(layer) for layer in model.moe_layers()]
+        fwd, bwd = [], []
+
+        def in_flight() -> int:
+            return sum(d.in_flight for d in disps)
+
+        for layer in model.moe_layers():
+            layer.experts.register_forward_pre_hook(lambda m, a: fwd.append(in_flight()))
+            layer.experts.register_full_backward_pre_hook(
+                lambda m, g: bwd.append(in_flight()))
+        if two_batch:
+            outs = interleave([call_steps(model, t) for t in mbs])
+            sum(o.float().square().mean() for o in outs).backward()
+        else:
+            outs = []
+            for t in mbs:
+                outs.append(model(t))
+                outs[-1].float().square().mean().backward()
+        results[two_batch] = (outs, {n: p.grad for n, p in model.named_parameters()})
+        assert in_flight() == 0
+        tag = f"two_batch={two_batch} ep{dims.ep} etp{dims.etp}"
+        if two_batch:  # the other micro-batch's rows (dispatch or combine) travel while
+            # these experts run
+            assert min(fwd) >= 1 and min(bwd) >= 1, (tag, fwd, bwd)
+        else:
+            assert max(fwd) == max(bwd) == 0, (tag, fwd, bwd)
+    for a, b in zip(results[True][0], results[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _worker(rank: int, world: int) -> int:
     for ep, etp in LAYOUTS:
         dims = _dims(ep, etp)
@@ -243,6 +290,7 @@ def _worker(rank: int, world: int) -> int:
         if ep == 2 and etp == 1:  # dense over dp_cp (4 ranks), experts over edp (2)
             _check_ddp(dims, rank)
             _check_fsdp_prefetch(dims, rank)
+        _check_two_batch(dims, rank)
     dist.barrier()
     return rank
 
