@@ -251,13 +251,14 @@ def _check_two_batch(dims: ParallelDims, rank: int) -> None:
         disps = [_inner(layer) for layer in model.moe_layers()]
         fwd, bwd = [], []
 
-        def in_flight() -> int:
+        def in_flight(disps=disps) -> int:
             return sum(d.in_flight for d in disps)
 
         for layer in model.moe_layers():
-            layer.experts.register_forward_pre_hook(lambda m, a: fwd.append(in_flight()))
+            layer.experts.register_forward_pre_hook(
+                lambda m, a, log=fwd: log.append(in_flight()))
             layer.experts.register_full_backward_pre_hook(
-                lambda m, g: bwd.append(in_flight()))
+                lambda m, g, log=bwd: log.append(in_flight()))
         if two_batch:
             outs = interleave([call_steps(model, t) for t in mbs])
             sum(o.float().square().mean() for o in outs).backward()
