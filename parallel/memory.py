@@ -301,7 +301,9 @@ def _buffers(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any,
            if isinstance(getattr(_unwrap(b), "ffn", None), MoELayer)]
     if moe and dims.ep * dims.etp > 1:
         rows = s.t // s.tp * moe[0].moe.top_k * dims.etp
-        out["ep_dispatch"] = 2 * rows * h * a  # send + receive of one layer
+        # send + receive of one layer; the two-batch overlap holds a second micro-batch's
+        pair = 2 if getattr(pcfg, "two_batch_overlap", False) else 1
+        out["ep_dispatch"] = pair * 2 * rows * h * a
     if dims.tp > 1:
         out["tp_gather"] = s.t * h * a
     if getattr(model, "output", None) is not None or getattr(model, "norm", None) is not None:
@@ -325,6 +327,8 @@ def estimate_memory(model_cfg: Any, pcfg: Any, tcfg: Any, pm: Any) -> MemoryRepo
     per_mb = sum(by_layer.values())
     if pm.pp_split is not None:
         flight = in_flight(pcfg.pp_schedule, dims.pp, dims.pp_rank, pm.num_micro, pcfg.vpp)
+    elif getattr(pcfg, "two_batch_overlap", False) and pm.num_micro > 1:
+        flight = 2.0  # a pair's forwards run before its one backward (parallel/runner.py)
     else:
         flight = 1.0
     acts = int(per_mb * flight) + recompute

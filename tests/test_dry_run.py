@@ -124,3 +124,16 @@ def test_fsdp_buffers_follow_prefetch_and_grad_sync():
     assert buffers("parallel.fsdp_prefetch=0") == one  # FSDP2's implicit one-ahead
     n_blocks = 4  # moe_tiny
     assert last["fsdp_unsharded_grads"] == n_blocks * every["fsdp_unsharded_grads"]
+
+
+def test_two_batch_overlap_counts_two_micro_batches():
+    """parallel.two_batch_overlap holds a pair's activations (and dispatch buffers) at once:
+    the estimate counts two micro-batches in flight."""
+    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=2",
+            "parallel.ep=2", "parallel.dp_engine=ddp", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=8", "trainer.precision=fp32"]
+    one = dry_run_report(compose_config(base))
+    two = dry_run_report(compose_config([*base, "parallel.two_batch_overlap=true"]))
+    assert (one.microbatches_in_flight, two.microbatches_in_flight) == (1.0, 2.0)
+    assert two.activations_bytes == 2 * one.activations_bytes
+    assert two.buffers["ep_dispatch"] == 2 * one.buffers["ep_dispatch"]
