@@ -6,7 +6,9 @@ over all ranks (EP = world, shared experts) and the ``ddp`` engine over the dens
 (``parallel.overlap=true``: ddp buckets all-reduced during the last backward, shared
 experts computed while the EP all-to-all is in flight) and off (the same model and data:
 reductions after backward, shared experts after the exchange), so machine contention hits
-both alike; the median step time of each and their ratio are printed.
+both alike; the median step time of each and their ratio are printed. ``--parts
+two_batch`` compares the two-batch overlap (parallel.two_batch_overlap: micro-batch pairs
+interleaved at the all-to-all) against the plain loop, both with every other overlap on.
 
 Then ``--profile-steps`` steps of each are recorded with torch.profiler (chrome traces of
 the last ones written to ``--trace-dir``). gloo runs every collective on its own thread, so the trace shows it
@@ -86,12 +88,17 @@ def _worker(rank: int, world: int, args) -> dict:
 
     from models.build import build_model
     from models.config import ModelConfig, MoEConfig
+    from models.steps import call_steps, interleave
     from parallel.data_parallel import DataParallel
     from parallel.dims import ParallelDims
     from parallel.dispatch import set_dispatch_overlap
     from parallel.expert_parallel import apply_expert_parallel
 
     torch.set_num_threads(1)
+    if args.allocator == "tuned":  # as the trainer runs on CPU (trainer/perf.py)
+        from trainer.perf import reuse_freed_cpu_memory
+
+        reuse_freed_cpu_memory()
     dims = ParallelDims.from_config(SimpleNamespace(tp=1, cp=1, pp=1, ep=world, etp=1), world)
     dims.build_meshes("cpu")
     D = args.hidden
@@ -108,16 +115,27 @@ def _worker(rank: int, world: int, args) -> dict:
     batches = [torch.randint(0, 1024, (args.batch, args.seq + 1), generator=gen)
                for _ in range(args.micro)]
 
+    def loss(logits, b):
+        return F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten())
+
+    two_batch = args.parts == "two_batch"  # on = off + pairs interleaved
+
     def step(on: bool) -> float:
-        set_dispatch_overlap(model, on and args.parts in ("both", "shared"))
-        dp = dp_on if on and args.parts in ("both", "ddp") else dp_off
+        set_dispatch_overlap(model, two_batch or (on and args.parts in ("both", "shared")))
+        dp = dp_on if two_batch or (on and args.parts in ("both", "ddp")) else dp_off
         dist.barrier()
         t = time.perf_counter()
         with torch.profiler.record_function("step"):
-            for i, b in enumerate(batches):
-                dp.prepare_backward(last=i == len(batches) - 1)
-                logits = model(b[:, :-1])
-                F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()).backward()
+            if on and two_batch:  # what parallel/runner.py TwoBatchLoop does
+                for i in range(0, len(batches), 2):
+                    pair = batches[i:i + 2]
+                    dp.prepare_backward(last=i + len(pair) == len(batches))
+                    outs = interleave([call_steps(model, b[:, :-1]) for b in pair])
+                    sum(loss(o, b) for o, b in zip(outs, pair)).backward()
+            else:
+                for i, b in enumerate(batches):
+                    dp.prepare_backward(last=i == len(batches) - 1)
+                    loss(model(b[:, :-1]), b).backward()
             dp.reduce_gradients()
         dt = time.perf_counter() - t
         model.zero_grad(set_to_none=True)
@@ -155,9 +173,14 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
-    ap.add_argument("--parts", choices=("both", "ddp", "shared"), default="both",
+    ap.add_argument("--parts", choices=("both", "ddp", "shared", "two_batch"),
+                    default="both",
                     help="what 'on' turns on: both overlaps, only the ddp buckets, or only "
-                         "the shared experts during the all-to-all")
+                         "the shared experts during the all-to-all; two_batch: both are on "
+                         "in on and off, and on also interleaves micro-batch pairs "
+                         "(parallel.two_batch_overlap)")
+    ap.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
+                    help="tuned: glibc keeps freed blocks, as the trainer sets it on CPU")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps of each")
     ap.add_argument("--trace-dir", default="/tmp/moefold_overlap")
     args = ap.parse_args()
@@ -170,7 +193,7 @@ def main() -> None:
           f"{args.hidden}, layers={args.layers}, overlap on = {args.parts}, {args.micro} "
           "micro-batches of "
           f"{args.batch}x{args.seq} tokens, bucket {args.bucket_mb} MiB, os.cpu_count()="
-          f"{os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
+          f"{os.cpu_count()}, allocator {args.allocator}, load avg {os.getloadavg()[0]:.1f}")
     print(f"{'rank':>4} {'on ms (median)':>15} {'off ms (median)':>16} {'off/on':>7} "
           f"{'median pair off/on':>19}  (pair: the two adjacent steps)")
     for r, x in enumerate(res):
