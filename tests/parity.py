@@ -12,7 +12,11 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 LOSS_RTOL = 1e-5
-PARAM_ATOL, PARAM_RTOL = 2e-5, 1e-4
+# Adam (eps 1e-6 in the parity runs) moves a parameter whose gradient is itself near zero
+# by ~lr * (rounding difference ~1e-9) / eps = 3e-6 a step: over 5 steps one embedding
+# element of cp2_documents (a near-zero gradient the CP split sums in another order) drifted
+# 2.1e-5 on one CPU model. 3e-5 leaves that noise room; real differences are far larger.
+PARAM_ATOL, PARAM_RTOL = 3e-5, 1e-4
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm")
 
 
