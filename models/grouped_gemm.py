@@ -121,11 +121,18 @@ def pad_segments(
     gradients are exact and deterministic."""
     E, total, C = len(counts), sum(counts), max(counts)
     dev = x_ND.device
-    ends = torch.cumsum(tokens_per_expert_E, 0)
-    shift_E = torch.arange(E, device=dev) * C - (ends - tokens_per_expert_E)
-    rows = torch.arange(total, device=dev)
-    dest = rows + shift_E[torch.searchsorted(ends, rows, right=True)]
-    x_pad = x_ND.new_zeros(E * C, x_ND.shape[1]).index_copy(0, dest, x_ND[:total])
+    # each segment's shift from its packed start to its padded block, from the host counts
+    shift, start = [], 0
+    for e, c in enumerate(counts):
+        shift.append(e * C - start)
+        start += c
+    shift_E = torch.tensor(shift)
+    if dev.type != "cpu":  # a pinned, asynchronous copy: no wait for the device's queue
+        shift_E = shift_E.pin_memory().to(dev, non_blocking=True)
+    dest = torch.arange(total, device=dev) + shift_E.repeat_interleave(
+        tokens_per_expert_E, output_size=total)
+    fed = x_ND if total == x_ND.shape[0] else x_ND[:total]
+    x_pad = x_ND.new_zeros(E * C, x_ND.shape[1]).index_copy(0, dest, fed)
     return x_pad.view(E, C, -1), dest
 
 

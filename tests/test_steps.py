@@ -80,3 +80,46 @@ def test_stepped_forward_equals_forward(moe):
     other = torch.randint(0, cfg.vocab_size, (2, 16))
     a, b = interleave([model.forward_steps(tokens), model.forward_steps(other)])
     assert torch.equal(a, want) and torch.equal(b, model(other))
+
+
+class _SquareObjective:
+    """The runners' duck-typed objective: sums [1] per micro-batch, value = sums / n."""
+
+    def sums(self, out, mb):
+        return out.float().square().sum().view(1)
+
+    def value(self, sums, normaliser):
+        return sums.sum() / normaliser.sum()
+
+
+class _NoStats:
+    def count_dispatch(self):
+        self.calls = getattr(self, "calls", 0) + 1
+
+
+def test_two_batch_loop_equals_micro_batch_loop_odd_count():
+    """Pairs and an odd last micro-batch: the same sums and gradients as the plain loop,
+    the DP seam told which backward is the step's last."""
+    import contextlib
+
+    from parallel.runner import MicroBatchLoop, TwoBatchLoop
+
+    cfg = tiny()
+    gen = torch.Generator().manual_seed(3)
+    mbs = [{"tokens": torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)}
+           for _ in range(3)]
+    norm = torch.tensor([3.0 * 2 * 16 * cfg.vocab_size])
+    out = {}
+    for loop_cls in (MicroBatchLoop, TwoBatchLoop):
+        model, seen, stats = seeded(cfg), [], _NoStats()
+        loop = loop_cls(model, _SquareObjective(), "llm", contextlib.nullcontext, stats,
+                        before_micro_batch=lambda i, last, s=seen: s.append((i, last)))
+        sums = loop.run(mbs, norm, train=True)
+        out[loop_cls] = (sums, {n: p.grad for n, p in model.named_parameters()}, seen,
+                         stats.calls)
+    plain, two = out[MicroBatchLoop], out[TwoBatchLoop]
+    torch.testing.assert_close(two[0], plain[0], rtol=1e-6, atol=0)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(two[1][name], g, rtol=1e-5, atol=1e-8, msg=name)
+    assert plain[2] == [(0, False), (1, False), (2, True)] and plain[3] == 3
+    assert two[2] == [(1, False), (2, True)] and two[3] == 2  # one call per backward
