@@ -135,6 +135,18 @@ def in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+def recompute(on: bool, fn: Callable, *args):
+    """``fn(*args)``, its activations recomputed in backward when ``on`` (and grad is on):
+    non-reentrant ``torch.utils.checkpoint`` around part of a module's forward, for the
+    stepped forwards of the two-batch overlap, where a wrapper around the whole block
+    cannot go (parallel/activation_checkpoint.py)."""
+    if not (on and torch.is_grad_enabled()):
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 def keep_fp32_apply(module: nn.Module, names: tuple[str, ...], fn, recurse: bool) -> nn.Module:
     """``Module._apply`` that moves the buffers ``names`` with the module but never changes
     their dtype (``model.to(torch.bfloat16)`` must not round an fp32 expert bias or RoPE

@@ -31,7 +31,7 @@ from models.grouped_gemm import (
     unpad_segments,
     use_fused,
 )
-from models.layers import FeedForward, Initializer, in_backward, keep_fp32_apply
+from models.layers import FeedForward, Initializer, in_backward, keep_fp32_apply, recompute
 from models.permute import SlotMap, count_ids, gather_rows, group_rows, reduce_rows
 from models.router import SINGLE, Router, RouterOutput, Routing, TokenGroup
 from models.steps import Steps, run, start
@@ -291,6 +291,9 @@ class MoELayer(nn.Module):
         # The ranks sharing this rank's micro-batch (TP token split, CP): parallel/ sets it.
         self.token_group: TokenGroup = SINGLE
         self.aux_loss_scale = 1.0
+        # forward_steps recomputes the routed and shared experts in backward
+        # (parallel/activation_checkpoint.py, under the two-batch overlap)
+        self.recompute_in_steps = False
         # bytes this layer's dispatcher sent since the last take_dispatch_bytes() (host int)
         self.dispatch_bytes_sent = 0
         # Statistics since the last pop_stats(); never synced to the host in forward.
@@ -338,7 +341,8 @@ class MoELayer(nn.Module):
         d = self.dispatcher
         steps = d.dispatch_steps(x_TD, r.routing)
         paused, out = start(steps)
-        shared = None if self.shared_experts is None else self._shared(x_TD)
+        rc = self.recompute_in_steps
+        shared = None if self.shared_experts is None else recompute(rc, self._shared, x_TD)
         if paused:
             yield
             out = yield from steps
@@ -346,7 +350,8 @@ class MoELayer(nn.Module):
         # The traffic counters are the dispatcher's, which the other micro-batch also
         # uses: read them in the stretch that set them (dispatch's end, combine's start).
         sent = d.bytes_sent
-        y_ND = self.experts(x_ND, tokens_per_expert, getattr(ctx, "rows_fed", False))
+        y_ND = recompute(rc, self.experts, x_ND, tokens_per_expert,
+                         getattr(ctx, "rows_fed", False))
         before = d.bytes_sent
         steps = d.combine_steps(y_ND, ctx)
         paused, y_TD = start(steps)

@@ -22,6 +22,7 @@ from models.layers import (
     RMSNorm,
     RotaryEmbedding,
     output_std,
+    recompute,
 )
 from models.mla import MultiHeadLatentAttention, mla_rope_dim
 from models.moe import MoELayer
@@ -50,6 +51,9 @@ class TransformerBlock(nn.Module):
         self.ffn: nn.Module = (
             MoELayer(cfg) if is_moe else FeedForward(cfg.hidden_size, cfg.ffn_hidden_size)
         )
+        # forward_steps recomputes the attention (and a dense FFN) in backward
+        # (parallel/activation_checkpoint.py, under the two-batch overlap)
+        self.recompute_in_steps = False
 
     def forward(
         self,
@@ -71,9 +75,18 @@ class TransformerBlock(nn.Module):
     ) -> Steps[torch.Tensor]:
         """:meth:`forward` as steps (models/steps.py): pauses inside an MoE layer while
         its rows are in flight."""
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
-                                   block_ids_BT)
-        return h + (yield from call_steps(self.ffn, self.ffn_norm(h)))
+        h = x_BTD + recompute(self.recompute_in_steps, self._attend, x_BTD, position_ids_BT,
+                              doc_ids_BT, block_ids_BT)
+        if isinstance(self.ffn, MoELayer):  # recomputes its experts itself
+            return h + (yield from call_steps(self.ffn, self.ffn_norm(h)))
+        return h + recompute(self.recompute_in_steps, self._mlp, h)
+
+    def _attend(self, x_BTD, position_ids_BT, doc_ids_BT, block_ids_BT) -> torch.Tensor:
+        return self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
+                              block_ids_BT)
+
+    def _mlp(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.ffn_norm(h_BTD))
 
 
 class Transformer(nn.Module):

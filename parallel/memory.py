@@ -238,6 +238,31 @@ def layer_activation_bytes(block: nn.Module, model_cfg: Any, s: _Shape) -> int:
     return total + _ffn_bytes(h, model_cfg.ffn_hidden_size // s.tp, s.t, s.a)
 
 
+def stepped_recompute_bytes(block: nn.Module, model_cfg: Any, s: _Shape) -> tuple[int, int]:
+    """(kept, recomputed) bytes of one block under activation checkpointing in the
+    two-batch overlap's stepped forward: the attention (with its norm) and the experts'
+    SwiGLUs (routed and shared), or a dense block's FFN (with its norm), are recomputed;
+    their inputs, the router, the exchanged rows and the combine's inputs are kept."""
+    block = _unwrap(block)
+    h = model_cfg.hidden_size
+    attention = _norm_bytes(h, s.t_stream) + _attention_bytes(block.attention, h, s)
+    kept = s.t_stream * s.a * h  # the block input, saved by the attention's checkpoint
+    if not isinstance(block.ffn, MoELayer):
+        ffn = _norm_bytes(h, s.t_stream) + _ffn_bytes(h, model_cfg.ffn_hidden_size // s.tp,
+                                                      s.t, s.a)
+        return kept + s.t_stream * s.a * h, max(attention, ffn)
+    layer = block.ffn
+    t = s.t // s.tp
+    rows = t * layer.moe.top_k * s.etp
+    if layer.moe.capacity_factor and getattr(layer.moe, "pad_to_capacity", False):
+        rows = math.ceil(t * layer.moe.top_k * layer.moe.capacity_factor) * s.etp
+    experts = s.a * rows * 4 * layer.experts.w1.shape[2]
+    if layer.shared_experts is not None:
+        experts += s.a * s.t * 4 * _local_rows(layer.shared_experts.w1.weight)
+    moe_kept = _norm_bytes(h, s.t_stream) + _moe_bytes(layer, h, s) - experts
+    return kept + moe_kept, max(attention, experts)
+
+
 def _ends_bytes(model: nn.Module, model_cfg: Any, s: _Shape) -> dict[str, int]:
     h, V = model_cfg.hidden_size, model_cfg.vocab_size
     out = {}
@@ -258,11 +283,18 @@ def _shape(model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any, a: int) -> _Shape:
 def activation_bytes(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any,
                      a: int) -> tuple[dict[str, int], int]:
     """(saved bytes per micro-batch by layer, the recompute peak): all of this rank's
-    blocks and ends; with activation checkpointing a block keeps only its input."""
+    blocks and ends; with activation checkpointing a block keeps only its input (under
+    the two-batch overlap: what :func:`stepped_recompute_bytes` keeps)."""
     s = _shape(model_cfg, pcfg, tcfg, dims, a)
     h = model_cfg.hidden_size
     by_layer, recompute = {}, 0
+    stepped = bool(getattr(pcfg, "two_batch_overlap", False))
     for name, block in model.layers.items():
+        if pcfg.activation_checkpointing and stepped:
+            kept, again = stepped_recompute_bytes(block, model_cfg, s)
+            by_layer[f"layer {name}"] = kept
+            recompute = max(recompute, again)
+            continue
         full = layer_activation_bytes(block, model_cfg, s)
         if pcfg.activation_checkpointing:
             by_layer[f"layer {name}"] = s.t_stream * s.a * h

@@ -135,8 +135,9 @@ def parallelize(
         apply_context_parallel(model, dims, seq_len)
     if getattr(pcfg, "compile", False):  # before AC and DP: their hooks stay eager
         compile_blocks(model, device, getattr(pcfg, "compile_backend", "inductor"))
+    two_batch = bool(getattr(pcfg, "two_batch_overlap", False))
     if pcfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, stepped=two_batch)
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
@@ -145,7 +146,6 @@ def parallelize(
         engine, dp_note = choose_dp_engine(model, dims, device,
                                            float(getattr(pcfg, "gpu_memory_gib", 0) or 0),
                                            collective=materialize)
-    two_batch = bool(getattr(pcfg, "two_batch_overlap", False))
     check_two_batch_engine(two_batch, engine, dims.dp * dims.cp)  # auto may pick fsdp
     dp = DataParallel(model, dims, engine, roots=chunks, param_dtype=amp_dtype,
                       grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,

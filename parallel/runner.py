@@ -113,8 +113,8 @@ class TwoBatchLoop(MicroBatchLoop):
 def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
     """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
     an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
-    micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm, no
-    activation checkpointing or compile around them) and no FSDP hooks on the blocks
+    micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm, not
+    compiled; activation checkpointing recomputes inside them) and no FSDP hooks on the blocks
     (``dp_engine=fsdp`` with a sharded dense group: see :func:`check_two_batch_engine`)."""
     if not getattr(pcfg, "two_batch_overlap", False):
         return
@@ -129,9 +129,9 @@ def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
         why.append("no pipeline parallelism (the schedule owns the micro-batch order)")
     if arch != "llm":
         why.append(f"model.arch=llm (not {arch})")
-    if pcfg.activation_checkpointing or pcfg.compile:
-        why.append("parallel.activation_checkpointing=false and parallel.compile=false "
-                   "(both wrap the block call the schedule splits)")
+    if pcfg.compile:
+        why.append("parallel.compile=false (it compiles the block call the schedule "
+                   "splits)")
     if why:
         raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))
 

@@ -186,10 +186,10 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
          "parallel.two_batch_overlap=true needs an expert all-to-all in flight (parallel.ep > 1"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.dp_engine=ddp",
           "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-          "parallel.activation_checkpointing=true"], 2,
+          "parallel.compile=true", "parallel.compile_backend=eager"], 2,
          "needs at least 2 micro-batches per step (this layout has 1: raise "
          "trainer.global_batch_size or lower trainer.micro_batch_size); "
-         "parallel.activation_checkpointing=false and parallel.compile=false"),
+         "parallel.compile=false"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.pp=2",
           "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
           "trainer.micro_batch_size=1"], 4,
@@ -208,7 +208,9 @@ def test_impossible_layouts_fail_before_launch(overrides, world, message):
 
 def test_two_batch_overlap_layouts_are_valid():
     # ddp over the dense group; FSDP when only the experts are sharded (dense dp 1)
-    for overrides, world in ((["parallel.dp_engine=ddp"], 2), (["parallel.tp=2"], 2)):
+    for overrides, world in ((["parallel.dp_engine=ddp",
+                               "parallel.activation_checkpointing=true"], 2),
+                              (["parallel.tp=2"], 2)):
         validate(compose_config(["parallel.two_batch_overlap=true", "parallel.ep=2",
                                  "trainer.global_batch_size=8", "trainer.micro_batch_size=1",
                                  *overrides]),

@@ -137,3 +137,17 @@ def test_two_batch_overlap_counts_two_micro_batches():
     assert (one.microbatches_in_flight, two.microbatches_in_flight) == (1.0, 2.0)
     assert two.activations_bytes == 2 * one.activations_bytes
     assert two.buffers["ep_dispatch"] == 2 * one.buffers["ep_dispatch"]
+
+
+def test_two_batch_overlap_activation_checkpointing_estimate():
+    """Two-batch overlap + activation checkpointing: each block keeps more than its input
+    (router, exchanged rows, combine inputs) but far less than without recompute."""
+    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=2",
+            "parallel.ep=2", "parallel.dp_engine=ddp", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=8", "trainer.precision=fp32",
+            "parallel.two_batch_overlap=true"]
+    full = dry_run_report(compose_config(base))
+    ac = dry_run_report(compose_config([*base, "parallel.activation_checkpointing=true"]))
+    block = "layer 1"  # an MoE block of moe_tiny
+    assert ac.activations_by_layer[block] < 0.6 * full.activations_by_layer[block]
+    assert ac.recompute_bytes > 0 and ac.microbatches_in_flight == 2.0

@@ -114,12 +114,14 @@ LAYOUTS = [
      ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2",
       "parallel.pp_schedule=interleaved_1f1b"]),
     # Two-batch overlap (parallel/runner.py): micro-batch pairs interleaved at the expert
-    # all-to-all, one backward per pair; also under TP2+SP (hooks replayed) with drops
+    # all-to-all, one backward per pair; also under TP2+SP (hooks replayed) with drops and
+    # activation checkpointing (attention and experts recomputed inside the steps)
     ("ep2_two_batch", 2, "dropless",
      ["parallel.ep=2", "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true"]),
-    ("tp2xdp2_sp_ep4_two_batch_capacity", 4, "capacity",
+    ("tp2xdp2_sp_ep4_two_batch_capacity_ac", 4, "capacity",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
-      "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true"]),
+      "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true",
+      "parallel.activation_checkpointing=true"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
