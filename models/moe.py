@@ -10,9 +10,8 @@ atomics, no index_add).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +45,6 @@ __all__ = [
     "set_aux_loss_scale",
 ]
 
-W = TypeVar("W")
-
 
 class Dispatcher:
     """Protocol (and base) of a token dispatcher.
@@ -64,11 +61,9 @@ class Dispatcher:
     (one plain call); the all-to-all dispatcher pauses between launching its exchange and
     waiting for it, and ``dispatch`` / ``combine`` are these generators run through.
 
-    ``dispatch_overlapped(x_TD, routing, work) -> (x_ND, tokens_per_expert_E, ctx,
-    work())``: the same dispatch, with ``work`` (the layer's shared experts) run at the
-    dispatch's pause, i.e. while the token rows are in flight (after the dispatch where
-    there is none). The backward overlaps the same way: the reverse exchange is launched
-    before ``work``'s backward and waited for after it.
+    ``MoELayer.forward_steps`` runs its shared experts at the dispatch's pause, i.e. while
+    the token rows are in flight; the backward overlaps the same way (the reverse exchange
+    is launched before the shared experts' backward and waited for after it).
 
     Traffic of the last dispatch + combine (0 for a dispatcher that sends nothing):
     ``bytes_sent`` / ``bytes_received``: activation bytes (token rows) that crossed ranks;
@@ -95,16 +90,6 @@ class Dispatcher:
     def combine_steps(self, y_ND: torch.Tensor, ctx: Any) -> Steps[torch.Tensor]:
         return self.combine(y_ND, ctx)
         yield  # a generator with no pause
-
-    def dispatch_overlapped(
-        self, x_TD: torch.Tensor, routing: Routing, work: Callable[[], W], **kw: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, Any, W]:
-        steps = self.dispatch_steps(x_TD, routing, **kw)
-        paused, out = start(steps)
-        done = work()
-        if paused:
-            out = run(steps)
-        return (*out, done)
 
 
 @dataclass
@@ -318,23 +303,13 @@ class MoELayer(nn.Module):
                 buf.zero_()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, D = x_BTD.shape
-        x_TD = x_BTD.reshape(B * T, D)
-        r = self.router(x_TD, num_seqs=B, group=self.token_group)
-        d = self.dispatcher
-        if self.shared_experts is None:
-            x_ND, tokens_per_expert, ctx = d.dispatch(x_TD, r.routing)
-            shared = None
-        else:  # the shared experts run while the dispatcher's all-to-all is in flight
-            x_ND, tokens_per_expert, ctx, shared = d.dispatch_overlapped(
-                x_TD, r.routing, lambda: self._shared(x_TD))
-        y_ND = self.experts(x_ND, tokens_per_expert, getattr(ctx, "rows_fed", False))
-        y_TD = d.combine(y_ND, ctx)
-        return self._finish(r, x_TD, y_TD, shared, d.bytes_sent).view(B, T, -1)
+        return run(self.forward_steps(x_BTD))
 
     def forward_steps(self, x_BTD: torch.Tensor) -> Steps[torch.Tensor]:
-        """:meth:`forward` as steps (models/steps.py): pauses while the dispatch's rows
-        are in flight (after the shared experts have run) and while the combine's are."""
+        """The forward as steps (models/steps.py): pauses while the dispatch's rows are
+        in flight (after the shared experts have run there) and while the combine's are.
+        Run straight through (``forward``) the pauses cost nothing; the two-batch overlap
+        runs another micro-batch's work at them."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         r = self.router(x_TD, num_seqs=B, group=self.token_group)

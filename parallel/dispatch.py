@@ -22,8 +22,8 @@ All-to-all, one *unit* = one token row sent to one rank:
 3. Token rows and metadata: ``all_to_all_single`` with uneven splits, inside autograd
    Functions whose backward is the reverse all-to-all. With ``overlap`` (default) the
    exchange is asynchronous: ``dispatch_steps`` pauses between launch and wait
-   (models/steps.py), where ``dispatch_overlapped`` runs the caller's work (the shared
-   experts) and the two-batch overlap runs the other micro-batch's work; in backward
+   (models/steps.py), where the MoE layer runs its shared experts and the two-batch
+   overlap the other micro-batch's work; in backward
    the reverse exchange is launched
    where the rows' gradient is ready and waited for only where the sent rows' gradient
    is needed, so the shared experts' backward (and any other independent node autograd
@@ -366,8 +366,8 @@ class AllGatherDispatcher(Dispatcher):
     rank must hold the same number of tokens. Bytes are the algorithm's logical traffic:
     (P - 1) * T rows sent and received by each of the two collectives. Needs one host sync
     (the number of local assignments; an ETP wrapper's counts ride along) unless
-    ``pad_to_capacity``. Its collectives are synchronous: its steps never pause, and
-    ``dispatch_overlapped`` runs its work after the gathers."""
+    ``pad_to_capacity``. Its collectives are synchronous: its steps never pause (the
+    shared experts run after the gathers)."""
 
     def __init__(self, ep_group, num_experts: int):
         self.group, self.num_experts = ep_group, num_experts
