@@ -155,26 +155,37 @@ def _ffn_bytes(h: int, ffn: int, tokens: int, a: int) -> int:
     return tokens * a * (h + 4 * ffn)
 
 
-def _moe_bytes(layer: MoELayer, h: int, s: _Shape) -> int:
-    """Router (fp32 logits/probabilities/statistics, ~3E floats + k ids and weights per
-    token), the routed rows (T*k, times the capacity factor when padded to capacity;
-    ETP all-gathers its members' rows) with the SwiGLU of the expert slice and the
-    combine's input, the shared experts (a sequence-parallel MLP over the rank's tokens,
-    its input gathered over TP)."""
+def _routed_rows(layer: MoELayer, s: _Shape) -> int:
+    """Expert rows of one rank: T*k of its routed tokens, times the capacity factor when
+    padded to capacity; ETP all-gathers its members' rows."""
     m = layer.moe
-    t = s.t // s.tp  # TP (and SP) ranks route their own 1/tp of the tokens
-    rows = t * m.top_k
+    rows = s.t // s.tp * m.top_k  # TP (and SP) ranks route their own 1/tp of the tokens
     if m.capacity_factor and m.capacity_factor > 0 and getattr(m, "pad_to_capacity", False):
         rows = math.ceil(rows * m.capacity_factor)
-    rows *= s.etp
-    fe = layer.experts.w1.shape[2]  # local FFN slice (F / etp)
-    routed = s.a * rows * (2 * h + 4 * fe)
-    router = t * (4 * 3 * m.num_experts + 12 * m.top_k)
-    shared = 0
+    return rows * s.etp
+
+
+def _expert_swiglu_bytes(layer: MoELayer, s: _Shape) -> int:
+    """The SwiGLU intermediates (w1 and w3 outputs, silu, product: 4F per row) of the routed
+    experts' local FFN slice and of the shared experts (a sequence-parallel MLP over the
+    rank's tokens): what a recompute of the experts drops."""
+    out = s.a * _routed_rows(layer, s) * 4 * layer.experts.w1.shape[2]  # F / etp
     if layer.shared_experts is not None:
-        fs = _local_rows(layer.shared_experts.w1.weight)  # F_shared / tp
-        shared = s.a * s.t * 4 * fs + (s.a * s.t * h if s.tp > 1 else 0)
-    return routed + router + shared + s.a * t * h + _ep_received_bytes(layer, h, s, t)
+        out += s.a * s.t * 4 * _local_rows(layer.shared_experts.w1.weight)  # F_shared / tp
+    return out
+
+
+def _moe_bytes(layer: MoELayer, h: int, s: _Shape) -> int:
+    """Router (fp32 logits/probabilities/statistics, ~3E floats + k ids and weights per
+    token), the routed rows (:func:`_routed_rows`) with the expert slice's SwiGLU and the
+    combine's input, the shared experts (their SwiGLU; their input gathered over TP)."""
+    m = layer.moe
+    t = s.t // s.tp
+    routed = s.a * _routed_rows(layer, s) * 2 * h
+    router = t * (4 * 3 * m.num_experts + 12 * m.top_k)
+    shared = s.a * s.t * h if layer.shared_experts is not None and s.tp > 1 else 0
+    return (routed + _expert_swiglu_bytes(layer, s) + router + shared + s.a * t * h
+            + _ep_received_bytes(layer, h, s, t))
 
 
 def _ep_received_bytes(layer: MoELayer, h: int, s: _Shape, t: int) -> int:
@@ -251,15 +262,8 @@ def stepped_recompute_bytes(block: nn.Module, model_cfg: Any, s: _Shape) -> tupl
         ffn = _norm_bytes(h, s.t_stream) + _ffn_bytes(h, model_cfg.ffn_hidden_size // s.tp,
                                                       s.t, s.a)
         return kept + s.t_stream * s.a * h, max(attention, ffn)
-    layer = block.ffn
-    t = s.t // s.tp
-    rows = t * layer.moe.top_k * s.etp
-    if layer.moe.capacity_factor and getattr(layer.moe, "pad_to_capacity", False):
-        rows = math.ceil(t * layer.moe.top_k * layer.moe.capacity_factor) * s.etp
-    experts = s.a * rows * 4 * layer.experts.w1.shape[2]
-    if layer.shared_experts is not None:
-        experts += s.a * s.t * 4 * _local_rows(layer.shared_experts.w1.weight)
-    moe_kept = _norm_bytes(h, s.t_stream) + _moe_bytes(layer, h, s) - experts
+    experts = _expert_swiglu_bytes(block.ffn, s)
+    moe_kept = _norm_bytes(h, s.t_stream) + _moe_bytes(block.ffn, h, s) - experts
     return kept + moe_kept, max(attention, experts)
 
 
