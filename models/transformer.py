@@ -26,7 +26,7 @@ from models.layers import (
 )
 from models.mla import MultiHeadLatentAttention, mla_rope_dim
 from models.moe import MoELayer
-from models.steps import Steps, call_steps, run
+from models.steps import Steps, call_steps, interleave, run
 
 # Prefixes added by wrappers (activation checkpointing, torch.compile, FSDP1); stripped so
 # a wrapped module initialises exactly like the plain one.
@@ -81,6 +81,21 @@ class TransformerBlock(nn.Module):
             return h + (yield from call_steps(self.ffn, self.ffn_norm(h)))
         return h + recompute(self.recompute_in_steps, self._mlp, h)
 
+    def stepped_units(self) -> list[nn.Module]:
+        """The parameter-holding submodules :meth:`forward_steps` calls whole, once per
+        micro-batch, in call order: the attention, then the router and shared experts of
+        an MoE FFN (its routed ``experts`` too; they have their own sharding group) or the
+        dense FFN. A pause never falls inside one of them, so a module hook that wraps a
+        call (FSDP's unshard / reshard) stays valid under the two-batch overlap; the
+        norms and the MoE layer's gate/mix weights are outside them."""
+        units: list[nn.Module] = [self.attention]
+        if isinstance(self.ffn, MoELayer):
+            units += [m for m in (self.ffn.router, self.ffn.shared_experts)
+                      if m is not None and any(True for _ in m.parameters())]
+        else:
+            units.append(self.ffn)
+        return units
+
     def _attend(self, x_BTD, position_ids_BT, doc_ids_BT, block_ids_BT) -> torch.Tensor:
         return self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,
                               block_ids_BT)
@@ -127,11 +142,23 @@ class Transformer(nn.Module):
         position_ids_BT: Optional[torch.Tensor] = None,
         doc_ids_BT: Optional[torch.Tensor] = None,
         block_ids_BT: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        *,
+        paired: Optional[dict[str, Optional[torch.Tensor]]] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, V] in the activation dtype. A stage without
         ``tok_embeddings`` takes hidden states [B, T, D] instead; one without ``norm`` /
         ``output`` returns hidden states. ``doc_ids_BT`` / ``block_ids_BT``: attention
-        masks for packed documents and bidirectional blocks (models/layers.py)."""
+        masks for packed documents and bidirectional blocks (models/layers.py).
+
+        ``paired``: a second micro-batch's arguments (``tokens_BT=...`` and the same
+        keywords). The two stepped forwards then run interleaved (the two-batch overlap,
+        parallel/runner.py) inside this one call, and both outputs come back as a tuple:
+        hooks on the model (FSDP's root unshard / reshard) wrap the pair once."""
+        if paired is not None:
+            a, b = interleave([
+                self.forward_steps(tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT),
+                self.forward_steps(**paired)])
+            return a, b
         return run(self._stack(tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, False))
 
     def forward_steps(

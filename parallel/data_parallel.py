@@ -54,7 +54,8 @@ class DataParallel:
     def __init__(self, model: nn.Module, dims: ParallelDims, engine: str,
                  roots: list[nn.Module] | None = None, *,
                  param_dtype: torch.dtype | None = None, grad_sync: str = "last",
-                 overlap: bool = True, bucket_mb: float = 25.0, fsdp_prefetch: int = 1):
+                 overlap: bool = True, bucket_mb: float = 25.0, fsdp_prefetch: int = 1,
+                 two_batch: bool = False):
         """``roots``: the modules that are run (FSDP roots); default ``[model]``. Under
         pipeline parallelism with several stages per rank they are the stage chunks, which
         share ``model``'s submodules (parallel/pipeline.py). ``param_dtype``: the compute
@@ -63,8 +64,12 @@ class DataParallel:
         ``bucket_mb``: the ``ddp`` engine's reduction during backward and its bucket size
         (MiB of gradient per all-reduce). ``fsdp_prefetch``: blocks whose FSDP all-gather
         is issued ahead of use (forward: the next ones, backward: the previous ones); 0
-        leaves FSDP2's own implicit order."""
+        leaves FSDP2's own implicit order. ``two_batch``: the step runs micro-batch pairs
+        interleaved (``parallel.two_batch_overlap``), which splits a block's call, so FSDP
+        shards each block's whole-call submodules instead of the block
+        (``TransformerBlock.stepped_units``)."""
         self.model, self.dims, self.engine = model, dims, engine
+        self.two_batch = two_batch
         self.fsdp_prefetch = fsdp_prefetch
         self.overlap, self.bucket_mb = overlap, bucket_mb
         self._buckets: _Buckets | None = None
@@ -156,9 +161,17 @@ class DataParallel:
         # wrapped even when the dense group is a single rank.
         if self.dense_size > 1 or dims.pp > 1:
             for block in model.layers.values():
-                managed.append(fully_shard(block, mesh=dims.mesh("dp_cp"),
-                                           reshard_after_forward=reshard, mp_policy=mp))
-                per_block[block].insert(0, managed[-1])
+                # Under the two-batch overlap a block's call is split at the MoE exchanges
+                # and interleaved with the other micro-batch's: FSDP's hooks around the
+                # block would reshard it under the other call. Its whole-call submodules
+                # are sharded instead (each called once per micro-batch, as the block is
+                # in the plain loop: the same gathers per step); the norms and the MoE
+                # layer's gate/mix weights go to the root's unit.
+                units = block.stepped_units() if self.two_batch else [block]
+                for i, unit in enumerate(units):
+                    managed.append(fully_shard(unit, mesh=dims.mesh("dp_cp"),
+                                               reshard_after_forward=reshard, mp_policy=mp))
+                    per_block[block].insert(i, managed[-1])
             for root in self.roots:  # embedding / norm / head, and the root state
                 managed.append(fully_shard(root, mesh=dims.mesh("dp_cp"),
                                            reshard_after_forward=reshard, mp_policy=mp))

@@ -43,7 +43,7 @@ from parallel.pipeline import (
     stage_chunks,
     stage_module,
 )
-from parallel.runner import MicroBatchLoop, StepRunner, TwoBatchLoop, check_two_batch_engine
+from parallel.runner import MicroBatchLoop, StepRunner, TwoBatchLoop
 from parallel.sharded_init import materialize_and_init
 from parallel.tensor_parallel import (
     apply_tensor_parallel,
@@ -146,11 +146,11 @@ def parallelize(
         engine, dp_note = choose_dp_engine(model, dims, device,
                                            float(getattr(pcfg, "gpu_memory_gib", 0) or 0),
                                            collective=materialize)
-    check_two_batch_engine(two_batch, engine, dims.dp * dims.cp)  # auto may pick fsdp
     dp = DataParallel(model, dims, engine, roots=chunks, param_dtype=amp_dtype,
                       grad_sync=pcfg.fsdp_grad_sync, overlap=pcfg.overlap,
                       bucket_mb=pcfg.ddp_bucket_mb,
-                      fsdp_prefetch=int(getattr(pcfg, "fsdp_prefetch", 1)))
+                      fsdp_prefetch=int(getattr(pcfg, "fsdp_prefetch", 1)),
+                      two_batch=two_batch)
     if materialize:
         materialize_and_init(model, chunks, device, seed)
         if model_cfg.init_from or model_cfg.moe.upcycle_from:  # docs/interop.md

@@ -21,8 +21,9 @@ schedule, as without overlap.
 
 Two-batch overlap (``parallel.two_batch_overlap``): :class:`TwoBatchLoop` takes the
 micro-batches in pairs and runs each pair's forwards in lockstep on one thread
-(models/steps.py): while one micro-batch's expert all-to-all is in flight the other's
-attention, router and experts run. Its backward is one ``backward`` of the pair's summed
+(models/steps.py), inside one model call (``Transformer.forward(..., paired=...)``):
+while one micro-batch's expert all-to-all is in flight the other's attention, router
+and experts run. Its backward is one ``backward`` of the pair's summed
 objective: autograd runs the nodes in reverse creation order, so the two backwards
 interleave the same way and each reverse exchange travels during the other micro-batch's
 backward. Two micro-batches' activations are live at once (the dry-run estimate counts
@@ -42,7 +43,6 @@ import torch
 from torch import nn
 
 from models.inputs import model_kwargs
-from models.steps import call_steps, interleave
 from parallel.moe_stats import MoEStats
 
 __all__ = ["MicroBatchLoop", "StepRunner", "TwoBatchLoop", "check_two_batch_overlap"]
@@ -97,9 +97,12 @@ class TwoBatchLoop(MicroBatchLoop):
             if train and self.before_micro_batch is not None:
                 self.before_micro_batch(last, last == n - 1)
             with self.autocast():
-                outs = interleave([
-                    call_steps(self.model, mb["tokens"], **model_kwargs(mb, self.arch))
-                    for mb in pair])
+                kwargs = [model_kwargs(mb, self.arch) for mb in pair]
+                if len(pair) == 2:  # one model call for the pair (hooks on it run once)
+                    outs = self.model(pair[0]["tokens"], **kwargs[0],
+                                      paired={"tokens_BT": pair[1]["tokens"], **kwargs[1]})
+                else:
+                    outs = [self.model(pair[0]["tokens"], **kwargs[0])]
             pair_sums = [self.objective.sums(out, mb) for out, mb in zip(outs, pair)]
             if train:
                 values = [self.objective.value(s, normaliser) for s in pair_sums]
@@ -114,8 +117,8 @@ def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
     """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
     an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
     micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm, not
-    compiled; activation checkpointing recomputes inside them) and no FSDP hooks on the blocks
-    (``dp_engine=fsdp`` with a sharded dense group: see :func:`check_two_batch_engine`)."""
+    compiled; activation checkpointing recomputes inside them). FSDP then shards the
+    blocks' whole-call submodules instead of the blocks (parallel/data_parallel.py)."""
     if not getattr(pcfg, "two_batch_overlap", False):
         return
     why = []
@@ -134,12 +137,3 @@ def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
                    "splits)")
     if why:
         raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))
-
-
-def check_two_batch_engine(on: bool, engine: str, dense_size: int) -> None:
-    """FSDP's hooks run around a whole block call (unshard before, reshard and reduce
-    after), which two interleaved forwards of one block would break."""
-    if on and engine == "fsdp" and dense_size > 1:
-        raise ValueError("parallel.two_batch_overlap=true does not work with FSDP over the "
-                         "dense group (its per-block hooks wrap the whole block call the "
-                         "schedule splits); use parallel.dp_engine=ddp")

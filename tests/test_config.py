@@ -194,9 +194,6 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
           "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
           "trainer.micro_batch_size=1"], 4,
          "no pipeline parallelism"),
-        (["parallel.two_batch_overlap=true", "parallel.ep=2", "trainer.global_batch_size=8",
-          "trainer.micro_batch_size=1"], 2,
-         "does not work with FSDP over the dense group"),
     ],
 )
 def test_impossible_layouts_fail_before_launch(overrides, world, message):
@@ -207,9 +204,11 @@ def test_impossible_layouts_fail_before_launch(overrides, world, message):
 
 
 def test_two_batch_overlap_layouts_are_valid():
-    # ddp over the dense group; FSDP when only the experts are sharded (dense dp 1)
+    # ddp over the dense group; FSDP over it (the blocks' whole-call submodules) and when
+    # only the experts are sharded (dense dp 1); auto
     for overrides, world in ((["parallel.dp_engine=ddp",
                                "parallel.activation_checkpointing=true"], 2),
+                              ([], 2), (["parallel.dp_engine=auto"], 4),
                               (["parallel.tp=2"], 2)):
         validate(compose_config(["parallel.two_batch_overlap=true", "parallel.ep=2",
                                  "trainer.global_batch_size=8", "trainer.micro_batch_size=1",

@@ -114,10 +114,14 @@ LAYOUTS = [
      ["parallel.cp=2", "parallel.pp=2", "parallel.vpp=2",
       "parallel.pp_schedule=interleaved_1f1b"]),
     # Two-batch overlap (parallel/runner.py): micro-batch pairs interleaved at the expert
-    # all-to-all, one backward per pair; also under TP2+SP (hooks replayed) with drops and
-    # activation checkpointing (attention and experts recomputed inside the steps)
-    ("ep2_two_batch", 2, "dropless",
-     ["parallel.ep=2", "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true"]),
+    # all-to-all, one backward per pair; under FSDP (dense dp4 over the blocks' whole-call
+    # submodules, experts EP2 x EDP2), and under TP2+SP (hooks replayed) with ddp, drops
+    # and activation checkpointing (attention and experts recomputed inside the steps)
+    ("dp4_ep2_fsdp_two_batch", 4, "dropless",
+     ["parallel.ep=2", "parallel.dp_engine=fsdp", "parallel.two_batch_overlap=true"]),
+    ("dp4_ep2_fsdp_two_batch_capacity_ac", 4, "capacity",
+     ["parallel.ep=2", "parallel.dp_engine=fsdp", "parallel.two_batch_overlap=true",
+      "parallel.activation_checkpointing=true", "parallel.fsdp_prefetch=2"]),
     ("tp2xdp2_sp_ep4_two_batch_capacity_ac", 4, "capacity",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
       "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true",

@@ -713,7 +713,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     from parallel.expert_parallel import check_expert_parallel
     from parallel.expert_placement import check_placement_spec
     from parallel.pipeline import SCHEDULES, check_pipeline
-    from parallel.runner import check_two_batch_engine, check_two_batch_overlap
+    from parallel.runner import check_two_batch_overlap
     from parallel.tensor_parallel import check_tensor_parallel
 
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
@@ -773,7 +773,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                               sequence_parallel=p.sequence_parallel, world_size=world_size)
         check_two_batch_overlap(p, m.arch, t.global_batch_size // (
             t.micro_batch_size * dims.dp))
-        check_two_batch_engine(p.two_batch_overlap, p.dp_engine, dims.dp * dims.cp)
     except ConfigError:
         raise
     except ValueError as e:  # the documented one-line errors of the check_* functions
