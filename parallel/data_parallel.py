@@ -164,14 +164,19 @@ class DataParallel:
                 # Under the two-batch overlap a block's call is split at the MoE exchanges
                 # and interleaved with the other micro-batch's: FSDP's hooks around the
                 # block would reshard it under the other call. Its whole-call submodules
-                # are sharded instead (each called once per micro-batch, as the block is
-                # in the plain loop: the same gathers per step); the norms and the MoE
-                # layer's gate/mix weights go to the root's unit.
-                units = block.stepped_units() if self.two_batch else [block]
-                for i, unit in enumerate(units):
-                    managed.append(fully_shard(unit, mesh=dims.mesh("dp_cp"),
-                                               reshard_after_forward=reshard, mp_policy=mp))
-                    per_block[block].insert(i, managed[-1])
+                # are sharded instead, as one group (one all-gather, gathered at the
+                # first one's call, resharded after the last one's: each micro-batch
+                # runs them all before the other starts, so a step gathers what the plain
+                # loop gathers); the norms and the MoE layer's gate/mix weights go to the
+                # root's unit.
+                if self.two_batch:
+                    unit = fully_shard(block.stepped_units(), mesh=dims.mesh("dp_cp"),
+                                       reshard_after_forward=reshard, mp_policy=mp)[0]
+                else:
+                    unit = fully_shard(block, mesh=dims.mesh("dp_cp"),
+                                       reshard_after_forward=reshard, mp_policy=mp)
+                managed.append(unit)
+                per_block[block].insert(0, unit)
             for root in self.roots:  # embedding / norm / head, and the root state
                 managed.append(fully_shard(root, mesh=dims.mesh("dp_cp"),
                                            reshard_after_forward=reshard, mp_policy=mp))
