@@ -23,20 +23,30 @@ activation recompute (every forward collective and the forward FLOPs are repeate
   (uniform routing: every k-subset equally likely), ``k * (ep-1)/ep`` without, ``ep - 1``
   (whole token rows) for all-gather: ``bytes = 2 * (fwd_passes + 1) * t/tp * units * h*a *
   L_moe * m``; the intra-node share of the destinations goes at NVLink, the rest at the
-  NIC; the two run concurrently (time = the slower).
+  NIC; the two run concurrently (time = the slower). Part of it is hidden (reported in
+  ``StepEstimate.hidden``, not summed): with ``parallel.overlap`` the dispatch (and its
+  reverse in backward) travels while the shared experts run, so up to half of the
+  exchange hides behind their compute (their share of F); with the two-batch overlap
+  (``Layout.two_batch``, pp = 1) every exchange of a paired micro-batch travels during
+  the other one's work, so it hides behind the compute of the MoE blocks
+  (``F - 6 h V``, the head, times ``L_moe / L``); an odd last micro-batch runs alone.
+  Exposed ``ep`` = the exchange minus what hides.
 - etp: the ETP all-gather of the routed rows and the reduce-scatter of their outputs:
   ``2 * (fwd_passes + 1) * (etp-1) * t/tp * k * h*a * L_moe * m / bw``.
 - dp: FSDP: reduce-scatter of the gradients (fp32, 4 B) and all-gather of the bf16 params
   (twice per step with pp = 1 and reshard after forward, once with pp > 1): dense params of
   the rank over ``dp*cp`` ranks, experts over ``edp``: ``(n-1)/n * numel * bytes / bw``;
-  only ``DP_EXPOSED`` of it is exposed (the rest overlaps with compute).
+  only ``DP_EXPOSED`` of it is exposed (the rest overlaps with compute). The two-batch
+  overlap's last pair reduce-scatters twice (once per micro-batch).
 - pp_bubble: ``busy * f / (1 - f)`` with ``f = parallel.pipeline.bubble_fraction``.
 - pp_p2p: per micro-batch and virtual stage boundary one ``[t/tp(SP), h]`` send forward and
   one backward: ``2 * vpp * m * t_stream*h*a / bw``.
 
 Not modelled: kernel efficiency of small GEMMs (micro-batch size, ETP's narrower expert
 GEMMs), routing imbalance (time of the busiest expert), the optimizer step, overlap of
-TP/EP collectives with compute, the pipeline's stage imbalance (embedding and head).
+TP/ETP collectives with compute, the collectives' own slowdown of the kernels they run
+beside (SM and memory-bandwidth contention), the pipeline's stage imbalance (embedding
+and head).
 """
 
 from __future__ import annotations
@@ -85,6 +95,8 @@ class Layout:
     recompute: bool = False
     dispatcher: str = "alltoall"
     dedup: bool = True
+    overlap: bool = True  # parallel.overlap: shared experts run while the dispatch travels
+    two_batch: bool = False  # parallel.two_batch_overlap
 
     @property
     def dp(self) -> int:
@@ -100,6 +112,8 @@ class StepEstimate:
     step_time_s: float
     mfu: float
     breakdown: dict[str, float] = field(default_factory=dict)
+    # communication hidden behind compute (seconds; not in the step time): "ep"
+    hidden: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +175,7 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
     flops_tok = training_flops_per_token(cfg, seq_len)
     work = gbs * seq_len * flops_tok * (1 + (1 / 3 if lay.recompute else 0))
     b: dict[str, float] = {"compute": work / (W * hw.peak_flops * hw.achievable)}
+    hidden: dict[str, float] = {}
     # TP (+SP): tp ranks are consecutive (tp varies fastest)
     b["tp"] = ((2 * fwd + 2) * 2 * (lay.tp - 1) / lay.tp * t * h * a * L * m
                / _span_bw(lay.tp, hw)) if lay.tp > 1 else 0.0
@@ -180,16 +195,20 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
         intra_share = (in_node - 1) / (lay.ep - 1)
         b["ep"] = max(total * intra_share / (hw.intra_gbps * 1e9),
                       total * (1 - intra_share) / (hw.inter_gbps * 1e9))
+        hidden["ep"] = _ep_hidden(cfg, lay, b["ep"], b["compute"], flops_tok, m)
+        b["ep"] -= hidden["ep"]
     b["etp"] = ((2 * (fwd + 1) * (lay.etp - 1) * t / lay.tp * k * h * a * L_moe * m)
                 / _span_bw(lay.etp, hw)) if lay.etp > 1 and E else 0.0
     # DP / FSDP: dense shards over dp*cp (members tp apart), experts over edp
     dense, expert = _layer_params(cfg)
     gathers = 2 if lay.pp == 1 else 1
+    # the two-batch overlap's last pair reduce-scatters once per micro-batch
+    reduces = 2 if lay.two_batch and lay.pp == 1 and m >= 2 else 1
     dp_s = 0.0
     for numel, n, span in ((dense / (lay.tp * lay.pp), lay.dp * lay.cp, W // lay.pp),
                            (expert / (lay.ep * lay.etp * lay.pp), lay.edp, W // lay.pp)):
         if n > 1:
-            vol = (n - 1) / n * numel * (GRAD_BYTES + gathers * a)
+            vol = (n - 1) / n * numel * (reduces * GRAD_BYTES + gathers * a)
             dp_s += vol / _span_bw(span, hw)
     b["dp"] = DP_EXPOSED * dp_s
     busy = sum(b.values())
@@ -200,4 +219,25 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
                    if lay.pp > 1 else 0.0)  # neighbour stages are W/pp ranks apart
     total_s = sum(b.values())
     mfu = gbs * seq_len * flops_tok / (total_s * W * hw.peak_flops)
-    return StepEstimate(step_time_s=total_s, mfu=mfu, breakdown=b)
+    return StepEstimate(step_time_s=total_s, mfu=mfu, breakdown=b, hidden=hidden)
+
+
+def _ep_hidden(cfg: Any, lay: Layout, ep_s: float, compute_s: float, flops_tok: float,
+               m: int) -> float:
+    """Seconds of the EP exchange ``ep_s`` that travel behind compute (module docstring):
+    the shared experts' share of the compute for half the exchange (``overlap``), and for
+    the paired micro-batches (``two_batch``) the MoE blocks' share for all of it."""
+    mo, h = cfg.moe, cfg.hidden_size
+    n_moe = sum(moe_layer_pattern(cfg))
+    width = mo.shared_expert_ffn_hidden_size or mo.expert_ffn_hidden_size
+    n_shared = 1 if mo.residual else mo.num_shared_experts
+    shared_s = compute_s * 6 * 3 * h * n_shared * width * n_moe / flops_tok
+    paired = 2 * (m // 2) / m if lay.two_batch and lay.pp == 1 and m >= 2 else 0.0
+    hid = 0.0
+    if paired:
+        head = 6 * h * cfg.vocab_size
+        blocks_s = compute_s * max(0.0, flops_tok - head) / flops_tok * n_moe / cfg.num_layers
+        hid += min(ep_s * paired, blocks_s * paired)
+    if lay.overlap and n_shared:
+        hid += min(ep_s * (1 - paired) / 2, shared_s * (1 - paired))
+    return hid

@@ -35,6 +35,7 @@ def _overrides(c: dict) -> list[str]:
             f"parallel.dispatcher={c['dispatcher']}",
             f"parallel.activation_checkpointing={c['recompute']}",
             f"parallel.sequence_parallel={c['tp'] > 1}",
+            f"parallel.two_batch_overlap={c['two_batch']}",
             f"trainer.micro_batch_size={c['micro_batch_size']}"]
 
 
@@ -73,6 +74,53 @@ def test_plan_layout_evaluation():
     base = parse_layout("ep=4 etp=1", cfg_obj := __import__("omegaconf").OmegaConf.to_object(
         cfg), 4)
     assert apply_layout(cfg_obj, base).parallel.ep == 4
+
+
+def test_ep_overlap_in_the_cost_model_and_the_two_batch_candidates():
+    """The EP exchange hides behind the shared experts (parallel.overlap: at most half of
+    it) and, with the two-batch overlap, behind the other micro-batch's MoE blocks; the
+    hidden part leaves the step time, nothing else moves; the planner offers the two-batch
+    overlap only where it runs, and its memory counts the pair."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from parallel.cost_model import Layout, step_time
+    from trainer.planner import enumerate_layouts, hardware
+
+    cfg = OmegaConf.to_object(compose_config(CPU4))
+    hw = hardware(cfg.cluster)
+    seq, gbs = cfg.trainer.seq_len, cfg.trainer.global_batch_size
+
+    def est(**kw):
+        return step_time(cfg.model, Layout(world=4, ep=4, **kw), hw, seq, gbs)
+
+    off, shared, pair = est(overlap=False), est(), est(two_batch=True)
+    raw = off.breakdown["ep"]
+    assert raw > 0 and off.hidden["ep"] == 0
+    assert 0 < shared.hidden["ep"] <= raw / 2 + 1e-15
+    assert shared.hidden["ep"] < pair.hidden["ep"] <= raw + 1e-15
+    for e in (shared, pair):
+        assert e.breakdown["ep"] == pytest.approx(raw - e.hidden["ep"])
+        assert e.breakdown["compute"] == off.breakdown["compute"]
+    # one micro-batch per rank and step: nothing to pair with
+    lone = step_time(cfg.model, Layout(world=4, ep=4, micro_batch_size=2, two_batch=True),
+                     hw, seq, gbs)
+    assert lone.hidden["ep"] == est(micro_batch_size=2).hidden["ep"]
+    lays = list(enumerate_layouts(cfg, 4, 4))
+    paired = [x for x in lays if x.two_batch]
+    assert paired and all(x.ep > 1 and x.dispatcher == "alltoall" and x.pp == 1
+                          for x in paired)
+    plain = dataclasses.replace(paired[0], two_batch=False)
+    assert plain in lays
+    text = "ep={} mbs={} two_batch={}".format(plain.ep, plain.micro_batch_size, "{}")
+    one = plan(compose_config(CPU4), 4, layout=text.format("false"))["evaluated"]
+    two = plan(compose_config(CPU4), 4, layout=text.format("true"))["evaluated"]
+    assert two["two_batch"] and two["memory"]["activations_bytes"] > \
+        one["memory"]["activations_bytes"]
+    # the exchange hides; the last pair's second reduce-scatter costs
+    assert two["breakdown"]["ep"] < one["breakdown"]["ep"]
+    assert two["breakdown"]["dp"] > one["breakdown"]["dp"]
 
 
 def test_fits_nowhere_cli_exits_2(tmp_path):

@@ -10,7 +10,9 @@ divisor of the world with pp <= num_layers; schedules 1f1b (vpp 1), interleaved_
 (vpp 2, 4), interleaved_zb (vpp 1, 2) and zbv (vpp 2) — gpipe is left out, it has 1F1B's
 bubble and holds every micro-batch; ep any divisor of num_experts, etp a divisor of
 gpus_per_node; micro-batch sizes 1, 2, 4; recompute off/on; dispatcher alltoall (dedup)
-and allgather; sequence parallel on whenever tp > 1. Memory is computed lazily in order
+and allgather; the two-batch overlap off/on where it can run (ep > 1, alltoall, pp = 1,
+``parallel.overlap``, arch llm; it needs 2 micro-batches, which validation checks);
+sequence parallel on whenever tp > 1. Memory is computed lazily in order
 of estimated time, and only until ``plan.top`` candidates fit: the meta model is built
 once per (pp, vpp, placement, tp, cp, ep, etp, dispatcher, rank) and reused for every
 micro-batch size and recompute setting; ranks 0 and the first rank of the last stage are
@@ -68,7 +70,7 @@ SCHEDULE_VPP = [("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_1f1b", 4),
                 ("interleaved_zb", 1), ("interleaved_zb", 2), ("zbv", 2)]
 MBS = (1, 2, 4)
 LAYOUT_KEYS = ("tp", "cp", "pp", "vpp", "pp_schedule", "ep", "etp", "micro_batch_size",
-               "recompute", "dispatcher")
+               "recompute", "dispatcher", "two_batch")
 
 
 def hardware(cluster: Any) -> Hardware:
@@ -103,10 +105,12 @@ class Candidate:
                 "pp_schedule": lay.pp_schedule, "ep": lay.ep, "etp": lay.etp,
                 "edp": lay.edp, "micro_batch_size": lay.micro_batch_size,
                 "recompute": lay.recompute, "dispatcher": lay.dispatcher,
+                "two_batch": lay.two_batch,
                 "memory_gib": None if self.memory_gib is None else round(self.memory_gib, 3),
                 "step_time_s": self.estimate.step_time_s, "mfu": self.estimate.mfu,
                 "fits": self.fits,
                 "breakdown": {k: v for k, v in self.estimate.breakdown.items()},
+                "hidden": dict(self.estimate.hidden),
                 "memory": self.memory}
 
     def short(self) -> str:
@@ -114,7 +118,7 @@ class Candidate:
         return (f"tp={lay.tp} cp={lay.cp} dp={lay.dp} pp={lay.pp} vpp={lay.vpp} "
                 f"pp_schedule={lay.pp_schedule} ep={lay.ep} etp={lay.etp} edp={lay.edp} "
                 f"micro_batch_size={lay.micro_batch_size} recompute={lay.recompute} "
-                f"dispatcher={lay.dispatcher}")
+                f"dispatcher={lay.dispatcher} two_batch={lay.two_batch}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -127,6 +131,7 @@ def apply_layout(base: Config, lay: Layout) -> Config:
         base.parallel, tp=lay.tp, cp=lay.cp, pp=lay.pp, vpp=lay.vpp,
         pp_schedule=lay.pp_schedule, ep=lay.ep, etp=lay.etp, dispatcher=lay.dispatcher,
         activation_checkpointing=lay.recompute, sequence_parallel=lay.tp > 1,
+        two_batch_overlap=lay.two_batch,
         world_size=lay.world, dry_run_rank=0, pp_layers=None, auto=False)
     t = dataclasses.replace(base.trainer, micro_batch_size=lay.micro_batch_size)
     return dataclasses.replace(base, parallel=p, trainer=t)
@@ -152,6 +157,9 @@ def enumerate_layouts(base: Config, world: int, gpus_per_node: int,
     mbss = opts("micro_batch_size", MBS)
     recs = opts("recompute", (False, True))
     disps = opts("dispatcher", ("alltoall", "allgather") if E else ("alltoall",))
+    overlap = bool(base.parallel.overlap)
+    can_pair = overlap and m.arch == "llm"
+    pairs = opts("two_batch", (False, True))
     sched = [(s, v) for s, v in SCHEDULE_VPP
              if fixed.get("pp_schedule", s) == s and fixed.get("vpp", v) == v]
     if "pp_schedule" in fixed and not sched:
@@ -164,11 +172,15 @@ def enumerate_layouts(base: Config, world: int, gpus_per_node: int,
         scheds = [("1f1b", 1)] if pp == 1 else sched
         if pp == 1 and ("pp_schedule" in fixed or "vpp" in fixed):
             scheds = [(fixed.get("pp_schedule", "1f1b"), fixed.get("vpp", 1))]
-        for (s, v), mbs, rec, disp in itertools.product(scheds, mbss, recs, disps):
+        for (s, v), mbs, rec, disp, tb in itertools.product(scheds, mbss, recs, disps, pairs):
             if ep == 1 and disp != "alltoall":
                 continue
+            if tb and "two_batch" not in fixed and not (
+                    can_pair and ep > 1 and disp == "alltoall" and pp == 1):
+                continue  # nothing for it to overlap, or a layout it does not run on
             yield Layout(world=world, tp=tp, cp=cp, pp=pp, vpp=v, pp_schedule=s, ep=ep,
-                         etp=etp, micro_batch_size=mbs, recompute=rec, dispatcher=disp)
+                         etp=etp, micro_batch_size=mbs, recompute=rec, dispatcher=disp,
+                         overlap=overlap, two_batch=tb)
 
 
 class MemoryModel:
@@ -218,14 +230,15 @@ def _reason(err: str) -> str:
 
 def parse_layout(text: str, base: Config, world: int) -> Layout:
     """``"tp=2 pp=8 vpp=1 ep=8 etp=1 cp=1 micro_batch_size=1 recompute=false
-    pp_schedule=1f1b dispatcher=alltoall"`` (aliases: mbs, schedule, ac); missing keys
-    take the config's values."""
+    pp_schedule=1f1b dispatcher=alltoall two_batch=false"`` (aliases: mbs, schedule, ac,
+    two_batch_overlap); missing keys take the config's values."""
     alias = {"mbs": "micro_batch_size", "schedule": "pp_schedule", "ac": "recompute",
-             "activation_checkpointing": "recompute"}
+             "activation_checkpointing": "recompute", "two_batch_overlap": "two_batch"}
     p, t = base.parallel, base.trainer
     vals: dict[str, Any] = dict(tp=p.tp, cp=p.cp, pp=p.pp, vpp=p.vpp, pp_schedule=p.pp_schedule,
                                 ep=p.ep, etp=p.etp, micro_batch_size=t.micro_batch_size,
-                                recompute=p.activation_checkpointing, dispatcher=p.dispatcher)
+                                recompute=p.activation_checkpointing, dispatcher=p.dispatcher,
+                                two_batch=p.two_batch_overlap)
     for item in text.replace(",", " ").split():
         if "=" not in item:
             raise ConfigError(f"plan.layout: {item!r} is not key=value")
@@ -237,11 +250,11 @@ def parse_layout(text: str, base: Config, world: int) -> Layout:
             raise ConfigError(f"plan.layout: unknown key {k!r} (valid: {', '.join(LAYOUT_KEYS)})")
         if k in ("pp_schedule", "dispatcher"):
             vals[k] = v
-        elif k == "recompute":
+        elif k in ("recompute", "two_batch"):
             vals[k] = v.lower() in ("1", "true", "yes", "on")
         else:
             vals[k] = int(v)
-    return Layout(world=world, **vals)
+    return Layout(world=world, overlap=bool(p.overlap), **vals)
 
 
 def _base_config(cfg: DictConfig | Config) -> Config:
@@ -340,7 +353,7 @@ def table(result: dict[str, Any]) -> str:
     """The console view of a plan."""
     lines = []
     head = (f"{'#':>3} {'tp':>3} {'cp':>3} {'dp':>4} {'pp':>3} {'vpp':>3} {'schedule':<16} "
-            f"{'ep':>3} {'etp':>3} {'edp':>4} {'mbs':>3} {'ac':>3} {'disp':<9} "
+            f"{'ep':>3} {'etp':>3} {'edp':>4} {'mbs':>3} {'ac':>3} {'disp':<9} {'2mb':>3} "
             f"{'GiB':>7} {'step s':>8} {'MFU':>6}  top terms")
 
     def row(i, c):
@@ -350,7 +363,8 @@ def table(result: dict[str, Any]) -> str:
         return (f"{i:>3} {c['tp']:>3} {c['cp']:>3} {c['dp']:>4} {c['pp']:>3} {c['vpp']:>3} "
                 f"{c['pp_schedule']:<16} {c['ep']:>3} {c['etp']:>3} {c['edp']:>4} "
                 f"{c['micro_batch_size']:>3} {'on' if c['recompute'] else 'off':>3} "
-                f"{c['dispatcher']:<9} {mem:>7} {c['step_time_s']:>8.3f} "
+                f"{c['dispatcher']:<9} {'on' if c['two_batch'] else 'off':>3} {mem:>7} "
+                f"{c['step_time_s']:>8.3f} "
                 f"{100 * c['mfu']:>5.1f}%  {terms}")
 
     lines.append(f"plan for {result['model']} on {result['world']} x {result['gpu']} "
@@ -361,6 +375,8 @@ def table(result: dict[str, Any]) -> str:
         c = result["evaluated"]
         lines += [head, row(1, c), "step time breakdown (s): " + ", ".join(
             f"{k} {v:.4g}" for k, v in c["breakdown"].items()),
+            "hidden behind compute (s, not in the step time): " + (", ".join(
+                f"{k} {v:.4g}" for k, v in c["hidden"].items()) or "none"),
             "memory (GiB, worst checked rank {}): ".format(c["memory"].get("rank")) + ", ".join(
                 f"{k.removesuffix('_bytes')} {v / GIB:.2f}" for k, v in c["memory"].items()
                 if k.endswith("_bytes")),
@@ -392,6 +408,8 @@ def fixed_keys(p: Any, t: Any) -> dict[str, Any]:
     if p.pp_schedule != "1f1b":
         fixed["pp_schedule"] = p.pp_schedule
     fixed["micro_batch_size"] = t.micro_batch_size  # the numerics of a run stay the user's
+    if p.two_batch_overlap:
+        fixed["two_batch"] = True
     return fixed
 
 
@@ -419,6 +437,7 @@ def auto_layout(cfg: DictConfig, world: int) -> str:
         for k in ("tp", "cp", "pp", "vpp", "pp_schedule", "ep", "etp", "dispatcher"):
             p[k] = best[k]
         p.activation_checkpointing = best["recompute"]
+        p.two_batch_overlap = best["two_batch"]
         p.sequence_parallel = best["tp"] > 1
         p.pp_layers = None
         cfg.trainer.micro_batch_size = best["micro_batch_size"]
