@@ -14,7 +14,7 @@ from models.config import ModelConfig, MoEConfig
 from models.flops import param_counts, training_flops_per_token
 from models.moe import MoELayer
 from models.router import expert_capacity, rank_within_expert
-from tests.helpers import FAST, read_metrics
+from tests.helpers import FAST, compose_config, read_metrics
 from trainer.config import validate_model
 from trainer.errors import ConfigError
 
@@ -184,6 +184,16 @@ def test_lagged_counts_resume_exactly(tmp_path, single_run, moefold_cache):
     assert ref[3]["load_balance_loss"] != pytest.approx(4 * 0.01, rel=1e-4)
     assert all(0 < ref[s]["real_experts_per_token"] < 3 for s in ref)
     assert "real_experts_per_token_layer3" in ref[4]
+    # FLOPs/MFU count the real experts picked, not top_k (trainer.perf.at_flops_per_token)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_object(compose_config(RESUME))
+    for s in ref:
+        r, seq = ref[s], cfg.trainer.seq_len
+        flops = training_flops_per_token(cfg.model, seq, r["real_experts_per_token"])
+        assert flops < training_flops_per_token(cfg.model, seq)
+        assert r["tflops_per_device"] == pytest.approx(r["tokens_per_s"] * flops / 1e12,
+                                                       rel=1e-6)
     train_here([*RESUME, "trainer.stop_after_steps=3"], tmp_path, moefold_cache)
     train_here(RESUME, tmp_path, moefold_cache)
     got = read_metrics(tmp_path)

@@ -311,6 +311,18 @@ class Throughput:
         return out
 
 
+def at_flops_per_token(perf: dict[str, float], meter: Throughput, flops_per_token: float
+                       ) -> dict[str, float]:
+    """``perf`` (one :meth:`Throughput.end_step` result) with ``tflops_per_device`` and
+    ``mfu`` recounted at ``flops_per_token`` instead of the meter's static figure: with
+    null experts the trainer passes the FLOPs of the real experts the step's tokens
+    picked (the static count assumes top_k, an upper bound)."""
+    if meter.flops_per_token <= 0:
+        return perf
+    scale = flops_per_token / meter.flops_per_token
+    return {k: v * scale if k in ("tflops_per_device", "mfu") else v for k, v in perf.items()}
+
+
 def _default_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)

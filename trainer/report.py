@@ -34,10 +34,13 @@ def startup_report(tr: Any) -> Throughput:
                                            t.peak_tflops)
     total, active = param_counts(tr.model_cfg)  # analytic: shards would undercount
     n_moe = sum(moe_layer_pattern(cfg.model))  # the whole model's, not this PP stage's
+    # null experts: how many real experts a token runs is decided by training
+    bound = (" at top_k real experts, an upper bound (the logged MFU counts the real "
+             "experts picked)") if tr.model_cfg.moe.num_null_experts else ""
     tr.logger.info(
         f"model {cfg.model.name}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M "
         f"active), {n_moe} MoE layers{_experts_note(tr.model_cfg)}; "
-        f"{flops / 1e6:.1f} MFLOP/token; "
+        f"{flops / 1e6:.1f} MFLOP/token{bound}; "
         f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); device {tr.device}")
     if cfg.model.arch in MODALITY_ARCHS:
         per = flops_per_token_by_modality(tr.model_cfg, t.seq_len)

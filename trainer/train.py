@@ -231,7 +231,8 @@ class Trainer:
     def _record(self, m: dict[str, Any], perf: dict[str, float], step: int, last: bool
                 ) -> dict[str, float]:
         """The metrics.jsonl record of a step (validation included when due)."""
-        from trainer.perf import peak_memory
+        from models.flops import training_flops_per_token
+        from trainer.perf import at_flops_per_token, peak_memory
 
         t = self.tcfg
         modality_tokens = m.pop("modality_tokens", None)
@@ -242,6 +243,10 @@ class Trainer:
         host = dict(zip(tensors, values))
         record = {k: host[k] if k in host else float(v) for k, v in m.items()}
         record["loss"] = record.pop("objective") + record["aux_loss"]
+        if self.model_cfg.moe.num_null_experts and "real_experts_per_token" in record:
+            # FLOPs of the real experts this step's tokens picked, not top_k's
+            perf = at_flops_per_token(perf, self.throughput, training_flops_per_token(
+                self.model_cfg, t.seq_len, record["real_experts_per_token"]))
         record.update(perf)
         if modality_tokens is not None:
             for name, n in zip(self.objective.groups, modality_tokens.tolist()):
