@@ -162,11 +162,14 @@ class GroupedExperts(nn.Module):
         self.grouped_mm_impl = "auto"  # models.grouped_gemm.IMPLS
 
     def forward(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, rows_fed: bool = False
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, rows_fed: bool = False,
+        counts: list[int] | None = None,
     ) -> torch.Tensor:
         """``rows_fed``: the caller vouches that every row belongs to an expert
         (``tokens_per_expert_E`` sums to N) and that the output's incoming gradient is
-        contiguous, so the trailing-row handling and the contiguity hook are skipped."""
+        contiguous, so the trailing-row handling and the contiguity hook are skipped.
+        ``counts``: ``tokens_per_expert_E`` already on the host (an EP dispatcher's one
+        sync), so the loop paths do not read it back again (nor does a recompute)."""
         w1, w3, w2 = self.w1, self.w3, self.w2
         impl = self.grouped_mm_impl
         dev = x_ND.device.type
@@ -174,9 +177,11 @@ class GroupedExperts(nn.Module):
         kind = cost_kind(dev, dtype or x_ND.dtype)
         fused = use_fused(x_ND, w1, impl)
         if not fused or (impl == "auto" and kind == "cpu_lowp"):
-            # the loop's one host sync per layer; on CPU (auto, bf16/fp16: CPU's grouped
-            # GEMM pays a oneDNN set-up per segment shape) a read of host memory
-            counts = tokens_per_expert_E.tolist()
+            # the loop's one host sync per layer (none when an EP dispatcher's sync
+            # brought the counts); on CPU (auto, bf16/fp16: CPU's grouped GEMM pays a
+            # oneDNN set-up per segment shape) a read of host memory
+            if counts is None:
+                counts = tokens_per_expert_E.tolist()
             padded = impl == "loop_padded" or (impl != "loop_segments" and padded_pays(
                 counts, w1.shape[1], w1.shape[2], kind))
             if not (fused or padded):  # the segment loop casts as autocast would
@@ -326,7 +331,7 @@ class MoELayer(nn.Module):
         # uses: read them in the stretch that set them (dispatch's end, combine's start).
         sent = d.bytes_sent
         y_ND = recompute(rc, self.experts, x_ND, tokens_per_expert,
-                         getattr(ctx, "rows_fed", False))
+                         getattr(ctx, "rows_fed", False), getattr(ctx, "expert_counts", None))
         before = d.bytes_sent
         steps = d.combine_steps(y_ND, ctx)
         paused, y_TD = start(steps)

@@ -204,6 +204,9 @@ class AllToAllContext:
     dtype: torch.dtype
     off_send: int  # units sent to / received from other ranks
     off_recv: int
+    # host copy of the returned tokens_per_expert (same sync): the experts' loop path
+    # reads it instead of syncing again (models.moe.GroupedExperts ``counts``)
+    expert_counts: Optional[list[int]] = None
 
 
 class AllToAllDispatcher(Dispatcher):
@@ -280,6 +283,7 @@ class AllToAllDispatcher(Dispatcher):
             host = []
             n_send, n_recv, n_rows = P * U, P * U, El * P * C
             tokens_per_expert = torch.full((El,), P * C, dtype=torch.long, device=dev)
+            expert_counts = [P * C] * El
             off_send = off_recv = (P - 1) * U
         else:
             per_expert = count_ids(torch.where(kept, idx, E), E + 1)
@@ -288,10 +292,11 @@ class AllToAllDispatcher(Dispatcher):
             tokens_per_expert = recv_c[:, 1:].sum(0)
             # The one device->host sync: everything above is already queued.
             extra = [] if host_counts is None else [host_counts(tokens_per_expert).flatten()]
-            host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert.sum().view(1),
+            host = torch.cat([send_c[:, 0], recv_c[:, 0], tokens_per_expert,
                               *extra]).tolist()
-            send_splits, recv_splits, n_rows = host[:P], host[P : 2 * P], host[2 * P]
-            host = host[2 * P + 1:]
+            send_splits, recv_splits = host[:P], host[P : 2 * P]
+            expert_counts = host[2 * P : 2 * P + El]
+            n_rows, host = sum(expert_counts), host[2 * P + El:]
             n_send, n_recv = sum(send_splits), sum(recv_splits)
             off_send = n_send - send_splits[self.rank]
             off_recv = n_recv - recv_splits[self.rank]
@@ -330,7 +335,7 @@ class AllToAllDispatcher(Dispatcher):
         self.meta_bytes_sent = off_send * meta.shape[1] * meta.element_size()
         weights = meta_recv[:, S:] if self.dedup else routing.weights_TK
         ctx = AllToAllContext(src_map, dst_map, send_splits, recv_splits, host, weights,
-                              x_TD.dtype, off_send, off_recv)
+                              x_TD.dtype, off_send, off_recv, expert_counts)
         return x_ND, tokens_per_expert, ctx
 
     def combine_steps(self, y_ND: torch.Tensor, ctx: AllToAllContext):
@@ -358,6 +363,7 @@ class AllGatherContext:
     weights_UK: torch.Tensor  # all ranks' routing weights
     dtype: torch.dtype
     host: list[int]  # the values of the caller's ``host_counts`` (same sync)
+    expert_counts: Optional[list[int]] = None  # as AllToAllContext's
 
 
 class AllGatherDispatcher(Dispatcher):
@@ -396,19 +402,20 @@ class AllGatherDispatcher(Dispatcher):
         if routing.pad_to_capacity:
             C = routing.capacity
             n_rows, tokens_per_expert = El * P * C, torch.full((El,), P * C, device=dev)
-            host = []
+            host, expert_counts = [], [P * C] * El
         else:
             C = None
             tokens_per_expert = count_ids(torch.where(lid >= 0, lid, El), El + 1)[:El]
             extra = [] if host_counts is None else [host_counts(tokens_per_expert).flatten()]
-            host = torch.cat([tokens_per_expert.sum().view(1), *extra]).tolist()  # the sync
-            n_rows, host = host[0], host[1:]
+            host = torch.cat([tokens_per_expert, *extra]).tolist()  # the sync
+            expert_counts, host = host[:El], host[El:]
+            n_rows = sum(expert_counts)
         dst_map = _expert_rows(lid, src_U, P, El, C, n_rows)
         x_ND = gather_rows(x_all, dst_map)
         row_bytes = x_all.shape[1] * x_all.element_size()
         self.bytes_sent = self.bytes_received = (P - 1) * T * row_bytes
         self.meta_bytes_sent = (P - 1) * meta.numel() * meta.element_size()
-        ctx = AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype, host)
+        ctx = AllGatherContext(dst_map, meta_all[:, k:], x_TD.dtype, host, expert_counts)
         return x_ND, tokens_per_expert, ctx
 
     def combine(self, y_ND: torch.Tensor, ctx: AllGatherContext) -> torch.Tensor:

@@ -46,6 +46,7 @@ class ETPContext:
     n_rows: list[int]  # expert rows of each ETP member
     n_inner: int  # rows the inner dispatcher produced (its trailing rows may be padding)
     dtype: torch.dtype
+    expert_counts: list[int]  # host copy of the returned tokens_per_expert (same sync)
 
 
 class ETPDispatcher(Dispatcher):
@@ -82,7 +83,7 @@ class ETPDispatcher(Dispatcher):
 
         def host_counts(tpe_E: torch.Tensor) -> torch.Tensor:
             gathered.append(all_gather(tpe_E.view(1, -1), self.group))
-            return gathered[0].sum(1)
+            return torch.cat([gathered[0].sum(1), gathered[0].sum(0)])
 
         merged = hasattr(self.inner, "host_counts_supported") and not routing.pad_to_capacity
         kw = {"host_counts": host_counts} if merged else {}
@@ -91,12 +92,15 @@ class ETPDispatcher(Dispatcher):
         dev = x_ND.device
         if routing.pad_to_capacity:  # static: every member has n_inner rows, evenly split
             counts_QE = torch.full((Q, El), n_inner // El, dtype=torch.long, device=dev)
-            n_rows = [n_inner] * Q
+            n_rows, expert_counts = [n_inner] * Q, [Q * (n_inner // El)] * El
         elif merged:  # fetched in the inner dispatcher's host sync
-            counts_QE, n_rows = gathered[0], inner_ctx.host
+            counts_QE, host = gathered[0], inner_ctx.host
+            n_rows, expert_counts = host[:Q], host[Q:]
         else:
             counts_QE = all_gather(tpe_E.view(1, El), self.group)
-            n_rows = counts_QE.sum(1).tolist()  # a second sync (local inner dispatcher)
+            # a second sync (local inner dispatcher)
+            host = torch.cat([counts_QE.sum(1), counts_QE.sum(0)]).tolist()
+            n_rows, expert_counts = host[:Q], host[Q:]
         n_own, N = n_rows[self.rank], sum(n_rows)
         x_ND = x_ND[:n_own]  # drop the inner dispatcher's padding rows, if any
         # Member-major rows -> expert-major rows (stable: members stay in rank order).
@@ -114,7 +118,7 @@ class ETPDispatcher(Dispatcher):
         row_bytes = x_ND.shape[1] * x_ND.element_size()
         self._sent = (Q - 1) * n_own * row_bytes
         self._received = (N - n_own) * row_bytes
-        ctx = ETPContext(inner_ctx, inv_perm, n_rows, n_inner, x_ND.dtype)
+        ctx = ETPContext(inner_ctx, inv_perm, n_rows, n_inner, x_ND.dtype, expert_counts)
         return x_all[perm], counts_QE.sum(0), ctx
 
     def combine_steps(self, y_ND: torch.Tensor, ctx: ETPContext):

@@ -159,6 +159,19 @@ def _check_syncs(dims: ParallelDims, rank: int) -> None:
         with _SyncCounter() as c:  # the backward pass needs none
             out.sum().backward()
         assert c.calls == [], (kind, c.calls)
+        # The whole layer on the experts' loop path (CUDA fp32 / below sm90): the counts
+        # ride in the dispatcher's sync, so still one, and none when backward recomputes
+        # the experts (the two-batch overlap's selective recompute)
+        for recompute in (False, True):
+            layer.experts.grouped_mm_impl = "loop"
+            layer.recompute_in_steps = recompute
+            xb = torch.randn(2, T // 2, D, generator=gen, requires_grad=True)
+            with _SyncCounter() as c:
+                y = layer(xb)
+            assert c.calls == ["tolist"], (kind, recompute, dims.etp, c.calls)
+            with _SyncCounter() as c:
+                y.sum().backward()
+            assert c.calls == [], (kind, recompute, dims.etp, c.calls)
 
 
 # ------------------------------------------------------------- rows in the compute dtype
