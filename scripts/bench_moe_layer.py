@@ -92,7 +92,10 @@ class SyncCounter(TorchFunctionMode):
         if name in _SYNC_METHODS and name != "repeat_interleave":
             self.calls[name] += 1
         elif name == "repeat_interleave" and "output_size" not in kwargs:
-            if len(args) > 1 and isinstance(args[1], torch.Tensor):
+            # tensor repeats (x.repeat_interleave(r) or the one-argument form): the
+            # output size is their sum, read back; int repeats are not
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats", args[0])
+            if isinstance(repeats, torch.Tensor):
                 self.calls[name] += 1
         elif name == "where" and len(args) == 1 and not kwargs:
             self.calls["where(cond)"] += 1

@@ -105,7 +105,8 @@ def _check_shared_overlap(dims: ParallelDims, rank: int) -> None:
 class _SyncCounter(TorchDispatchMode):
     """Counts the ops that make a CUDA device wait for the host to read a value back:
     .item()/int() (``_local_scalar_dense``), bincount, nonzero, boolean-mask indexing,
-    repeat_interleave without output_size; ``tolist`` is counted by patching it."""
+    repeat_interleave of tensor repeats without output_size; ``tolist`` is counted by
+    patching it."""
 
     SYNCING = {"aten.bincount.default", "aten._local_scalar_dense.default",
                "aten.nonzero.default", "aten.masked_select.default", "aten.unique_dim.default",
@@ -123,8 +124,8 @@ class _SyncCounter(TorchDispatchMode):
         elif name == "aten.index.Tensor" and any(
                 i is not None and i.dtype == torch.bool for i in args[1]):
             self.calls.append("bool index")
-        elif name.startswith("aten.repeat_interleave") and kwargs.get("output_size") is None \
-                and len(args) < 3:
+        elif name in ("aten.repeat_interleave.Tensor", "aten.repeat_interleave.self_Tensor") \
+                and kwargs.get("output_size") is None:  # tensor repeats: reads their sum
             self.calls.append(name)
         return func(*args, **kwargs)
 
