@@ -133,9 +133,10 @@ def parallelize(
                               src_data_rank=None)
     if dims.cp > 1:
         apply_context_parallel(model, dims, seq_len)
-    if getattr(pcfg, "compile", False):  # before AC and DP: their hooks stay eager
-        compile_blocks(model, device, getattr(pcfg, "compile_backend", "inductor"))
     two_batch = bool(getattr(pcfg, "two_batch_overlap", False))
+    if getattr(pcfg, "compile", False):  # before AC and DP: their hooks stay eager
+        compile_blocks(model, device, getattr(pcfg, "compile_backend", "inductor"),
+                       stepped=two_batch)
     if pcfg.activation_checkpointing:
         apply_activation_checkpointing(model, stepped=two_batch)
     chunks = [model]
@@ -167,20 +168,28 @@ def parallelize(
                          pp_report=report, dp_note=dp_note, two_batch_overlap=two_batch)
 
 
-def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor",
+                   stepped: bool = False) -> None:
     """Regional compilation (``parallel.compile``): each block of ``model.layers`` gets its
     ``forward`` replaced by ``torch.compile(forward)``, after TP/EP/CP have rewritten it.
     Only the block's own computation is compiled: the module call around it, where
     activation checkpointing, FSDP and pipelining hook in, stays eager, and the module
     tree, parameter names and checkpoints are unchanged. Graph breaks (data-dependent
     dispatch under EP, host syncs) fall back to eager for that part; the blocks share
-    their compiled code (same code object, recompiled only on new guards)."""
+    their compiled code (same code object, recompiled only on new guards).
+
+    ``stepped`` (the two-batch overlap): the schedule splits a block's call at its MoE
+    exchanges, so each block's whole-call submodules are compiled instead
+    (``TransformerBlock.stepped_units``: the attention, the router, the shared experts
+    or the dense FFN); the MoE layer's dispatch, experts and combine stay eager, as
+    they are graph breaks in a compiled block anyway."""
     if device.type != "cuda" and hasattr(torch, "_grouped_mm"):
         # its fake-tensor kernel accepts bf16 only (torch 2.13), the CPU kernel fp32 too:
         # the grouped GEMM runs eagerly between two compiled graphs
         torch._dynamo.disallow_in_graph(torch._grouped_mm)
     for block in model.layers.values():
-        block.forward = torch.compile(block.forward, backend=backend)
+        for unit in block.stepped_units() if stepped else [block]:
+            unit.forward = torch.compile(unit.forward, backend=backend)
 
 
 # parallel.dp_engine=auto: replicate (ddp) while params + grads + AdamW state of an

@@ -116,9 +116,10 @@ class TwoBatchLoop(MicroBatchLoop):
 def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
     """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
     an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
-    micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm, not
-    compiled; activation checkpointing recomputes inside them). FSDP then shards the
-    blocks' whole-call submodules instead of the blocks (parallel/data_parallel.py)."""
+    micro-batches per step, the plain loop (no PP) over steppable blocks (arch llm;
+    activation checkpointing recomputes inside them). FSDP then shards, and
+    ``parallel.compile`` compiles, the blocks' whole-call submodules instead of the
+    blocks (parallel/data_parallel.py, parallel/parallelize.py)."""
     if not getattr(pcfg, "two_batch_overlap", False):
         return
     why = []
@@ -132,8 +133,5 @@ def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
         why.append("no pipeline parallelism (the schedule owns the micro-batch order)")
     if arch != "llm":
         why.append(f"model.arch=llm (not {arch})")
-    if pcfg.compile:
-        why.append("parallel.compile=false (it compiles the block call the schedule "
-                   "splits)")
     if why:
         raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))

@@ -1,6 +1,7 @@
 """``parallel.compile=true`` (regional torch.compile of each block) trains exactly like
 eager: one process compiled vs eager, and compiled layouts on 2 gloo ranks (EP with
-activation checkpointing and dp_engine=auto; CP with FSDP) vs the eager single process,
+activation checkpointing and dp_engine=auto; CP with FSDP; the two-batch overlap with
+FSDP) vs the eager single process,
 in one spawned process group (tests/inproc.py). The backend is aot_eager:
 it runs dynamo (graph capture, graph breaks, guards) and AOTAutograd (the joint
 forward/backward graph) like inductor does, without inductor's C++ code generation,
@@ -36,6 +37,9 @@ LAYOUTS = [
     ("ep2_ac_auto_compiled", 2,
      ["parallel.ep=2", "parallel.activation_checkpointing=true", "parallel.dp_engine=auto"]),
     ("cp2_fsdp_compiled", 2, ["parallel.cp=2", "parallel.dp_engine=fsdp"]),
+    # the two-batch overlap compiles the blocks' whole-call submodules (FSDP units too)
+    ("ep2_two_batch_fsdp_compiled", 2,
+     ["parallel.ep=2", "parallel.dp_engine=fsdp", "parallel.two_batch_overlap=true"]),
 ]
 
 

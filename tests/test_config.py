@@ -186,10 +186,10 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
          "parallel.two_batch_overlap=true needs an expert all-to-all in flight (parallel.ep > 1"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.dp_engine=ddp",
           "trainer.global_batch_size=4", "trainer.micro_batch_size=2",
-          "parallel.compile=true", "parallel.compile_backend=eager"], 2,
-         "needs at least 2 micro-batches per step (this layout has 1: raise "
-         "trainer.global_batch_size or lower trainer.micro_batch_size); "
-         "parallel.compile=false"),
+          "parallel.overlap=false"], 2,
+         "needs an expert all-to-all in flight (parallel.ep > 1, parallel.dispatcher="
+         "alltoall, parallel.overlap=true); at least 2 micro-batches per step (this layout "
+         "has 1: raise trainer.global_batch_size or lower trainer.micro_batch_size)"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.pp=2",
           "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
           "trainer.micro_batch_size=1"], 4,

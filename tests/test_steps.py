@@ -82,6 +82,37 @@ def test_stepped_forward_equals_forward(moe):
     assert torch.equal(a, want) and torch.equal(b, model(other))
 
 
+def test_paired_call_and_stepped_units_compiled():
+    """``model(a, paired=...)`` is the two stepped forwards in one call; the blocks'
+    whole-call submodules (``stepped_units``: what FSDP shards and compile compiles under
+    the two-batch overlap) hold every block parameter but the norms and MoE gate/mix
+    weights, and compiling them leaves the pair's outputs unchanged."""
+    from torch._dynamo.testing import CompileCounter
+
+    from parallel.parallelize import compile_blocks
+
+    cfg = tiny()  # a dense block, then MoE blocks with a shared expert
+    model = seeded(cfg)
+    a, b = (torch.randint(0, cfg.vocab_size, (2, 16)) for _ in range(2))
+    want = (model(a), model(b))
+    got = model(a, paired={"tokens_BT": b})
+    assert isinstance(got, tuple) and all(torch.equal(g, w) for g, w in zip(got, want))
+    for block in model.layers.values():
+        units = block.stepped_units()
+        inside = {id(p) for u in units for p in u.parameters()}
+        rest = [n for n, p in block.named_parameters() if id(p) not in inside]
+        assert all("norm" in n or ".experts." in n or n.startswith("ffn.experts")
+                   or "shared_gate" in n or "residual_coef" in n for n in rest), rest
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compile_blocks(model, torch.device("cpu"), counter, stepped=True)
+    got = model(a, paired={"tokens_BT": b})
+    assert counter.frame_count > 0  # the units really went through dynamo
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 class _SquareObjective:
     """The runners' duck-typed objective: sums [1] per micro-batch, value = sums / n."""
 
