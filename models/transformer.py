@@ -84,8 +84,8 @@ class TransformerBlock(nn.Module):
     def stepped_units(self) -> list[nn.Module]:
         """The parameter-holding submodules :meth:`forward_steps` calls whole, once per
         micro-batch, in call order: the attention, then the router and shared experts of
-        an MoE FFN (its routed ``experts`` too; they have their own sharding group) or the
-        dense FFN. A pause never falls inside one of them, so a module hook that wraps a
+        an MoE FFN (not its routed ``experts``, which have their own sharding group) or
+        the dense FFN. A pause never falls inside one of them, so a module hook that wraps a
         call (FSDP's unshard / reshard) stays valid under the two-batch overlap; the
         norms and the MoE layer's gate/mix weights are outside them."""
         units: list[nn.Module] = [self.attention]
