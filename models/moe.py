@@ -310,6 +310,13 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return run(self.forward_steps(x_BTD))
 
+    def stepped_units(self) -> list[nn.Module]:
+        """The parameter-holding submodules :meth:`forward_steps` calls whole before its
+        first pause: the router and the shared experts (the routed experts run after it
+        and have their own sharding group). See ``TransformerBlock.stepped_units``."""
+        return [m for m in (self.router, self.shared_experts)
+                if m is not None and any(True for _ in m.parameters())]
+
     def forward_steps(self, x_BTD: torch.Tensor) -> Steps[torch.Tensor]:
         """The forward as steps (models/steps.py): pauses while the dispatch's rows are
         in flight (after the shared experts have run there) and while the combine's are.

@@ -26,7 +26,7 @@ a TP region) and ``ModalityLinear.weight_fn`` (the local shard of a TP DTensor w
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ from models.modality import (
     untied_parts,
 )
 from models.moe import MoELayer
+from models.steps import Steps, call_steps, interleave, run
 from models.transformer import Transformer
 
 
@@ -113,18 +114,33 @@ class MoTFeedForward(nn.Module):
             self.w2 = ModalityLinear(num, hidden, dim, out_proj=True)  # down
 
     def forward(self, x_BTD: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
+        return run(self.forward_steps(x_BTD, route))
+
+    def forward_steps(self, x_BTD: torch.Tensor, route: ModalityRoute
+                      ) -> Steps[torch.Tensor]:
+        """:meth:`forward` as steps (models/steps.py): pauses inside the MoE layer while
+        its rows are in flight (the dense modalities' rows are done before it)."""
         if not self.dense:  # every token is the MoE modality's: the plain MoE layer
-            return self.moe(x_BTD)
+            return (yield from call_steps(self.moe, x_BTD))
         if self.moe is not None:
             r = route.for_moe(self.moe_modality)
             xs = r.sort(x_BTD)
             y = self.w2(F.silu(self.w1(xs, r)) * self.w3(xs, r), r)  # MoE rows: zeros
             n = r.num_dense_rows
-            y_moe = self.moe(xs[n:].unsqueeze(0)).squeeze(0)
+            y_moe = (yield from call_steps(self.moe, xs[n:].unsqueeze(0))).squeeze(0)
             return r.unsort(torch.cat([y[:n], y_moe]))
         xs = route.rows(x_BTD, self.w1.split)
         y = self.w2(F.silu(self.w1(xs, route)) * self.w3(xs, route), route)
         return route.tokens(y, self.w1.split)
+
+    def stepped_units(self) -> list[nn.Module]:
+        """What :meth:`forward_steps` calls whole before its first pause: the dense
+        modalities' projections, then the MoE layer's router and shared experts (the
+        whole FFN when it has no MoE layer)."""
+        if self.moe is None:
+            return [self]
+        dense = [self.w1, self.w3, self.w2] if self.dense else []
+        return [*dense, *self.moe.stepped_units()]
 
 
 class MoTBlock(nn.Module):
@@ -141,11 +157,25 @@ class MoTBlock(nn.Module):
         self.region: Region = SINGLE_DEVICE
 
     def forward(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None):
+        return run(self.forward_steps(x_BTD, route, position_ids_BT, doc_ids_BT, block_ids_BT))
+
+    def forward_steps(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None,
+                      block_ids_BT=None) -> Steps[torch.Tensor]:
+        """:meth:`forward` as steps: pauses inside an MoE FFN while its rows travel."""
         r = self.region
         ids = r.local(route.ids_BT)
         a = self.attention(r.enter(x_BTD), route, r, position_ids_BT, doc_ids_BT, block_ids_BT)
         h = x_BTD + self.attention_norm(r.exit(a), ids, r.shared_out)
-        return h + self.ffn_norm(r.exit(self.ffn(r.enter(h), route)), ids, r.shared_out)
+        if self.ffn.moe is None:  # nothing in flight: one plain call (its hooks included)
+            y = self.ffn(r.enter(h), route)
+        else:
+            y = yield from call_steps(self.ffn, r.enter(h), route)
+        return h + self.ffn_norm(r.exit(y), ids, r.shared_out)
+
+    def stepped_units(self) -> list[nn.Module]:
+        """As ``TransformerBlock.stepped_units``: the attention, then the FFN's
+        (:meth:`MoTFeedForward.stepped_units`); the branch norms are outside them."""
+        return [self.attention, *self.ffn.stepped_units()]
 
 
 class MoTTransformer(Transformer):
@@ -182,10 +212,28 @@ class MoTTransformer(Transformer):
         modality_ids_BT: Optional[torch.Tensor] = None,
         patches_BTP: Optional[torch.Tensor] = None,
         timesteps_BT: Optional[torch.Tensor] = None,
+        *,
+        paired: Optional[dict[str, Optional[torch.Tensor]]] = None,
     ):
-        """As ``Transformer.forward``, plus ``modality_ids_BT`` (None: all modality 0) and,
-        for Transfusion, ``patches_BTP`` (noisy patch x_t at image positions) with
-        ``timesteps_BT`` (t there, -1 elsewhere): returns ``(logits, eps_BTP)`` then."""
+        """As ``Transformer.forward`` (``paired`` included), plus ``modality_ids_BT``
+        (None: all modality 0) and, for Transfusion, ``patches_BTP`` (noisy patch x_t at
+        image positions) with ``timesteps_BT`` (t there, -1 elsewhere): returns
+        ``(logits, eps_BTP)`` then."""
+        args = (tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, modality_ids_BT,
+                patches_BTP, timesteps_BT)
+        if paired is not None:
+            a, b = interleave([self._mot_stack(*args, stepped=True),
+                               self._mot_stack(**paired, stepped=True)])
+            return a, b
+        return run(self._mot_stack(*args, stepped=False))
+
+    def forward_steps(self, *args, **kwargs) -> Steps[Any]:
+        """:meth:`forward` as steps (each block's stepped forward; models/steps.py)."""
+        return self._mot_stack(*args, **kwargs, stepped=True)
+
+    def _mot_stack(self, tokens_BT, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None,
+               modality_ids_BT=None, patches_BTP=None, timesteps_BT=None, *,
+               stepped: bool) -> Steps[Any]:
         first = self.tok_embeddings is not None
         h = self.tok_embeddings(tokens_BT) if first else tokens_BT
         if first and self.patch_io is not None and patches_BTP is not None:
@@ -196,7 +244,11 @@ class MoTTransformer(Transformer):
             modality_ids_BT = torch.zeros(h.shape[:2], dtype=torch.long, device=h.device)
         route = ModalityRoute.build(modality_ids_BT, self.num_modalities)
         for layer in self.layers.values():
-            h = layer(h, route, position_ids_BT, doc_ids_BT, block_ids_BT)
+            if stepped:
+                h = yield from call_steps(layer, h, route, position_ids_BT, doc_ids_BT,
+                                          block_ids_BT)
+            else:
+                h = layer(h, route, position_ids_BT, doc_ids_BT, block_ids_BT)
         if self.norm is None:
             return h
         h = self.norm(h)

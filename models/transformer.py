@@ -88,13 +88,8 @@ class TransformerBlock(nn.Module):
         the dense FFN. A pause never falls inside one of them, so a module hook that wraps a
         call (FSDP's unshard / reshard) stays valid under the two-batch overlap; the
         norms and the MoE layer's gate/mix weights are outside them."""
-        units: list[nn.Module] = [self.attention]
-        if isinstance(self.ffn, MoELayer):
-            units += [m for m in (self.ffn.router, self.ffn.shared_experts)
-                      if m is not None and any(True for _ in m.parameters())]
-        else:
-            units.append(self.ffn)
-        return units
+        ffn = self.ffn.stepped_units() if isinstance(self.ffn, MoELayer) else [self.ffn]
+        return [self.attention, *ffn]
 
     def _attend(self, x_BTD, position_ids_BT, doc_ids_BT, block_ids_BT) -> torch.Tensor:
         return self.attention(self.attention_norm(x_BTD), position_ids_BT, doc_ids_BT,

@@ -168,8 +168,8 @@ class DataParallel:
                 # first one's call, resharded after the last one's: each micro-batch
                 # runs them all before the other starts, so a step gathers what the plain
                 # loop gathers); the norms and the MoE layer's gate/mix weights go to the
-                # root's unit.
-                if self.two_batch:
+                # root's unit. A block without a stepped forward (Mamba) is called whole.
+                if self.two_batch and hasattr(block, "stepped_units"):
                     unit = fully_shard(block.stepped_units(), mesh=dims.mesh("dp_cp"),
                                        reshard_after_forward=reshard, mp_policy=mp)[0]
                 else:

@@ -188,7 +188,8 @@ def compile_blocks(model: nn.Module, device: torch.device, backend: str = "induc
         # the grouped GEMM runs eagerly between two compiled graphs
         torch._dynamo.disallow_in_graph(torch._grouped_mm)
     for block in model.layers.values():
-        for unit in block.stepped_units() if stepped else [block]:
+        for unit in block.stepped_units() if stepped and hasattr(block, "stepped_units") \
+                else [block]:
             unit.forward = torch.compile(unit.forward, backend=backend)
 
 
