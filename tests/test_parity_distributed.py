@@ -126,6 +126,11 @@ LAYOUTS = [
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
       "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true",
       "parallel.activation_checkpointing=true"]),
+    # ... and FSDP over TP DTensors in the blocks' whole-call groups
+    ("tp2xdp2_sp_ep4_fsdp_two_batch_capacity_ac", 4, "capacity",
+     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
+      "parallel.dp_engine=fsdp", "parallel.two_batch_overlap=true",
+      "parallel.activation_checkpointing=true"]),
     # FSDP2 over TP DTensors (dense params _StridedShard on (dp_cp, tp))
     ("tp2xdp2_sp_fsdp", 4, "dropless",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.dp_engine=fsdp"]),
