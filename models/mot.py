@@ -35,7 +35,7 @@ from torch import nn
 from models.attention import causal_attention
 from models.config import ModelConfig, layer_kinds, moe_layer_config, moe_layer_pattern
 from models.diffusion import PatchIO
-from models.layers import RotaryEmbedding
+from models.layers import RotaryEmbedding, recompute
 from models.mamba import MambaBlock
 from models.modality import (
     SINGLE_DEVICE,
@@ -106,6 +106,9 @@ class MoTFeedForward(nn.Module):
                  moe_modality: int = -1):
         super().__init__()
         self.moe, self.moe_modality = moe, moe_modality
+        # forward_steps recomputes the dense modalities' SwiGLU in backward (the MoE
+        # layer its experts; parallel/activation_checkpoint.py, two-batch overlap)
+        self.recompute_in_steps = False
         num -= moe is not None
         self.dense = num > 0  # False: one modality, and its FFN is the MoE
         if self.dense:
@@ -122,16 +125,19 @@ class MoTFeedForward(nn.Module):
         its rows are in flight (the dense modalities' rows are done before it)."""
         if not self.dense:  # every token is the MoE modality's: the plain MoE layer
             return (yield from call_steps(self.moe, x_BTD))
+        rc = self.recompute_in_steps
         if self.moe is not None:
             r = route.for_moe(self.moe_modality)
             xs = r.sort(x_BTD)
-            y = self.w2(F.silu(self.w1(xs, r)) * self.w3(xs, r), r)  # MoE rows: zeros
+            y = recompute(rc, self._swiglu, xs, r)  # MoE rows: zeros
             n = r.num_dense_rows
             y_moe = (yield from call_steps(self.moe, xs[n:].unsqueeze(0))).squeeze(0)
             return r.unsort(torch.cat([y[:n], y_moe]))
         xs = route.rows(x_BTD, self.w1.split)
-        y = self.w2(F.silu(self.w1(xs, route)) * self.w3(xs, route), route)
-        return route.tokens(y, self.w1.split)
+        return route.tokens(recompute(rc, self._swiglu, xs, route), self.w1.split)
+
+    def _swiglu(self, xs: torch.Tensor, route: ModalityRoute) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(xs, route)) * self.w3(xs, route), route)
 
     def stepped_units(self) -> list[nn.Module]:
         """What :meth:`forward_steps` calls whole before its first pause: the dense
@@ -155,6 +161,9 @@ class MoTBlock(nn.Module):
                                   moe, moe_modality(cfg))
         self.ffn_norm = ModalityRMSNorm(_num("norms" in parts, M), cfg.hidden_size, cfg.norm_eps)
         self.region: Region = SINGLE_DEVICE
+        # forward_steps recomputes the attention branch (and an FFN without MoE) in
+        # backward (parallel/activation_checkpoint.py, under the two-batch overlap)
+        self.recompute_in_steps = False
 
     def forward(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None):
         return run(self.forward_steps(x_BTD, route, position_ids_BT, doc_ids_BT, block_ids_BT))
@@ -162,15 +171,21 @@ class MoTBlock(nn.Module):
     def forward_steps(self, x_BTD, route, position_ids_BT=None, doc_ids_BT=None,
                       block_ids_BT=None) -> Steps[torch.Tensor]:
         """:meth:`forward` as steps: pauses inside an MoE FFN while its rows travel."""
-        r = self.region
+        r, rc = self.region, self.recompute_in_steps
         ids = r.local(route.ids_BT)
-        a = self.attention(r.enter(x_BTD), route, r, position_ids_BT, doc_ids_BT, block_ids_BT)
-        h = x_BTD + self.attention_norm(r.exit(a), ids, r.shared_out)
+        h = x_BTD + recompute(rc, self._attend, x_BTD, route, ids, position_ids_BT, doc_ids_BT,
+                              block_ids_BT)
         if self.ffn.moe is None:  # nothing in flight: one plain call (its hooks included)
-            y = self.ffn(r.enter(h), route)
+            y = recompute(rc, self.ffn, r.enter(h), route)
         else:
             y = yield from call_steps(self.ffn, r.enter(h), route)
         return h + self.ffn_norm(r.exit(y), ids, r.shared_out)
+
+    def _attend(self, x_BTD, route, ids, position_ids_BT, doc_ids_BT, block_ids_BT):
+        """The attention branch: attention, then its branch-output norm."""
+        r = self.region
+        a = self.attention(r.enter(x_BTD), route, r, position_ids_BT, doc_ids_BT, block_ids_BT)
+        return self.attention_norm(r.exit(a), ids, r.shared_out)
 
     def stepped_units(self) -> list[nn.Module]:
         """As ``TransformerBlock.stepped_units``: the attention, then the FFN's

@@ -20,18 +20,23 @@ def apply_activation_checkpointing(model: nn.Module, stepped: bool = False) -> N
     """Wrap every block of ``model.layers`` in place (FQNs are preserved for checkpoints).
 
     ``stepped`` (the two-batch overlap, whose stepped forward splits the block call a
-    wrapper would sit around): no wrapper; each block recomputes its attention and its
-    FFN, or its MoE layer its routed and shared experts, inside ``forward_steps``
+    wrapper would sit around): no wrapper on a steppable block; it recomputes its
+    attention and its FFN, or its MoE layer its routed and shared experts (a MoT block:
+    its attention branch and the dense modalities' SwiGLU), inside ``forward_steps``
     (``recompute_in_steps``). Kept for backward: each block's input, the router's
     outputs, the exchanged rows and the combine's inputs (what crosses ranks is not
-    exchanged again)."""
+    exchanged again). A block the stepped forward calls whole (Mamba) is wrapped."""
+    names = list(model.layers)
     if stepped:
-        for block in model.layers.values():
-            block.recompute_in_steps = True
-            if hasattr(block.ffn, "recompute_in_steps"):
-                block.ffn.recompute_in_steps = True
-        return
-    for name, block in list(model.layers.items()):
+        # steppable blocks recompute inside their steps; a block called whole (Mamba)
+        # is wrapped as usual
+        for m in (m for b in model.layers.values() if hasattr(b, "forward_steps")
+                  for m in b.modules()):
+            if hasattr(m, "recompute_in_steps"):
+                m.recompute_in_steps = True
+        names = [n for n, b in model.layers.items() if not hasattr(b, "forward_steps")]
+    for name in names:
+        block = model.layers[name]
         model.layers[name] = checkpoint_wrapper(
             block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=False
         )

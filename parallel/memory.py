@@ -256,8 +256,21 @@ def stepped_recompute_bytes(block: nn.Module, model_cfg: Any, s: _Shape) -> tupl
     their inputs, the router, the exchanged rows and the combine's inputs are kept."""
     block = _unwrap(block)
     h = model_cfg.hidden_size
-    attention = _norm_bytes(h, s.t_stream) + _attention_bytes(block.attention, h, s)
     kept = s.t_stream * s.a * h  # the block input, saved by the attention's checkpoint
+    if isinstance(block, MambaBlock):  # called whole: wrapped, keeps its input
+        return kept, layer_activation_bytes(block, model_cfg, s)
+    attention = _norm_bytes(h, s.t_stream) + _attention_bytes(block.attention, h, s)
+    if isinstance(block, MoTBlock):
+        # the attention branch (with two of the three modality-sorted copies) and the
+        # dense modalities' SwiGLU are recomputed; the FFN input and norm, and an MoE
+        # layer's router, exchanged rows and combine inputs, are kept
+        attention += s.t * s.a * 2 * h
+        ffn = layer_activation_bytes(block, model_cfg, s) - attention - _norm_bytes(
+            h, s.t_stream)
+        moe = block.ffn.moe
+        moe_kept = 0 if moe is None else _moe_bytes(moe, h, s) - _expert_swiglu_bytes(moe, s)
+        return (kept + s.t_stream * s.a * h + _norm_bytes(h, s.t_stream) + moe_kept,
+                max(attention, ffn))
     if not isinstance(block.ffn, MoELayer):
         ffn = _norm_bytes(h, s.t_stream) + _ffn_bytes(h, model_cfg.ffn_hidden_size // s.tp,
                                                       s.t, s.a)

@@ -113,12 +113,12 @@ class TwoBatchLoop(MicroBatchLoop):
         return sums
 
 
-def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
+def check_two_batch_overlap(pcfg: Any, num_micro: int) -> None:
     """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
     an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
     micro-batches per step, the plain loop (no PP) over steppable blocks (activation
-    checkpointing recomputes inside them, arch llm only; MoT/MoM blocks step at their
-    MoE FFN, Mamba blocks run whole). FSDP then shards, and
+    checkpointing recomputes inside them; MoT/MoM blocks step at their MoE FFN, Mamba
+    blocks run whole). FSDP then shards, and
     ``parallel.compile`` compiles, the blocks' whole-call submodules instead of the
     blocks (parallel/data_parallel.py, parallel/parallelize.py)."""
     if not getattr(pcfg, "two_batch_overlap", False):
@@ -132,8 +132,5 @@ def check_two_batch_overlap(pcfg: Any, arch: str, num_micro: int) -> None:
                    "raise trainer.global_batch_size or lower trainer.micro_batch_size)")
     if pcfg.pp > 1:
         why.append("no pipeline parallelism (the schedule owns the micro-batch order)")
-    if arch != "llm" and pcfg.activation_checkpointing:
-        why.append(f"parallel.activation_checkpointing=false with model.arch={arch} (its "
-                   "blocks have no recompute inside the stepped forward yet)")
     if why:
         raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))

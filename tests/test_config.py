@@ -190,10 +190,6 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
          "needs an expert all-to-all in flight (parallel.ep > 1, parallel.dispatcher="
          "alltoall, parallel.overlap=true); at least 2 micro-batches per step (this layout "
          "has 1: raise trainer.global_batch_size or lower trainer.micro_batch_size)"),
-        (["parallel.two_batch_overlap=true", "parallel.ep=2", "model=mot_moe_tiny",
-          "data=digits_chameleon", "trainer.global_batch_size=8",
-          "trainer.micro_batch_size=1", "parallel.activation_checkpointing=true"], 2,
-         "parallel.activation_checkpointing=false with model.arch=mot"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.pp=2",
           "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
           "trainer.micro_batch_size=1"], 4,
@@ -213,7 +209,8 @@ def test_two_batch_overlap_layouts_are_valid():
     for overrides, world in ((["parallel.dp_engine=ddp",
                                "parallel.activation_checkpointing=true"], 2),
                               ([], 2), (["parallel.dp_engine=auto"], 4),
-                              (["model=mom_moe_tiny", "data=digits_chameleon"], 2),
+                              (["model=mom_moe_tiny", "data=digits_chameleon",
+                                "parallel.activation_checkpointing=true"], 2),
                               (["parallel.tp=2"], 2)):
         validate(compose_config(["parallel.two_batch_overlap=true", "parallel.ep=2",
                                  "trainer.global_batch_size=8", "trainer.micro_batch_size=1",

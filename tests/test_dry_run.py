@@ -151,3 +151,17 @@ def test_two_batch_overlap_activation_checkpointing_estimate():
     block = "layer 1"  # an MoE block of moe_tiny
     assert ac.activations_by_layer[block] < 0.6 * full.activations_by_layer[block]
     assert ac.recompute_bytes > 0 and ac.microbatches_in_flight == 2.0
+
+
+def test_two_batch_overlap_activation_checkpointing_estimate_mom_moe():
+    """The same for a hybrid MoM+MoE model: MoT blocks recompute inside their steps,
+    Mamba blocks are wrapped whole (they keep their input)."""
+    base = ["trainer.dry_run=true", "model=mom_moe_tiny", "data=digits_chameleon",
+            "parallel.world_size=2", "parallel.ep=2", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=8", "trainer.precision=fp32",
+            "parallel.two_batch_overlap=true"]
+    full = dry_run_report(compose_config(base))
+    ac = dry_run_report(compose_config([*base, "parallel.activation_checkpointing=true"]))
+    for block in ("layer 0", "layer 1"):  # Mamba, then attention with the MoE FFN
+        assert ac.activations_by_layer[block] < 0.6 * full.activations_by_layer[block]
+    assert ac.recompute_bytes > 0 and ac.microbatches_in_flight == 2.0

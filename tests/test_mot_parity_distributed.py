@@ -45,9 +45,12 @@ LAYOUTS = [
     ("cp2_transfusion", 2, "transfusion", ["parallel.cp=2"]),
     ("mot_moe_dp2_ep2", 2, "mot_moe", ["parallel.ep=2"]),
     # the two-batch overlap (FSDP over the blocks' whole-call submodules): MoT blocks step
-    # at their MoE FFN, Mamba blocks run whole
+    # at their MoE FFN, Mamba blocks run whole; with activation checkpointing (MoT blocks
+    # recompute inside their steps, Mamba blocks are wrapped)
     ("mot_moe_ep2_two_batch", 2, "mot_moe", ["parallel.ep=2", "parallel.two_batch_overlap=true"]),
-    ("mom_moe_ep2_two_batch", 2, "mom_moe", ["parallel.ep=2", "parallel.two_batch_overlap=true"]),
+    ("mom_moe_ep2_two_batch_ac", 2, "mom_moe",
+     ["parallel.ep=2", "parallel.two_batch_overlap=true",
+      "parallel.activation_checkpointing=true"]),
     ("mom_dp2_fsdp", 2, "mom", []),
     ("mom_pp2", 2, "mom", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
     # d_inner split; SP: the norm on the rank's tokens, the sequence gathered for the mixer

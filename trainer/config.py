@@ -771,7 +771,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             m.tie_embeddings)
         check_tensor_parallel(m, p.tp, seq_len=t.seq_len,
                               sequence_parallel=p.sequence_parallel, world_size=world_size)
-        check_two_batch_overlap(p, m.arch, t.global_batch_size // (
+        check_two_batch_overlap(p, t.global_batch_size // (
             t.micro_batch_size * dims.dp))
     except ConfigError:
         raise

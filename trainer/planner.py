@@ -11,8 +11,7 @@ divisor of the world with pp <= num_layers; schedules 1f1b (vpp 1), interleaved_
 bubble and holds every micro-batch; ep any divisor of num_experts, etp a divisor of
 gpus_per_node; micro-batch sizes 1, 2, 4; recompute off/on; dispatcher alltoall (dedup)
 and allgather; the two-batch overlap off/on where it can run (ep > 1, alltoall, pp = 1,
-``parallel.overlap``, no recompute outside arch llm; it needs 2 micro-batches, which
-validation checks);
+``parallel.overlap``; it needs 2 micro-batches, which validation checks);
 sequence parallel on whenever tp > 1. Memory is computed lazily in order
 of estimated time, and only until ``plan.top`` candidates fit: the meta model is built
 once per (pp, vpp, placement, tp, cp, ep, etp, dispatcher, rank) and reused for every
@@ -177,8 +176,7 @@ def enumerate_layouts(base: Config, world: int, gpus_per_node: int,
             if ep == 1 and disp != "alltoall":
                 continue
             if tb and "two_batch" not in fixed and not (
-                    can_pair and ep > 1 and disp == "alltoall" and pp == 1
-                    and (m.arch == "llm" or not rec)):
+                    can_pair and ep > 1 and disp == "alltoall" and pp == 1):
                 continue  # nothing for it to overlap, or a layout it does not run on
             yield Layout(world=world, tp=tp, cp=cp, pp=pp, vpp=v, pp_schedule=s, ep=ep,
                          etp=etp, micro_batch_size=mbs, recompute=rec, dispatcher=disp,
