@@ -283,6 +283,45 @@ def step_host_syncs(ctx: Ctx):
     return "INFO", f"{len(syncs)} host syncs in fwd+bwd ({'; '.join(kinds)[:200]})"
 
 
+def step_two_batch(ctx: Ctx):
+    """4b. the two-batch overlap's stepped forward on the device, bf16: the paired call
+    equals two plain calls (one device: nothing pauses, so bit for bit), and with the
+    stepped recompute (activation checkpointing inside the steps, the experts' loop path
+    whose counts come from the host) the gradients match."""
+    from models import build_model
+    from models.config import ModelConfig
+    from parallel.activation_checkpoint import apply_activation_checkpointing
+
+    D = ctx.size(1024, 32)
+    cfg = ModelConfig(vocab_size=512, hidden_size=D, num_layers=2, num_heads=8,
+                      num_kv_heads=4, ffn_hidden_size=2 * D, max_seq_len=2048)
+    cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.expert_ffn_hidden_size = 8, 2, D // 2
+    cfg.moe.num_shared_experts = 1
+    T = ctx.size(1024, 32)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 512, (2, T), generator=gen).to(ctx.device) for _ in range(2))
+    out = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, ctx.device.type)
+        for layer in model.moe_layers():
+            layer.experts.grouped_mm_impl = "loop"
+        if recompute:
+            apply_activation_checkpointing(model, stepped=True)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+            plain = (model(a), model(b)) if not recompute else None
+            ya, yb = model(a, paired={"tokens_BT": b})
+        (ya.float().square().mean() + yb.float().square().mean()).backward()
+        out[recompute] = (plain, (ya, yb), [p.grad.float() for p in model.parameters()])
+    plain, paired, g0 = out[False]
+    same = all(torch.equal(x, y) for x, y in zip(plain, paired))
+    g_diff = max((x - y).abs().max().item() / (y.abs().max().item() or 1)
+                 for x, y in zip(out[True][2], g0))
+    ok = same and g_diff < 2e-2  # bf16: recompute may round the SwiGLU differently
+    return ("PASS" if ok else "FAIL",
+            f"paired == plain: {same}; stepped recompute grads max rel diff {g_diff:.2e}")
+
+
 def step_one_rank_group(ctx: Ctx):
     """5. a 1-rank NCCL group (gloo in the smoke run): collectives on device tensors,
     grad-norm clipping through DataParallel, FSDP2 with the bf16 policy, DCP save/load."""
@@ -524,6 +563,7 @@ STEPS: list[tuple[str, Callable[[Ctx], tuple[str, str]]]] = [
     ("2b expert kernels: fused / segments / padded", step_expert_kernels),
     ("3 SDPA kernels + memory", step_sdpa),
     ("4 host syncs (MoE layer)", step_host_syncs),
+    ("4b two-batch stepped forward", step_two_batch),
     ("5 1-rank group, clip, FSDP2, DCP", step_one_rank_group),
     ("6 Mamba mixer memory / kernels", step_mamba),
     ("7 routing on priming input", step_priming),
