@@ -48,7 +48,7 @@ from models.modality import (
 )
 from models.moe import MoELayer
 from models.steps import Steps, call_steps, interleave, run
-from models.transformer import Transformer
+from models.transformer import Transformer, forward_halves_paired
 
 
 def _num(untied: bool, modalities: int) -> int:
@@ -236,6 +236,10 @@ class MoTTransformer(Transformer):
         ``(logits, eps_BTP)`` then."""
         args = (tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT, modality_ids_BT,
                 patches_BTP, timesteps_BT)
+        if paired is None and self.pair_halves:
+            names = ("position_ids_BT", "doc_ids_BT", "block_ids_BT", "modality_ids_BT",
+                     "patches_BTP", "timesteps_BT")
+            return forward_halves_paired(self, tokens_BT, **dict(zip(names, args[1:])))
         if paired is not None:
             a, b = interleave([self._mot_stack(*args, stepped=True),
                                self._mot_stack(**paired, stepped=True)])

@@ -7,7 +7,7 @@ own (sets it to None / removes layers) and ``forward`` passes the activations th
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,28 @@ class TransformerBlock(nn.Module):
         return self.ffn(self.ffn_norm(h_BTD))
 
 
+def forward_halves_paired(model: nn.Module, first: torch.Tensor, **kwargs: Any) -> Any:
+    """``model``'s forward of a batch made of two micro-batches (its halves along dim 0)
+    as one paired call (the two-batch overlap inside a pipeline stage, whose micro-batch
+    is a pair: parallel/pipeline.py): the halves' outputs concatenated back."""
+    def halves(t):
+        return (None, None) if t is None else t.chunk(2, dim=0)
+
+    a_args = {k: halves(v)[0] for k, v in kwargs.items()}
+    b_args = {k: halves(v)[1] for k, v in kwargs.items()}
+    a_first, b_first = halves(first)
+    # .forward: the module call around this one has run the model's hooks already
+    a, b = model.forward(a_first, **a_args, paired={"tokens_BT": b_first, **b_args})
+    if isinstance(a, tuple):  # (logits, eps) of a diffusion head
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+    return torch.cat([a, b])
+
+
 class Transformer(nn.Module):
+    # A pipeline stage's micro-batch is a pair of micro-batches under the two-batch
+    # overlap: forward then runs its halves paired (parallel/parallelize.py sets it).
+    pair_halves = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         rope = self._init_embedding(cfg)
@@ -149,6 +170,9 @@ class Transformer(nn.Module):
         keywords). The two stepped forwards then run interleaved (the two-batch overlap,
         parallel/runner.py) inside this one call, and both outputs come back as a tuple:
         hooks on the model (FSDP's root unshard / reshard) wrap the pair once."""
+        if paired is None and self.pair_halves:
+            return forward_halves_paired(self, tokens_BT, position_ids_BT=position_ids_BT,
+                                         doc_ids_BT=doc_ids_BT, block_ids_BT=block_ids_BT)
         if paired is not None:
             a, b = interleave([
                 self.forward_steps(tokens_BT, position_ids_BT, doc_ids_BT, block_ids_BT),

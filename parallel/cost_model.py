@@ -27,7 +27,7 @@ activation recompute (every forward collective and the forward FLOPs are repeate
   ``StepEstimate.hidden``, not summed): with ``parallel.overlap`` the dispatch (and its
   reverse in backward) travels while the shared experts run, so up to half of the
   exchange hides behind their compute (their share of F); with the two-batch overlap
-  (``Layout.two_batch``, pp = 1) every exchange of a paired micro-batch travels during
+  (``Layout.two_batch``) every exchange of a paired micro-batch travels during
   the other one's work, so it hides behind the compute of the MoE blocks
   (``F - 6 h V``, the head, times ``L_moe / L``); an odd last micro-batch runs alone.
   Exposed ``ep`` = the exchange minus what hides.
@@ -38,7 +38,8 @@ activation recompute (every forward collective and the forward FLOPs are repeate
   the rank over ``dp*cp`` ranks, experts over ``edp``: ``(n-1)/n * numel * bytes / bw``;
   only ``DP_EXPOSED`` of it is exposed (the rest overlaps with compute). The two-batch
   overlap's last pair reduce-scatters twice (once per micro-batch).
-- pp_bubble: ``busy * f / (1 - f)`` with ``f = parallel.pipeline.bubble_fraction``.
+- pp_bubble: ``busy * f / (1 - f)`` with ``f = parallel.pipeline.bubble_fraction`` (of
+  ``m / 2`` pipeline micro-batches under the two-batch overlap, which runs pairs).
 - pp_p2p: per micro-batch and virtual stage boundary one ``[t/tp(SP), h]`` send forward and
   one backward: ``2 * vpp * m * t_stream*h*a / bw``.
 
@@ -203,7 +204,7 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
     dense, expert = _layer_params(cfg)
     gathers = 2 if lay.pp == 1 else 1
     # the two-batch overlap's last pair reduce-scatters once per micro-batch
-    reduces = 2 if lay.two_batch and lay.pp == 1 and m >= 2 else 1
+    reduces = 2 if lay.two_batch and m >= 2 else 1
     dp_s = 0.0
     for numel, n, span in ((dense / (lay.tp * lay.pp), lay.dp * lay.cp, W // lay.pp),
                            (expert / (lay.ep * lay.etp * lay.pp), lay.edp, W // lay.pp)):
@@ -212,7 +213,8 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
             dp_s += vol / _span_bw(span, hw)
     b["dp"] = DP_EXPOSED * dp_s
     busy = sum(b.values())
-    f = bubble_fraction(lay.pp_schedule, lay.pp, m, lay.vpp)
+    # under the two-batch overlap the pipeline's micro-batches are pairs
+    f = bubble_fraction(lay.pp_schedule, lay.pp, m // 2 if lay.two_batch else m, lay.vpp)
     b["pp_bubble"] = busy * f / (1 - f) if f < 1 else math.inf
     t_stream = t // lay.tp if lay.tp > 1 else t
     b["pp_p2p"] = (2 * lay.vpp * m * t_stream * h * a / _span_bw(2 * W // lay.pp, hw)
@@ -232,7 +234,7 @@ def _ep_hidden(cfg: Any, lay: Layout, ep_s: float, compute_s: float, flops_tok: 
     width = mo.shared_expert_ffn_hidden_size or mo.expert_ffn_hidden_size
     n_shared = 1 if mo.residual else mo.num_shared_experts
     shared_s = compute_s * 6 * 3 * h * n_shared * width * n_moe / flops_tok
-    paired = 2 * (m // 2) / m if lay.two_batch and lay.pp == 1 and m >= 2 else 0.0
+    paired = 2 * (m // 2) / m if lay.two_batch and m >= 2 else 0.0
     hid = 0.0
     if paired:
         head = 6 * h * cfg.vocab_size

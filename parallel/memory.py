@@ -357,8 +357,9 @@ def _buffers(model: nn.Module, model_cfg: Any, pcfg: Any, tcfg: Any, dims: Any,
         out["tp_gather"] = s.t * h * a
     if getattr(model, "output", None) is not None or getattr(model, "norm", None) is not None:
         out["logits"] = s.t * (V // s.tp) * a
-    if dims.pp > 1:
-        out["pp_p2p"] = 2 * s.t_stream * h * a
+    if dims.pp > 1:  # send + receive of one pipeline micro-batch (a pair: two-batch)
+        pairs = 2 if getattr(pcfg, "two_batch_overlap", False) else 1
+        out["pp_p2p"] = pairs * 2 * s.t_stream * h * a
     return out
 
 
@@ -375,7 +376,9 @@ def estimate_memory(model_cfg: Any, pcfg: Any, tcfg: Any, pm: Any) -> MemoryRepo
     by_layer, recompute = activation_bytes(model, model_cfg, pcfg, tcfg, dims, a)
     per_mb = sum(by_layer.values())
     if pm.pp_split is not None:
-        flight = in_flight(pcfg.pp_schedule, dims.pp, dims.pp_rank, pm.num_micro, pcfg.vpp)
+        pairs = 2 if getattr(pcfg, "two_batch_overlap", False) else 1  # pairs: PP's unit
+        flight = pairs * in_flight(pcfg.pp_schedule, dims.pp, dims.pp_rank,
+                                   pm.num_micro // pairs, pcfg.vpp)
     elif getattr(pcfg, "two_batch_overlap", False) and pm.num_micro > 1:
         flight = 2.0  # a pair's forwards run before its one backward (parallel/runner.py)
     else:

@@ -98,8 +98,9 @@ class ParallelModel:
             loop = TwoBatchLoop if self.two_batch_overlap else MicroBatchLoop
             return loop(self.model, objective, self.arch, autocast, self.moe,
                         before_micro_batch=self.dp.before_micro_batch)
+        pairs = 2 if self.two_batch_overlap else 1  # a pipeline micro-batch is a pair
         return PipelineRunner(self.model, self.chunks, self.pp_split,
-                              schedule=self.pp_schedule, n_microbatches=self.num_micro,
+                              schedule=self.pp_schedule, n_microbatches=self.num_micro // pairs,
                               objective=objective, arch=self.arch, autocast=autocast,
                               moe=self.moe, dims=self.dims, device=self.device)
 
@@ -123,7 +124,8 @@ def parallelize(
             list(pcfg.pp_layers) if pcfg.pp_layers else None,
             vpp=pcfg.vpp, style=SCHEDULES[pcfg.pp_schedule].style,
         )
-        report = pipeline_report(model, split, pcfg.pp_schedule, num_micro)
+        pairs = 2 if getattr(pcfg, "two_batch_overlap", False) else 1
+        report = pipeline_report(model, split, pcfg.pp_schedule, num_micro // pairs)
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
         apply_expert_parallel(model, dims, pcfg.dispatcher, placement=placement)
@@ -142,6 +144,9 @@ def parallelize(
     chunks = [model]
     if split is not None:  # after AC: the chunks must hold the wrapped blocks
         chunks = stage_chunks(model, split)
+        if two_batch:  # the pipeline's micro-batches are pairs, run paired in each stage
+            for chunk in {id(c): c for c in [model, *chunks]}.values():
+                chunk.pair_halves = True
     engine, dp_note = pcfg.dp_engine, ""
     if engine == "auto":
         engine, dp_note = choose_dp_engine(model, dims, device,

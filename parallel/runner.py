@@ -116,9 +116,10 @@ class TwoBatchLoop(MicroBatchLoop):
 def check_two_batch_overlap(pcfg: Any, num_micro: int) -> None:
     """One-line ``ValueError`` where ``parallel.two_batch_overlap`` cannot run: it needs
     an expert all-to-all in flight (EP > 1, the all-to-all dispatcher, ``overlap``), two
-    micro-batches per step, the plain loop (no PP) over steppable blocks (activation
-    checkpointing recomputes inside them; MoT/MoM blocks step at their MoE FFN, Mamba
-    blocks run whole). FSDP then shards, and
+    micro-batches per step (an even number under PP, whose micro-batches are then pairs,
+    each stage running its halves paired) over steppable blocks (activation checkpointing
+    recomputes inside them; MoT/MoM blocks step at their MoE FFN, Mamba blocks run
+    whole). FSDP then shards, and
     ``parallel.compile`` compiles, the blocks' whole-call submodules instead of the
     blocks (parallel/data_parallel.py, parallel/parallelize.py)."""
     if not getattr(pcfg, "two_batch_overlap", False):
@@ -130,7 +131,8 @@ def check_two_batch_overlap(pcfg: Any, num_micro: int) -> None:
     if num_micro < 2:
         why.append(f"at least 2 micro-batches per step (this layout has {num_micro}: "
                    "raise trainer.global_batch_size or lower trainer.micro_batch_size)")
-    if pcfg.pp > 1:
-        why.append("no pipeline parallelism (the schedule owns the micro-batch order)")
+    if pcfg.pp > 1 and num_micro % 2:
+        why.append(f"an even number of micro-batches per step under pipeline parallelism "
+                   f"(this layout has {num_micro}; the pipeline's micro-batches are pairs)")
     if why:
         raise ValueError("parallel.two_batch_overlap=true needs " + "; ".join(why))

@@ -191,9 +191,10 @@ def test_bad_values_give_one_line_naming_the_key(overrides, message):
          "alltoall, parallel.overlap=true); at least 2 micro-batches per step (this layout "
          "has 1: raise trainer.global_batch_size or lower trainer.micro_batch_size)"),
         (["parallel.two_batch_overlap=true", "parallel.ep=2", "parallel.pp=2",
-          "parallel.dp_engine=ddp", "trainer.global_batch_size=8",
+          "parallel.dp_engine=ddp", "trainer.global_batch_size=10",
           "trainer.micro_batch_size=1"], 4,
-         "no pipeline parallelism"),
+         "an even number of micro-batches per step under pipeline parallelism (this "
+         "layout has 5"),
     ],
 )
 def test_impossible_layouts_fail_before_launch(overrides, world, message):
@@ -211,6 +212,8 @@ def test_two_batch_overlap_layouts_are_valid():
                               ([], 2), (["parallel.dp_engine=auto"], 4),
                               (["model=mom_moe_tiny", "data=digits_chameleon",
                                 "parallel.activation_checkpointing=true"], 2),
+                              (["parallel.pp=2", "parallel.pp_schedule=zbv",
+                                "parallel.vpp=2"], 4),
                               (["parallel.tp=2"], 2)):
         validate(compose_config(["parallel.two_batch_overlap=true", "parallel.ep=2",
                                  "trainer.global_batch_size=8", "trainer.micro_batch_size=1",

@@ -139,6 +139,18 @@ def test_two_batch_overlap_counts_two_micro_batches():
     assert two.buffers["ep_dispatch"] == 2 * one.buffers["ep_dispatch"]
 
 
+def test_two_batch_overlap_under_pp_counts_pairs_in_flight():
+    """Under PP the pipeline's micro-batches are pairs: 1F1B's rank 0 holds pp of them,
+    i.e. 2 * pp micro-batches' activations, and the p2p buffers carry a pair."""
+    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=4",
+            "parallel.pp=2", "parallel.ep=2", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=16", "trainer.precision=fp32"]
+    one = dry_run_report(compose_config(base))
+    two = dry_run_report(compose_config([*base, "parallel.two_batch_overlap=true"]))
+    assert (one.microbatches_in_flight, two.microbatches_in_flight) == (2.0, 4.0)
+    assert two.buffers["pp_p2p"] == 2 * one.buffers["pp_p2p"]
+
+
 def test_two_batch_overlap_activation_checkpointing_estimate():
     """Two-batch overlap + activation checkpointing: each block keeps more than its input
     (router, exchanged rows, combine inputs) but far less than without recompute."""

@@ -126,6 +126,9 @@ LAYOUTS = [
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",
       "parallel.dp_engine=ddp", "parallel.two_batch_overlap=true",
       "parallel.activation_checkpointing=true"]),
+    # under PP the pipeline's micro-batches are pairs, each stage runs its halves paired
+    ("pp2xdp2_ep2_two_batch", 4, "dropless",
+     ["parallel.pp=2", "parallel.ep=2", "parallel.two_batch_overlap=true"]),
     # ... and FSDP over TP DTensors in the blocks' whole-call groups
     ("tp2xdp2_sp_ep4_fsdp_two_batch_capacity_ac", 4, "capacity",
      ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=4",

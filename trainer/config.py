@@ -766,9 +766,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             raise ConfigError("parallel.expert_placement other than contiguous does not work "
                               "with checkpoint.async_save=true yet (DCP's staging copy drops "
                               "the placed-expert chunk map); use a synchronous save")
+        # under the two-batch overlap the pipeline's micro-batches are pairs
         check_pipeline(p.pp, p.vpp, p.pp_schedule, t.global_batch_size // (
-            t.micro_batch_size * dims.dp), m.num_layers, list(p.pp_layers or []) or None,
-            m.tie_embeddings)
+            t.micro_batch_size * dims.dp * (2 if p.two_batch_overlap else 1)), m.num_layers,
+            list(p.pp_layers or []) or None, m.tie_embeddings)
         check_tensor_parallel(m, p.tp, seq_len=t.seq_len,
                               sequence_parallel=p.sequence_parallel, world_size=world_size)
         check_two_batch_overlap(p, t.global_batch_size // (

@@ -10,8 +10,9 @@ divisor of the world with pp <= num_layers; schedules 1f1b (vpp 1), interleaved_
 (vpp 2, 4), interleaved_zb (vpp 1, 2) and zbv (vpp 2) — gpipe is left out, it has 1F1B's
 bubble and holds every micro-batch; ep any divisor of num_experts, etp a divisor of
 gpus_per_node; micro-batch sizes 1, 2, 4; recompute off/on; dispatcher alltoall (dedup)
-and allgather; the two-batch overlap off/on where it can run (ep > 1, alltoall, pp = 1,
-``parallel.overlap``; it needs 2 micro-batches, which validation checks);
+and allgather; the two-batch overlap off/on where it can run (ep > 1, alltoall,
+``parallel.overlap``; it needs 2 micro-batches, an even count under PP, which
+validation checks);
 sequence parallel on whenever tp > 1. Memory is computed lazily in order
 of estimated time, and only until ``plan.top`` candidates fit: the meta model is built
 once per (pp, vpp, placement, tp, cp, ep, etp, dispatcher, rank) and reused for every
@@ -176,7 +177,7 @@ def enumerate_layouts(base: Config, world: int, gpus_per_node: int,
             if ep == 1 and disp != "alltoall":
                 continue
             if tb and "two_batch" not in fixed and not (
-                    can_pair and ep > 1 and disp == "alltoall" and pp == 1):
+                    can_pair and ep > 1 and disp == "alltoall"):
                 continue  # nothing for it to overlap, or a layout it does not run on
             yield Layout(world=world, tp=tp, cp=cp, pp=pp, vpp=v, pp_schedule=s, ep=ep,
                          etp=etp, micro_batch_size=mbs, recompute=rec, dispatcher=disp,
