@@ -125,7 +125,8 @@ def parallelize(
             vpp=pcfg.vpp, style=SCHEDULES[pcfg.pp_schedule].style,
         )
         pairs = 2 if getattr(pcfg, "two_batch_overlap", False) else 1
-        report = pipeline_report(model, split, pcfg.pp_schedule, num_micro // pairs)
+        report = pipeline_report(model, split, pcfg.pp_schedule, num_micro // pairs,
+                                 pairs=pairs == 2)
         model = stage_module(model, split)
     if dims.ep * dims.etp > 1:
         apply_expert_parallel(model, dims, pcfg.dispatcher, placement=placement)

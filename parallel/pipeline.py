@@ -387,11 +387,13 @@ def in_flight(schedule: str, pp: int, rank: int, n_microbatches: int, vpp: int =
     return min(v * m, (v - 1) * per_round + 2 * (pp - 1 - rank) + 1) / v
 
 
-def pipeline_report(model: nn.Module, split: PipelineSplit, schedule: str, m: int) -> str:
+def pipeline_report(model: nn.Module, split: PipelineSplit, schedule: str, m: int,
+                    pairs: bool = False) -> str:
     """Start-up table: stages, layers, parameters and estimated memory per pipeline rank,
     and the bubble fraction. Memory = fp32 weights + grads + two Adam moments
     (16 B/parameter) before TP/EP/FSDP sharding, plus the micro-batches whose activations
-    are live at the peak (:func:`in_flight`)."""
+    are live at the peak (:func:`in_flight`). ``pairs``: each of the ``m`` pipeline
+    micro-batches is a pair (the two-batch overlap)."""
     rows = []
     for r in range(split.pp):
         stages = [s for s in range(split.num_stages) if split.owner[s] == r]
@@ -408,7 +410,7 @@ def pipeline_report(model: nn.Module, split: PipelineSplit, schedule: str, m: in
                     model.output.weight.numel() if model.output is not None else 0)
                 part += " + head"
             parts.append(part)
-        live = in_flight(schedule, split.pp, r, m, split.vpp)
+        live = in_flight(schedule, split.pp, r, m, split.vpp) * (2 if pairs else 1)
         rows.append(
             f"  rank {r}: stage {'; '.join(parts)}: {n / 1e6:.2f}M params, "
             f"~{16 * n / 2**30:.2f} GiB weights+grads+Adam, activations of ~{live:g} "
@@ -416,5 +418,6 @@ def pipeline_report(model: nn.Module, split: PipelineSplit, schedule: str, m: in
         )
     bubble = bubble_fraction(schedule, split.pp, m, split.vpp)
     head = (f"pipeline: {split.pp} ranks x {split.vpp} stages, schedule {schedule}, "
-            f"{m} micro-batches, bubble ~{bubble:.1%} (equal stage costs)")
+            f"{m} micro-batches{' (pairs: the two-batch overlap)' if pairs else ''}, "
+            f"bubble ~{bubble:.1%} (equal stage costs)")
     return "\n".join([head, *rows])
