@@ -126,14 +126,21 @@ def test_fsdp_buffers_follow_prefetch_and_grad_sync():
     assert last["fsdp_unsharded_grads"] == n_blocks * every["fsdp_unsharded_grads"]
 
 
+def _two_batch_reports(extra: list[str], flag: str, world: int = 2):
+    """Dry-run reports of an EP 2 layout (one micro-batch of 1 per step and rank, fp32)
+    without and with ``flag``."""
+    base = ["trainer.dry_run=true", f"parallel.world_size={world}", "parallel.ep=2",
+            "trainer.micro_batch_size=1", "trainer.precision=fp32", *extra]
+    return (dry_run_report(compose_config(base)),
+            dry_run_report(compose_config([*base, flag])))
+
+
 def test_two_batch_overlap_counts_two_micro_batches():
     """parallel.two_batch_overlap holds a pair's activations (and dispatch buffers) at once:
     the estimate counts two micro-batches in flight."""
-    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=2",
-            "parallel.ep=2", "parallel.dp_engine=ddp", "trainer.micro_batch_size=1",
-            "trainer.global_batch_size=8", "trainer.precision=fp32"]
-    one = dry_run_report(compose_config(base))
-    two = dry_run_report(compose_config([*base, "parallel.two_batch_overlap=true"]))
+    one, two = _two_batch_reports(["model=moe_tiny", "parallel.dp_engine=ddp",
+                                   "trainer.global_batch_size=8"],
+                                  "parallel.two_batch_overlap=true")
     assert (one.microbatches_in_flight, two.microbatches_in_flight) == (1.0, 2.0)
     assert two.activations_bytes == 2 * one.activations_bytes
     assert two.buffers["ep_dispatch"] == 2 * one.buffers["ep_dispatch"]
@@ -142,38 +149,24 @@ def test_two_batch_overlap_counts_two_micro_batches():
 def test_two_batch_overlap_under_pp_counts_pairs_in_flight():
     """Under PP the pipeline's micro-batches are pairs: 1F1B's rank 0 holds pp of them,
     i.e. 2 * pp micro-batches' activations, and the p2p buffers carry a pair."""
-    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=4",
-            "parallel.pp=2", "parallel.ep=2", "trainer.micro_batch_size=1",
-            "trainer.global_batch_size=16", "trainer.precision=fp32"]
-    one = dry_run_report(compose_config(base))
-    two = dry_run_report(compose_config([*base, "parallel.two_batch_overlap=true"]))
+    one, two = _two_batch_reports(["model=moe_tiny", "parallel.pp=2",
+                                   "trainer.global_batch_size=16"],
+                                  "parallel.two_batch_overlap=true", world=4)
     assert (one.microbatches_in_flight, two.microbatches_in_flight) == (2.0, 4.0)
     assert two.buffers["pp_p2p"] == 2 * one.buffers["pp_p2p"]
 
 
-def test_two_batch_overlap_activation_checkpointing_estimate():
+@pytest.mark.parametrize("model, blocks", [
+    (["model=moe_tiny", "parallel.dp_engine=ddp"], ["layer 1"]),  # an MoE block
+    # hybrid MoM+MoE: a Mamba block (wrapped whole), then attention with the MoE FFN
+    (["model=mom_moe_tiny", "data=digits_chameleon"], ["layer 0", "layer 1"]),
+], ids=["moe_tiny", "mom_moe_tiny"])
+def test_two_batch_overlap_activation_checkpointing_estimate(model, blocks):
     """Two-batch overlap + activation checkpointing: each block keeps more than its input
     (router, exchanged rows, combine inputs) but far less than without recompute."""
-    base = ["trainer.dry_run=true", "model=moe_tiny", "parallel.world_size=2",
-            "parallel.ep=2", "parallel.dp_engine=ddp", "trainer.micro_batch_size=1",
-            "trainer.global_batch_size=8", "trainer.precision=fp32",
-            "parallel.two_batch_overlap=true"]
-    full = dry_run_report(compose_config(base))
-    ac = dry_run_report(compose_config([*base, "parallel.activation_checkpointing=true"]))
-    block = "layer 1"  # an MoE block of moe_tiny
-    assert ac.activations_by_layer[block] < 0.6 * full.activations_by_layer[block]
-    assert ac.recompute_bytes > 0 and ac.microbatches_in_flight == 2.0
-
-
-def test_two_batch_overlap_activation_checkpointing_estimate_mom_moe():
-    """The same for a hybrid MoM+MoE model: MoT blocks recompute inside their steps,
-    Mamba blocks are wrapped whole (they keep their input)."""
-    base = ["trainer.dry_run=true", "model=mom_moe_tiny", "data=digits_chameleon",
-            "parallel.world_size=2", "parallel.ep=2", "trainer.micro_batch_size=1",
-            "trainer.global_batch_size=8", "trainer.precision=fp32",
-            "parallel.two_batch_overlap=true"]
-    full = dry_run_report(compose_config(base))
-    ac = dry_run_report(compose_config([*base, "parallel.activation_checkpointing=true"]))
-    for block in ("layer 0", "layer 1"):  # Mamba, then attention with the MoE FFN
+    full, ac = _two_batch_reports([*model, "trainer.global_batch_size=8",
+                                   "parallel.two_batch_overlap=true"],
+                                  "parallel.activation_checkpointing=true")
+    for block in blocks:
         assert ac.activations_by_layer[block] < 0.6 * full.activations_by_layer[block]
     assert ac.recompute_bytes > 0 and ac.microbatches_in_flight == 2.0
