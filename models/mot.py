@@ -251,8 +251,8 @@ class MoTTransformer(Transformer):
         return self._mot_stack(*args, **kwargs, stepped=True)
 
     def _mot_stack(self, tokens_BT, position_ids_BT=None, doc_ids_BT=None, block_ids_BT=None,
-               modality_ids_BT=None, patches_BTP=None, timesteps_BT=None, *,
-               stepped: bool) -> Steps[Any]:
+                   modality_ids_BT=None, patches_BTP=None, timesteps_BT=None, *,
+                   stepped: bool) -> Steps[Any]:
         first = self.tok_embeddings is not None
         h = self.tok_embeddings(tokens_BT) if first else tokens_BT
         if first and self.patch_io is not None and patches_BTP is not None:
