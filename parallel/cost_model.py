@@ -37,7 +37,7 @@ activation recompute (every forward collective and the forward FLOPs are repeate
   (twice per step with pp = 1 and reshard after forward, once with pp > 1): dense params of
   the rank over ``dp*cp`` ranks, experts over ``edp``: ``(n-1)/n * numel * bytes / bw``;
   only ``DP_EXPOSED`` of it is exposed (the rest overlaps with compute). The two-batch
-  overlap's last pair reduce-scatters twice (once per micro-batch).
+  overlap's last pair reduce-scatters twice (once per micro-batch) without PP.
 - pp_bubble: ``busy * f / (1 - f)`` with ``f = parallel.pipeline.bubble_fraction`` (of
   ``m / 2`` pipeline micro-batches under the two-batch overlap, which runs pairs).
 - pp_p2p: per micro-batch and virtual stage boundary one ``[t/tp(SP), h]`` send forward and
@@ -203,8 +203,9 @@ def step_time(cfg: Any, lay: Layout, hw: Hardware, seq_len: int, gbs: int) -> St
     # DP / FSDP: dense shards over dp*cp (members tp apart), experts over edp
     dense, expert = _layer_params(cfg)
     gathers = 2 if lay.pp == 1 else 1
-    # the two-batch overlap's last pair reduce-scatters once per micro-batch
-    reduces = 2 if lay.two_batch and m >= 2 else 1
+    # the two-batch overlap's last pair reduce-scatters once per micro-batch (under PP the
+    # pipeline stage defers FSDP's reduction to one call after the last backward)
+    reduces = 2 if lay.two_batch and lay.pp == 1 and m >= 2 else 1
     dp_s = 0.0
     for numel, n, span in ((dense / (lay.tp * lay.pp), lay.dp * lay.cp, W // lay.pp),
                            (expert / (lay.ep * lay.etp * lay.pp), lay.edp, W // lay.pp)):
