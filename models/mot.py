@@ -241,8 +241,7 @@ class MoTTransformer(Transformer):
                      "patches_BTP", "timesteps_BT")
             return forward_halves_paired(self, tokens_BT, **dict(zip(names, args[1:])))
         if paired is not None:
-            a, b = interleave([self._mot_stack(*args, stepped=True),
-                               self._mot_stack(**paired, stepped=True)])
+            a, b = interleave([self.forward_steps(*args), self.forward_steps(**paired)])
             return a, b
         return run(self._mot_stack(*args, stepped=False))
 
