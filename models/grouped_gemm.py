@@ -9,10 +9,13 @@ Three implementations, equal in values and gradients (tests/test_moe_layer.py):
   devices and dtypes through a fallback that copies the offsets to the host on every
   call, 9 syncs per SwiGLU fwd+bwd: the loop below syncs once for all of them.)
 - the segment loop (a loop over experts, never over tokens);
-- the padded bmm (``pad_segments``: the segments padded to the longest, three ``bmm``).
+- the padded bmm (``pad_segments``: the segments padded to the longest, three ``bmm``;
+  or, where a few segments are much longer than the rest, padded to a shorter main tier
+  with the long ones' remaining rows in an overflow tier against their gathered weights:
+  :class:`PadPlan`, :class:`TieredBmm`).
 The last two need the counts on the host, i.e. one device->host sync per layer; the loop
-fallback picks between them per call with :func:`padded_pays` (its padding FLOPs against
-the per-segment GEMMs it saves). On CPU in bf16/fp16, where the grouped kernel pays a
+fallback picks between them per call with :func:`padded_pays` (the padding FLOPs and the
+tier's calls against the per-segment GEMMs it saves). On CPU in bf16/fp16, where the grouped kernel pays a
 oneDNN set-up per segment shape, "auto" makes the same choice between it and the padded
 bmm (the counts are in host memory there: no wait).
 
@@ -28,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -100,48 +105,158 @@ def cost_kind(device_type: str, dtype: torch.dtype) -> str:
     return device_type if device_type in CALL_COST_S else "cpu"
 
 
-def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> bool:
-    """Whether the padded bmm beats per-segment GEMMs for a SwiGLU over these segments
-    (``kind``: see :func:`cost_kind`)."""
+@dataclass(frozen=True)
+class PadPlan:
+    """The padded bmm's layout for a set of segment lengths: a main tier of E blocks of
+    ``C0`` rows (every expert's first ``C0`` rows, zeros after) and, for the experts in
+    ``over`` (longer than ``C0``), an overflow tier of blocks of ``C1`` rows (their rows
+    past ``C0``; ``C1`` = the longest segment - ``C0``) run against their gathered
+    weights. No overflow tier (``over`` empty) is the plain padding to the longest.
+    ``waste_s``: the estimated cost of the padding rows' FLOPs and the tier's calls."""
+
+    C0: int
+    over: tuple[int, ...]
+    C1: int
+    waste_s: float
+
+
+# The overflow tier's fixed price in seconds per SwiGLU fwd+bwd: 9 more bmm, 3 weight
+# gathers, 3 gradient index_add_ and three autograd Functions' Python. Measured on CPU at
+# (T, D, F, E, k) = (256, 64, 64, 64, 8): ~0.15 ms in fp32; ~1 ms in bf16, where every
+# new overflow shape sets up oneDNN primitives. CUDA: 15 launches.
+TIER_COST_S = {"cpu": 1.5e-4, "cpu_lowp": 1e-3, "cuda": 15 * CALL_COST_S["cuda"]}
+
+
+def pad_plan(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan:
+    """The cheapest :class:`PadPlan` for these segment lengths (``kind``: see
+    :func:`cost_kind`). O(E log E) host work: the main tier's length is taken among the
+    counts (longest first), each trial adding the next-longest expert to the overflow."""
     E, total = len(counts), sum(counts)
-    if E == 0 or total == 0:
-        return False
-    waste_rows = E * max(counts) - total
-    waste_s = waste_rows * 18 * dim * hidden / FLOP_RATE[kind]
-    calls_s = 9 * (E - 1) * CALL_COST_S[kind]
-    return waste_s < calls_s
+    longest = max(counts, default=0)
+    per_row = 18 * dim * hidden / FLOP_RATE[kind]
+    best = PadPlan(longest, (), 0, (E * longest - total) * per_row)
+    order = sorted(range(E), key=counts.__getitem__, reverse=True)
+    for n_over in range(1, E // 2 + 1):
+        C0 = counts[order[n_over]]  # the experts before it in ``order`` overflow
+        if C0 == counts[order[n_over - 1]]:
+            continue  # a tie: the same main tier, more overflow
+        waste = (E * C0 + n_over * (longest - C0) - total) * per_row
+        waste += TIER_COST_S[kind]
+        if waste < best.waste_s:
+            best = PadPlan(C0, tuple(sorted(order[:n_over])), longest - C0, waste)
+    return best
+
+
+def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan | None:
+    """The padded bmm's plan when it beats per-segment GEMMs for a SwiGLU over these
+    segments (its padding FLOPs and extra calls against the 9 * (E - 1) GEMM calls it
+    saves), else None (``kind``: see :func:`cost_kind`)."""
+    E = len(counts)
+    if E == 0 or sum(counts) == 0:
+        return None
+    plan = pad_plan(counts, dim, hidden, kind)
+    return plan if plan.waste_s < 9 * (E - 1) * CALL_COST_S[kind] else None
 
 
 def pad_segments(
-    x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int]
+    x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int], plan: PadPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x as [E, C, D] with expert e's rows first in block e and zeros after, C the longest
-    segment; ``dest``: the padded row of each fed row). Trailing rows are left out. Both
-    directions are one-to-one copies (index_copy / index_select on unique rows), so the
-    gradients are exact and deterministic."""
-    E, total, C = len(counts), sum(counts), max(counts)
+    """(the padded rows ``[E * C0 + len(over) * C1, D]``: each expert's first ``C0`` rows
+    in its main block, the rest in its overflow block, zeros after; ``dest``: the padded
+    row of each fed row). Trailing rows are left out. Both directions are one-to-one
+    copies (index_copy / index_select on unique rows), so the gradients are exact and
+    deterministic."""
+    E, total, C0, C1 = len(counts), sum(counts), plan.C0, plan.C1
     dev = x_ND.device
-    # each segment's shift from its packed start to its padded block, from the host counts
-    shift, start = [], 0
+    # per expert, from the host counts: the shift of its rows below C0 to the main tier,
+    # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
+    table, start = [], 0
+    slot = {e: E * C0 + i * C1 for i, e in enumerate(plan.over)}
     for e, c in enumerate(counts):
-        shift.append(e * C - start)
+        main = e * C0 - start
+        table.append((main, slot[e] - C0 - start if e in slot else main, start + C0))
         start += c
-    shift_E = torch.tensor(shift)
+    table_E3 = torch.tensor(table)
     if dev.type != "cpu":  # a pinned, asynchronous copy: no wait for the device's queue
-        shift_E = shift_E.pin_memory().to(dev, non_blocking=True)
-    dest = torch.arange(total, device=dev) + shift_E.repeat_interleave(
-        tokens_per_expert_E, output_size=total)
+        table_E3 = table_E3.pin_memory().to(dev, non_blocking=True)
+    rows = torch.arange(total, device=dev)
+    if plan.over:
+        t = table_E3.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
+        dest = rows + torch.where(rows < t[:, 2], t[:, 0], t[:, 1])
+    else:
+        dest = rows + table_E3[:, 0].repeat_interleave(tokens_per_expert_E, output_size=total)
     fed = x_ND if total == x_ND.shape[0] else x_ND[:total]
-    x_pad = x_ND.new_zeros(E * C, x_ND.shape[1]).index_copy(0, dest, fed)
-    return x_pad.view(E, C, -1), dest
+    x_pad = x_ND.new_zeros(E * C0 + len(plan.over) * C1, x_ND.shape[1])
+    return x_pad.index_copy(0, dest, fed), dest
 
 
-def unpad_segments(y_ECF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
+def unpad_segments(y_RF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
     """The fed rows of a padded result back in segment order, then zero trailing rows."""
-    y = y_ECF.reshape(-1, y_ECF.shape[-1]).index_select(0, dest)
+    y = y_RF.index_select(0, dest)
     if y.shape[0] < num_rows:
         y = torch.cat([y, y.new_zeros(num_rows - y.shape[0], y.shape[1])])
     return y
+
+
+class TieredBmm(torch.autograd.Function):
+    """``y = x @ w[e]`` per block of padded rows laid out by a :class:`PadPlan`: one
+    ``bmm`` over the main tier's E blocks and one over the overflow tier's blocks against
+    their experts' gathered weights. Outputs and gradients are written in place (no
+    ``cat``); the weight gradient is the main tier's ``bmm`` plus an ``index_add_`` of the
+    overflow's (no full-size zero-filled gradient, as an autograd ``index_select`` of the
+    weights would make)."""
+
+    @staticmethod
+    def forward(ctx, x_RD, w_EDF, C0, over_O, C1):
+        w_ODF = w_EDF.index_select(0, over_O)
+        y = x_RD.new_empty(x_RD.shape[0], w_EDF.shape[2])
+        for x_bCD, w_bDF, y_bCF in zip(_tiers(x_RD, w_EDF, C0, C1), (w_EDF, w_ODF),
+                                       _tiers(y, w_EDF, C0, C1)):
+            torch.bmm(x_bCD, w_bDF, out=y_bCF)
+        ctx.tiers = (C0, C1)
+        ctx.save_for_backward(x_RD, w_EDF, over_O, w_ODF)
+        return y
+
+    @staticmethod
+    def backward(ctx, g_RF):
+        x_RD, w_EDF, over_O, w_ODF = ctx.saved_tensors
+        C0, C1 = ctx.tiers
+        g_main, g_over = _tiers(g_RF.contiguous(), w_EDF, C0, C1)
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = g_RF.new_empty(x_RD.shape)
+            for g_bCF, w_bDF, gx_bCD in zip((g_main, g_over), (w_EDF, w_ODF),
+                                            _tiers(g_x, w_EDF, C0, C1)):
+                torch.bmm(g_bCF, w_bDF.transpose(1, 2), out=gx_bCD)
+        if ctx.needs_input_grad[1]:
+            x_main, x_over = _tiers(x_RD, w_EDF, C0, C1)
+            g_w = torch.bmm(x_main.transpose(1, 2), g_main)
+            g_w.index_add_(0, over_O, torch.bmm(x_over.transpose(1, 2), g_over))
+        return g_x, g_w, None, None, None
+
+
+def _tiers(t_R: torch.Tensor, w_EDF: torch.Tensor, C0: int, C1: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main tier ``[E, C0, .]`` and overflow tier ``[O, C1, .]`` views of padded rows."""
+    E, M, n = w_EDF.shape[0], w_EDF.shape[0] * C0, t_R.shape[1]
+    return t_R[:M].view(E, C0, n), t_R[M:].view((t_R.shape[0] - M) // C1, C1, n)
+
+
+def padded_swiglu(x_RD: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                  plan: PadPlan) -> torch.Tensor:
+    """``[R, D]``: the SwiGLU of padded rows laid out by ``plan``, each block against its
+    expert's weights: three ``bmm`` (one tier) or three :class:`TieredBmm`."""
+    if not plan.over:
+        E, n = w1.shape[0], x_RD.shape[0]
+        x_ECD = x_RD.view(E, plan.C0, x_RD.shape[1])
+        h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
+        return torch.bmm(h, w2).view(n, -1)
+    over = torch.tensor(plan.over)
+    if x_RD.device.type != "cpu":  # a pinned, asynchronous copy: no wait
+        over = over.pin_memory().to(x_RD.device, non_blocking=True)
+    args = (plan.C0, over, plan.C1)
+    h = F.silu(TieredBmm.apply(x_RD, w1, *args)) * TieredBmm.apply(x_RD, w3, *args)
+    return TieredBmm.apply(h, w2, *args)
 
 
 class _SegmentMM(torch.autograd.Function):

@@ -19,14 +19,17 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.grouped_gemm import (
+    PadPlan,
     autocast_dtype,
     cost_kind,
     fed_rows,
     grouped_mm_fused_unmasked,
     grouped_mm_loop_unmasked,
     no_autocast,
+    pad_plan,
     pad_segments,
     padded_pays,
+    padded_swiglu,
     unpad_segments,
     use_fused,
 )
@@ -182,14 +185,15 @@ class GroupedExperts(nn.Module):
             # oneDNN set-up per segment shape) a read of host memory
             if counts is None:
                 counts = tokens_per_expert_E.tolist()
-            padded = impl == "loop_padded" or (impl != "loop_segments" and padded_pays(
-                counts, w1.shape[1], w1.shape[2], kind))
-            if not (fused or padded):  # the segment loop casts as autocast would
+            D, F_ = w1.shape[1], w1.shape[2]
+            plan = (pad_plan(counts, D, F_, kind) if impl == "loop_padded" else None
+                    if impl == "loop_segments" else padded_pays(counts, D, F_, kind))
+            if not (fused or plan):  # the segment loop casts as autocast would
                 h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
                 h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
                 return grouped_mm_loop_unmasked(h, w2, counts)
-            if padded:
-                return self._padded(x_ND, tokens_per_expert_E, counts)
+            if plan:
+                return self._padded(x_ND, tokens_per_expert_E, counts, plan)
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         # Offsets once for the three GEMMs; trailing rows handled once on entry (their
         # input gradient) and once on exit (their output): in between, a trailing row's
@@ -211,14 +215,14 @@ class GroupedExperts(nn.Module):
         return ts if dtype is None else tuple(t.to(dtype) for t in ts)
 
     def _padded(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                counts: list[int]) -> torch.Tensor:
-        """The loop fallback as three bmm over the segments padded to the longest (zero
-        rows in, zero rows out: they add nothing to the weight gradients)."""
+                counts: list[int], plan: PadPlan) -> torch.Tensor:
+        """The loop fallback as bmm over the segments padded by ``plan`` (zero rows in,
+        zero rows out: they add nothing to the weight gradients): three ``bmm``, or six
+        with an overflow tier (models/grouped_gemm.py ``PadPlan``)."""
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         with no_autocast(x_ND.device.type):
-            x_ECD, dest = pad_segments(x_ND, tokens_per_expert_E, counts)
-            h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
-            return unpad_segments(torch.bmm(h, w2), dest, x_ND.shape[0])
+            x_RD, dest = pad_segments(x_ND, tokens_per_expert_E, counts, plan)
+            return unpad_segments(padded_swiglu(x_RD, w1, w3, w2, plan), dest, x_ND.shape[0])
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own
@@ -247,6 +251,9 @@ class _AuxLossGrad(torch.autograd.Function):
 
 
 _STAT_LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
+# The columns of a layer's statistics row after its expert counts (``MoELayer.stat_row``).
+STAT_COLUMNS = ("dropped", "assignments", "tokens", *_STAT_LOSSES)
+_LOSS_COLUMN = {name: STAT_COLUMNS.index(name) for name in _STAT_LOSSES}
 
 
 class MoELayer(nn.Module):
@@ -286,17 +293,17 @@ class MoELayer(nn.Module):
         self.recompute_in_steps = False
         # bytes this layer's dispatcher sent since the last take_dispatch_bytes() (host int)
         self.dispatch_bytes_sent = 0
-        # Statistics since the last pop_stats(); never synced to the host in forward.
-        # [E + num_null_experts]: the null experts' picks are counted too (they are balanced)
-        n_counts = m.num_experts + m.num_null_experts
-        self.register_buffer("stat_counts", torch.zeros(n_counts, dtype=torch.long), False)
-        self.register_buffer("stat_dropped", torch.zeros((), dtype=torch.long), False)
-        self.register_buffer("stat_assignments", torch.zeros((), dtype=torch.long), False)
-        for name in _STAT_LOSSES:
-            self.register_buffer(f"stat_{name}", torch.zeros(()), persistent=False)
+        # Statistics since the last pop_stats(), one fp32 row (never synced to the host in
+        # forward): the routed counts of the E + num_null_experts experts (the null
+        # experts' picks are counted too: they are balanced), then ``STAT_COLUMNS``. One
+        # row, so that the step's table of every layer is one ``stack`` (parallel/moe_stats).
+        # fp32 counts are exact up to 2**24 routed tokens per expert and step on a rank.
+        self.num_counts = m.num_experts + m.num_null_experts
+        self.register_buffer("stat_row", torch.zeros(self.num_counts + len(STAT_COLUMNS)),
+                             persistent=False)
 
     def _apply(self, fn, recurse=True):
-        return keep_fp32_apply(self, tuple(f"stat_{n}" for n in _STAT_LOSSES), fn, recurse)
+        return keep_fp32_apply(self, ("stat_row",), fn, recurse)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         if self.shared_gate is not None:
@@ -387,30 +394,23 @@ class MoELayer(nn.Module):
         if in_backward():  # activation-checkpoint recompute: already counted once
             return
         self.dispatch_bytes_sent += sent
-        # add_, not +=: an augmented assignment re-sets the buffer through
-        # Module.__setattr__ (~10 us of Python each, on every layer's forward)
-        self.stat_counts.add_(r.counts_E)
+        row, n = self.stat_row, self.num_counts
+        row[:n].add_(r.counts_E)
         if r.num_dropped is not None:
-            self.stat_dropped.add_(r.num_dropped)
-        self.stat_assignments.add_(r.num_assignments)
+            row[n].add_(r.num_dropped)
+        row[n + 1].add_(r.num_assignments)
+        row[n + 2].add_(r.num_assignments // self.moe.top_k)
         for name, value in weighted.items():
-            getattr(self, f"stat_{name}").add_(value.detach() * self.aux_loss_scale)
+            row[n + _LOSS_COLUMN[name]].add_(value.detach() * self.aux_loss_scale)
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
         """Statistics since the last pop (counts [E + num_null_experts] before capacity
         drops, real experts first; dropped and total assignments; tokens routed; aux
         losses as coeff * value * aux_loss_scale), then reset."""
-        out = {
-            "counts": self.stat_counts.float(),
-            "dropped": self.stat_dropped.float(),
-            "assignments": self.stat_assignments.float(),
-            "tokens": torch.div(self.stat_assignments, self.moe.top_k,
-                                rounding_mode="floor").float(),
-        }
-        out.update({n: getattr(self, f"stat_{n}").clone() for n in _STAT_LOSSES})
+        row, n = self.stat_row.clone(), self.num_counts
+        out = {"counts": row[:n], **dict(zip(STAT_COLUMNS, row[n:].unbind(0)))}
         with torch.no_grad():
-            for buf in self.buffers(recurse=False):
-                buf.zero_()
+            self.stat_row.zero_()
         return out
 
     def take_dispatch_bytes(self) -> int:

@@ -31,12 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.moe import MoELayer, set_aux_loss_scale
+from models.moe import STAT_COLUMNS, MoELayer, set_aux_loss_scale
 from parallel.dims import ParallelDims
 
 __all__ = ["MoEStats"]
 
-_KEYS = ("dropped", "assignments", "tokens", "aux_loss", "seq_aux_loss", "z_loss")
 
 
 class MoEStats:
@@ -60,6 +59,10 @@ class MoEStats:
         self.rows = [self.layer_ids.index(int(k)) for k in model.layers if moe_pattern[int(k)]]
         if len(self.rows) != len(self.layers):
             raise RuntimeError(f"{len(self.layers)} MoE layers but MoE blocks {self.rows}")
+        # every table row local, in order, and as wide as the layer's statistics row
+        width = self.num_experts + self.num_null
+        self._stacked = self.rows == list(range(len(self.layer_ids))) and all(
+            layer.num_counts == width for layer in self.layers)
         # The objective is a sum over micro-batches and dp ranks of per-micro-batch terms
         # normalised by the global batch: each micro-batch's aux losses weigh 1/(m * dp).
         set_aux_loss_scale(model, 1.0 / (num_micro * dims.dp_size))
@@ -77,6 +80,23 @@ class MoEStats:
             layer.take_dispatch_bytes()
         self._bytes_sent = 0
 
+    def _take_table(self, C: int) -> torch.Tensor:
+        """This rank's ``[MoE layers, C + stats]`` table from the layers' statistics rows
+        (rows of other pipeline stages zero), which are reset. One ``stack`` when every
+        layer is local and has C count columns (the usual case: ~3 ops, not ~25 per layer)."""
+        rows = [layer.stat_row for layer in self.layers]
+        if self._stacked:
+            table = torch.stack(rows)
+        else:
+            table = torch.zeros(len(self.layer_ids), C + len(STAT_COLUMNS), device=self.device)
+            for i, layer, r in zip(self.rows, self.layers, rows):
+                n = layer.num_counts  # E_row real (+ the null experts', uniform E)
+                table[i, :n] = r[:n]
+                table[i, C:] = r[n:]
+        if rows:
+            torch._foreach_zero_(rows)
+        return table
+
     def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:
         """The step's statistics (tensors, on every rank) and, by default, the expert-bias
         update from the globally reduced counts; then reset. ``counts_LE``: routed tokens per
@@ -85,21 +105,18 @@ class MoEStats:
         if not self.layer_ids:
             return {"aux_loss": 0.0, "dispatch_mb_sent": sent / 2**20}
         E, C = self.num_experts, self.num_experts + self.num_null
-        table = torch.zeros(len(self.layer_ids), C + len(_KEYS), device=self.device)
-        for row, layer in zip(self.rows, self.layers):
-            s = layer.pop_stats()
-            n = s["counts"].numel()
-            table[row, :n] = s["counts"]  # E_row real (+ the null experts', uniform E)
-            table[row, C:] = torch.stack([s[k].float() for k in _KEYS])
+        table = self._take_table(C)
         table = self.dims.all_reduce_sum(self.dims.all_reduce_sum(table, "dp"), "pp")
         counts = table[:, :E]
-        col = {k: table[:, C + i] for i, k in enumerate(_KEYS)}
         for row, layer in zip(self.rows, self.layers):
             E_row = self.row_experts[row]
             # the whole global batch's counts of this step (global_batch scope only)
-            layer.router.set_global_counts(table[row, :E_row + self.num_null])
-            if update_expert_bias:
+            if layer.router.lb_counts is not None:
+                layer.router.set_global_counts(table[row, :E_row + self.num_null])
+            if update_expert_bias and layer.router.expert_bias is not None:
                 layer.update_expert_bias(counts[row, :E_row])
+        col = dict(zip(STAT_COLUMNS, table[:, C:].unbind(1)))
+        total = dict(zip(STAT_COLUMNS, table[:, C:].sum(0).unbind(0)))  # over the layers
         real_per_token = counts.sum(1) / col["tokens"].clamp_min(1)
         extra = {}
         if self.num_null:
@@ -117,12 +134,12 @@ class MoEStats:
             "real_experts_per_token": real_per_token.mean(),
             **extra,
             "dispatch_mb_sent": sent / 2**20,
-            "aux_loss": (col["aux_loss"] + col["seq_aux_loss"] + col["z_loss"]).sum(),
-            "load_balance_loss": col["aux_loss"].sum(),
-            "seq_aux_loss": col["seq_aux_loss"].sum(),
-            "z_loss": col["z_loss"].sum(),
+            "aux_loss": total["aux_loss"] + total["seq_aux_loss"] + total["z_loss"],
+            "load_balance_loss": total["aux_loss"],
+            "seq_aux_loss": total["seq_aux_loss"],
+            "z_loss": total["z_loss"],
             "expert_load_max": per_layer_max_over_mean.max(),
             "expert_load_mean_max": per_layer_max_over_mean.mean(),
-            "dropped_frac": col["dropped"].sum() / col["assignments"].sum().clamp_min(1),
+            "dropped_frac": total["dropped"] / total["assignments"].clamp_min(1),
             "counts_LE": counts,
         }

@@ -172,10 +172,11 @@ def step_combine_autocast(ctx: Ctx):
 
 
 def step_expert_kernels(ctx: Ctx):
-    """2b. the experts' three kernels (``_grouped_mm``, segment loop, padded bmm) under bf16
-    autocast, fwd+bwd: equal values, and their times, which calibrate
-    ``models.grouped_gemm`` CALL_COST_S / FLOP_RATE["cuda"] (the padded-vs-segments
-    choice) and show whether "auto" picks the fastest here."""
+    """2b. the experts' three kernels (``_grouped_mm``, segment loop, padded bmm: two tiers
+    where ``pad_plan`` finds them cheaper) under bf16 autocast, fwd+bwd: equal values, and
+    their times, which calibrate ``models.grouped_gemm`` CALL_COST_S / FLOP_RATE /
+    TIER_COST_S["cuda"] (the padded-vs-segments choice) and show whether "auto" picks the
+    fastest here."""
     from models.grouped_gemm import IMPLS, padded_pays
 
     D, F, E, k, T = ctx.size((1024, 512, 64, 8, 4096), (32, 16, 8, 2, 64))
@@ -208,7 +209,10 @@ def step_expert_kernels(ctx: Ctx):
         r = layer.router(x.view(-1, D))
         counts = torch.bincount(r.routing.expert_idx_TK.flatten(), minlength=E).tolist()
     kind = "cuda" if ctx.cuda else "cpu"
-    pick = "padded" if padded_pays(counts, D, F, kind) else "segments"
+    plan = padded_pays(counts, D, F, kind)
+    pick = "segments" if plan is None else (
+        f"padded (main tier {plan.C0} rows, {len(plan.over)} experts overflow by "
+        f"{plan.C1})" if plan.over else "padded (one tier)")
     ms = ", ".join(f"{i} {t * 1e3:.2f} ms" for i, t in times.items())
     ok = diff < 5e-2
     return ("PASS" if ok else "FAIL",

@@ -230,7 +230,7 @@ def test_expert_bias_selection_not_weights_and_update():
     layer.router.expert_bias.copy_(torch.linspace(-1, 1, 8) + 1.0)
     layer.to(torch.bfloat16)
     assert layer.router.expert_bias.dtype == torch.float32
-    assert layer.stat_z_loss.dtype == torch.float32
+    assert layer.stat_row.dtype == torch.float32
     assert layer.experts.w1.dtype == torch.bfloat16
     before = layer.router.expert_bias.clone()
     torch.testing.assert_close(before, torch.linspace(-1, 1, 8) + 1.0, rtol=0, atol=0)
@@ -316,13 +316,74 @@ def test_capacity_layer_host_syncs(mode, monkeypatch):
 
 
 def test_loop_fallback_picks_padded_when_the_padding_is_cheap():
-    """Balanced small segments: the calls saved outweigh the padding; one long segment
-    among short ones, or big rows: the segment loop."""
+    """Balanced small segments: the calls saved outweigh the padding (no overflow tier:
+    nothing to pad); one long segment among short ones: a main tier of one row and the
+    long one's overflow; big rows of uneven lengths: the segment loop."""
     pays = grouped_gemm.padded_pays
-    assert pays([32] * 64, 64, 64, "cpu")
-    assert not pays([4096] + [1] * 7, 256, 512, "cpu")
-    assert not pays([600, 400, 500, 548], 256, 512, "cpu")
-    assert not pays([0, 0], 64, 64, "cpu")
+    assert pays([32] * 64, 64, 64, "cpu") == grouped_gemm.PadPlan(32, (), 0, 0.0)
+    plan = pays([4096] + [1] * 7, 256, 512, "cpu")
+    assert (plan.C0, plan.over, plan.C1) == (1, (0,), 4095)
+    assert pays([600, 400, 500, 548], 256, 512, "cpu") is None
+    assert pays([0, 0], 64, 64, "cpu") is None
+
+
+def test_pad_plan_overflow_tier_cuts_the_padding():
+    """64 experts of ~32 rows (moe_tiny's E=64/k=8 shape): the overflow tier takes the
+    few long segments: less than half the padding of one tier (E * longest rows)."""
+    torch.manual_seed(0)
+    counts = torch.bincount(torch.randint(0, 64, (2048,)), minlength=64).tolist()
+    plan = grouped_gemm.pad_plan(counts, 64, 64, "cpu")
+    assert plan.over and all(counts[e] > plan.C0 for e in plan.over)
+    assert plan.C0 + plan.C1 == max(counts)
+    assert sum(c > plan.C0 for c in counts) == len(plan.over)
+    padded = 64 * plan.C0 + len(plan.over) * plan.C1
+    assert 2048 <= padded and padded - 2048 < 0.5 * (64 * max(counts) - 2048)  # waste
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[9, 0, 2, 3, 1, 0, 7, 2], [0, 0, 5, 0], [4, 4, 4, 4]])
+def test_padded_layouts_equal_the_segment_loop(counts, dtype):
+    """The padded SwiGLU with and without an overflow tier (every main-tier length C0
+    the counts allow, empty experts and trailing rows included): values and the
+    gradients of x and of the three weights equal the segment loop's."""
+    from models.grouped_gemm import PadPlan, grouped_mm_loop_unmasked
+    torch.manual_seed(0)
+    E, total, n = len(counts), sum(counts), sum(counts) + 3
+    x0 = torch.randn(n, 16).to(dtype)
+    x0[total:] = float("nan")  # trailing rows: no expert
+    ws0 = [torch.randn(E, 16, 8).to(dtype), torch.randn(E, 16, 8).to(dtype),
+           torch.randn(E, 8, 16).to(dtype)]
+    tpe = torch.tensor(counts)
+    longest = max(counts)
+    plans = [PadPlan(longest, (), 0, 0.0)] + [
+        PadPlan(C0, tuple(e for e, c in enumerate(counts) if c > C0), longest - C0, 0.0)
+        for C0 in sorted(set(counts)) if C0 < longest]
+    g = torch.randn(n, 16).to(dtype)
+
+    def run(fn):
+        x = x0.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in ws0]
+        y = fn(x, *ws)
+        y.backward(g)
+        return [y.detach(), x.grad, *(w.grad for w in ws)]
+
+    def loop(x, w1, w3, w2):
+        h = F.silu(grouped_mm_loop_unmasked(x, w1, counts))
+        return grouped_mm_loop_unmasked(h * grouped_mm_loop_unmasked(x, w3, counts), w2,
+                                        counts)
+
+    want = run(loop)
+    for plan in plans:
+        def padded(x, w1, w3, w2, plan=plan):
+            x_R, dest = grouped_gemm.pad_segments(x, tpe, counts, plan)
+            y_R = grouped_gemm.padded_swiglu(x_R, w1, w3, w2, plan)
+            return grouped_gemm.unpad_segments(y_R, dest, n)
+
+        # (bf16: both round each GEMM output to bf16, in other summation orders)
+        tol = dict(rtol=5e-2, atol=1e-1) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+        for got, ref in zip(run(padded), want):
+            assert not got.isnan().any()
+            torch.testing.assert_close(got, ref, **tol)
     assert grouped_gemm.cost_kind("cpu", torch.bfloat16) == "cpu_lowp"
     assert grouped_gemm.cost_kind("cuda", torch.float32) == "cuda"
 

@@ -62,6 +62,8 @@ def _fmt_eta(seconds: float) -> str:
 
 
 def _jsonable(v: Any) -> Any:
+    if type(v) is float:  # the usual case (the trainer's record is host floats)
+        return v if math.isfinite(v) else None
     if isinstance(v, torch.Tensor):
         v = v.item()
     elif hasattr(v, "item") and callable(v.item):  # numpy scalars
@@ -294,6 +296,8 @@ class RunLogger:
         record.update({k: _jsonable(v) for k, v in metrics.items() if k != "step"})
         self._metrics_f.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_f.flush()
+        if self._wandb is None and self._tb is None and self.console == "none":
+            return
         scalars = {
             k: float(v)
             for k, v in record.items()
