@@ -33,6 +33,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -158,44 +159,96 @@ def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan 
     return plan if plan.waste_s < 9 * (E - 1) * CALL_COST_S[kind] else None
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Where the padded layout puts each row: ``dest[i]``, the padded row of fed row i;
+    ``src[r]``, the fed row in padded row r (``total`` for a padding row, which reads a
+    zero row appended to the fed rows); ``num_rows``: fed plus trailing rows."""
+
+    dest: torch.Tensor
+    src: torch.Tensor
+    total: int
+    num_rows: int
+
+
+def _gather_padded(t_ND: torch.Tensor, src: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows ``src`` of ``t``'s first ``total`` rows with a zero row appended."""
+    return torch.cat([t_ND[:total], t_ND.new_zeros(1, t_ND.shape[1])]).index_select(0, src)
+
+
+def _gather_fed(t_RD: torch.Tensor, rows: RowMap) -> torch.Tensor:
+    """The fed rows of padded rows, in segment order, then zero trailing rows."""
+    y = t_RD.index_select(0, rows.dest)
+    if rows.total < rows.num_rows:
+        y = torch.cat([y, y.new_zeros(rows.num_rows - rows.total, y.shape[1])])
+    return y
+
+
+class _Pad(torch.autograd.Function):
+    """Fed rows -> padded rows. Both directions are gathers (``index_select``): the map
+    is one-to-one, so the gradient is the forward's inverse gather, exact and
+    deterministic, with none of ``index_copy`` / ``index_add``'s scatter cost."""
+
+    @staticmethod
+    def forward(ctx, x_ND, rows):
+        ctx.rows = rows
+        return _gather_padded(x_ND, rows.src, rows.total)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        return _gather_fed(g_RD, ctx.rows), None
+
+
+class _Unpad(torch.autograd.Function):
+    """Padded rows -> fed rows (trailing rows zero); the inverse gathers of ``_Pad``."""
+
+    @staticmethod
+    def forward(ctx, y_RF, rows):
+        ctx.rows = rows
+        return _gather_fed(y_RF, rows)
+
+    @staticmethod
+    def backward(ctx, g_NF):
+        return _gather_padded(g_NF, ctx.rows.src, ctx.rows.total), None
+
+
 def pad_segments(
     x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int], plan: PadPlan
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, RowMap]:
     """(the padded rows ``[E * C0 + len(over) * C1, D]``: each expert's first ``C0`` rows
-    in its main block, the rest in its overflow block, zeros after; ``dest``: the padded
-    row of each fed row). Trailing rows are left out. Both directions are one-to-one
-    copies (index_copy / index_select on unique rows), so the gradients are exact and
-    deterministic."""
+    in its main block, the rest in its overflow block, zeros after; the :class:`RowMap`
+    for :func:`unpad_segments`). Trailing rows are left out."""
     E, total, C0, C1 = len(counts), sum(counts), plan.C0, plan.C1
     dev = x_ND.device
     # per expert, from the host counts: the shift of its rows below C0 to the main tier,
     # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
-    table, start = [], 0
-    slot = {e: E * C0 + i * C1 for i, e in enumerate(plan.over)}
-    for e, c in enumerate(counts):
-        main = e * C0 - start
-        table.append((main, slot[e] - C0 - start if e in slot else main, start + C0))
-        start += c
-    table_E3 = torch.tensor(table)
+    c = np.asarray(counts, dtype=np.int64)
+    start = np.cumsum(c) - c
+    main = np.arange(E, dtype=np.int64) * C0 - start
+    if plan.over:
+        over = np.asarray(plan.over, dtype=np.int64)
+        shift = main.copy()
+        shift[over] = E * C0 + np.arange(len(over), dtype=np.int64) * C1 - C0 - start[over]
+        table = torch.from_numpy(np.stack([main, shift, start + C0], axis=1))
+    else:
+        table = torch.from_numpy(main)
     if dev.type != "cpu":  # a pinned, asynchronous copy: no wait for the device's queue
-        table_E3 = table_E3.pin_memory().to(dev, non_blocking=True)
+        table = table.pin_memory().to(dev, non_blocking=True)
     rows = torch.arange(total, device=dev)
     if plan.over:
-        t = table_E3.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
+        t = table.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
         dest = rows + torch.where(rows < t[:, 2], t[:, 0], t[:, 1])
     else:
-        dest = rows + table_E3[:, 0].repeat_interleave(tokens_per_expert_E, output_size=total)
-    fed = x_ND if total == x_ND.shape[0] else x_ND[:total]
-    x_pad = x_ND.new_zeros(E * C0 + len(plan.over) * C1, x_ND.shape[1])
-    return x_pad.index_copy(0, dest, fed), dest
+        dest = rows + table.repeat_interleave(tokens_per_expert_E, output_size=total)
+    R = E * C0 + len(plan.over) * C1
+    src = torch.full((R,), total, device=dev, dtype=torch.long).scatter_(0, dest, rows)
+    row_map = RowMap(dest, src, total, x_ND.shape[0])
+    return _Pad.apply(x_ND, row_map), row_map
 
 
-def unpad_segments(y_RF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
+def unpad_segments(y_RF: torch.Tensor, rows: RowMap) -> torch.Tensor:
     """The fed rows of a padded result back in segment order, then zero trailing rows."""
-    y = y_RF.index_select(0, dest)
-    if y.shape[0] < num_rows:
-        y = torch.cat([y, y.new_zeros(num_rows - y.shape[0], y.shape[1])])
-    return y
+    return _Unpad.apply(y_RF, rows)
 
 
 class TieredBmm(torch.autograd.Function):
@@ -251,7 +304,7 @@ def padded_swiglu(x_RD: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
         x_ECD = x_RD.view(E, plan.C0, x_RD.shape[1])
         h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
         return torch.bmm(h, w2).view(n, -1)
-    over = torch.tensor(plan.over)
+    over = torch.from_numpy(np.asarray(plan.over, dtype=np.int64))
     if x_RD.device.type != "cpu":  # a pinned, asynchronous copy: no wait
         over = over.pin_memory().to(x_RD.device, non_blocking=True)
     args = (plan.C0, over, plan.C1)

@@ -221,8 +221,8 @@ class GroupedExperts(nn.Module):
         with an overflow tier (models/grouped_gemm.py ``PadPlan``)."""
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         with no_autocast(x_ND.device.type):
-            x_RD, dest = pad_segments(x_ND, tokens_per_expert_E, counts, plan)
-            return unpad_segments(padded_swiglu(x_RD, w1, w3, w2, plan), dest, x_ND.shape[0])
+            x_RD, rows = pad_segments(x_ND, tokens_per_expert_E, counts, plan)
+            return unpad_segments(padded_swiglu(x_RD, w1, w3, w2, plan), rows)
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own
