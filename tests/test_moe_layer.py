@@ -317,27 +317,34 @@ def test_capacity_layer_host_syncs(mode, monkeypatch):
 
 def test_loop_fallback_picks_padded_when_the_padding_is_cheap():
     """Balanced small segments: the calls saved outweigh the padding (no overflow tier:
-    nothing to pad); one long segment among short ones: a main tier of one row and the
-    long one's overflow; big rows of uneven lengths: the segment loop."""
+    nothing to pad); one long segment among short ones: on CUDA a main tier of one row and
+    the long one's overflow, on CPU (where the tier is priced high) the segment loop; big
+    rows of uneven lengths: the segment loop."""
     pays = grouped_gemm.padded_pays
     assert pays([32] * 64, 64, 64, "cpu") == grouped_gemm.PadPlan(32, (), 0, 0.0)
-    plan = pays([4096] + [1] * 7, 256, 512, "cpu")
+    plan = pays([4096] + [1] * 7, 256, 512, "cuda")
     assert (plan.C0, plan.over, plan.C1) == (1, (0,), 4095)
+    assert pays([4096] + [1] * 7, 256, 512, "cpu") is None
     assert pays([600, 400, 500, 548], 256, 512, "cpu") is None
     assert pays([0, 0], 64, 64, "cpu") is None
 
 
 def test_pad_plan_overflow_tier_cuts_the_padding():
-    """64 experts of ~32 rows (moe_tiny's E=64/k=8 shape): the overflow tier takes the
-    few long segments: less than half the padding of one tier (E * longest rows)."""
+    """A skewed load (an early router's: expert i picked ~ i^-0.5) of 32768 rows over 64
+    experts at the GPU check's shape, priced for CUDA: the overflow tier takes the few long
+    segments, and the padded bmm (chosen over the segment loop) pads less than half what
+    one tier would (E * longest rows)."""
     torch.manual_seed(0)
-    counts = torch.bincount(torch.randint(0, 64, (2048,)), minlength=64).tolist()
-    plan = grouped_gemm.pad_plan(counts, 64, 64, "cpu")
-    assert plan.over and all(counts[e] > plan.C0 for e in plan.over)
-    assert plan.C0 + plan.C1 == max(counts)
+    p = torch.arange(1, 65).float().pow(-0.5)
+    picks = torch.multinomial(p / p.sum(), 32768, replacement=True)
+    counts = torch.bincount(picks, minlength=64).tolist()
+    plan = grouped_gemm.padded_pays(counts, 1024, 512, "cuda")
+    assert plan is not None and plan.over
+    assert all(counts[e] > plan.C0 for e in plan.over)
     assert sum(c > plan.C0 for c in counts) == len(plan.over)
-    padded = 64 * plan.C0 + len(plan.over) * plan.C1
-    assert 2048 <= padded and padded - 2048 < 0.5 * (64 * max(counts) - 2048)  # waste
+    assert plan.C0 + plan.C1 == max(counts)
+    waste = 64 * plan.C0 + len(plan.over) * plan.C1 - 32768
+    assert 0 <= waste < 0.5 * (64 * max(counts) - 32768)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
