@@ -38,6 +38,14 @@ import torch
 import torch.nn.functional as F
 
 
+def host_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-built tensor on ``device`` without waiting for the device's queue (a
+    pageable copy would: a pinned, asynchronous one does not)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype of ``device_type`` if autocast is on there, else None."""
     if torch.is_autocast_enabled(device_type):
@@ -165,18 +173,13 @@ def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan 
 @dataclass(frozen=True)
 class RowMap:
     """Where the padded layout puts each row: ``dest[i]``, the padded row of fed row i;
-    ``src[r]``, the fed row in padded row r (``total`` for a padding row, which reads a
-    zero row appended to the fed rows); ``num_rows``: fed plus trailing rows."""
+    ``src[r]``, the fed row in padded row r (``total`` for a padding row: the zero row a
+    gradient gather appends); ``num_rows``: fed plus trailing rows."""
 
     dest: torch.Tensor
     src: torch.Tensor
     total: int
     num_rows: int
-
-
-def _gather_padded(t_ND: torch.Tensor, src: torch.Tensor, total: int) -> torch.Tensor:
-    """Rows ``src`` of ``t``'s first ``total`` rows with a zero row appended."""
-    return torch.cat([t_ND[:total], t_ND.new_zeros(1, t_ND.shape[1])]).index_select(0, src)
 
 
 def _gather_fed(t_RD: torch.Tensor, rows: RowMap) -> torch.Tensor:
@@ -190,12 +193,17 @@ def _gather_fed(t_RD: torch.Tensor, rows: RowMap) -> torch.Tensor:
 class _Pad(torch.autograd.Function):
     """Fed rows -> padded rows. Both directions are gathers (``index_select``): the map
     is one-to-one, so the gradient is the forward's inverse gather, exact and
-    deterministic, with none of ``index_copy`` / ``index_add``'s scatter cost."""
+    deterministic, with none of ``index_copy`` / ``index_add``'s scatter cost (nor their
+    CUDA atomics, which ``torch.use_deterministic_algorithms`` refuses).
+
+    A padding row is a copy of the last fed row, not zeros: its outputs are never
+    gathered back, and its incoming gradient is zero (``_Unpad``'s backward), so it adds
+    nothing to the weight gradients and a finite value is all it needs."""
 
     @staticmethod
     def forward(ctx, x_ND, rows):
         ctx.rows = rows
-        return _gather_padded(x_ND, rows.src, rows.total)
+        return x_ND.index_select(0, rows.src.clamp(max=rows.total - 1))
 
     @staticmethod
     def backward(ctx, g_RD):
@@ -203,7 +211,8 @@ class _Pad(torch.autograd.Function):
 
 
 class _Unpad(torch.autograd.Function):
-    """Padded rows -> fed rows (trailing rows zero); the inverse gathers of ``_Pad``."""
+    """Padded rows -> fed rows (trailing rows zero); the backward gives padding rows a
+    zero gradient (they read a zero row appended to the fed rows)."""
 
     @staticmethod
     def forward(ctx, y_RF, rows):
@@ -212,7 +221,10 @@ class _Unpad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_NF):
-        return _gather_padded(g_NF, ctx.rows.src, ctx.rows.total), None
+        rows = ctx.rows
+        fed = g_NF if rows.total == g_NF.shape[0] else g_NF[:rows.total]
+        zero = g_NF.new_zeros(1, g_NF.shape[1])
+        return torch.cat([fed, zero]).index_select(0, rows.src), None
 
 
 def pad_segments(
@@ -235,8 +247,7 @@ def pad_segments(
         table = torch.from_numpy(np.stack([main, shift, start + C0], axis=1))
     else:
         table = torch.from_numpy(main)
-    if dev.type != "cpu":  # a pinned, asynchronous copy: no wait for the device's queue
-        table = table.pin_memory().to(dev, non_blocking=True)
+    table = host_to(table, dev)
     rows = torch.arange(total, device=dev)
     if plan.over:
         t = table.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
@@ -307,9 +318,7 @@ def padded_swiglu(x_RD: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: to
         x_ECD = x_RD.view(E, plan.C0, x_RD.shape[1])
         h = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
         return torch.bmm(h, w2).view(n, -1)
-    over = torch.from_numpy(np.asarray(plan.over, dtype=np.int64))
-    if x_RD.device.type != "cpu":  # a pinned, asynchronous copy: no wait
-        over = over.pin_memory().to(x_RD.device, non_blocking=True)
+    over = host_to(torch.from_numpy(np.asarray(plan.over, dtype=np.int64)), x_RD.device)
     args = (plan.C0, over, plan.C1)
     h = F.silu(TieredBmm.apply(x_RD, w1, *args)) * TieredBmm.apply(x_RD, w3, *args)
     return TieredBmm.apply(h, w2, *args)

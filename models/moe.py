@@ -25,6 +25,7 @@ from models.grouped_gemm import (
     fed_rows,
     grouped_mm_fused_unmasked,
     grouped_mm_loop_unmasked,
+    host_to,
     no_autocast,
     pad_plan,
     pad_segments,
@@ -301,6 +302,7 @@ class MoELayer(nn.Module):
         self.num_counts = m.num_experts + m.num_null_experts
         self.register_buffer("stat_row", torch.zeros(self.num_counts + len(STAT_COLUMNS)),
                              persistent=False)
+        self.routed_assignments = 0  # host int (take_assignments)
 
     def _apply(self, fn, recurse=True):
         return keep_fp32_apply(self, ("stat_row",), fn, recurse)
@@ -387,6 +389,9 @@ class MoELayer(nn.Module):
         }
         return {n: c * getattr(r, n) for n, c in coeffs.items() if getattr(r, n) is not None}
 
+    # Eager under torch.compile: it adds host ints to module attributes, which a compiled
+    # frame would guard on (a recompile per call as they grow).
+    @torch.compiler.disable
     def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor], sent: int) -> None:
         """Adds the micro-batch's statistics to the stat buffers (and ``sent`` dispatch
         bytes to the host counter). No no_grad() needed (and its ~8 us per call saved):
@@ -394,20 +399,28 @@ class MoELayer(nn.Module):
         if in_backward():  # activation-checkpoint recompute: already counted once
             return
         self.dispatch_bytes_sent += sent
+        self.routed_assignments += r.num_assignments  # a host int: no device op
         row, n = self.stat_row, self.num_counts
         row[:n].add_(r.counts_E)
         if r.num_dropped is not None:
             row[n].add_(r.num_dropped)
-        row[n + 1].add_(r.num_assignments)
-        row[n + 2].add_(r.num_assignments // self.moe.top_k)
         for name, value in weighted.items():
             row[n + _LOSS_COLUMN[name]].add_(value.detach() * self.aux_loss_scale)
+
+    def take_assignments(self) -> tuple[int, int]:
+        """(assignments, tokens) routed since the last take (host ints); resets them.
+        They belong in ``stat_row``'s "assignments" and "tokens" columns, which stay zero
+        on the device."""
+        a, self.routed_assignments = self.routed_assignments, 0
+        return a, a // self.moe.top_k
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
         """Statistics since the last pop (counts [E + num_null_experts] before capacity
         drops, real experts first; dropped and total assignments; tokens routed; aux
         losses as coeff * value * aux_loss_scale), then reset."""
         row, n = self.stat_row.clone(), self.num_counts
+        host = torch.tensor(self.take_assignments(), dtype=row.dtype)
+        row[n + 1:n + 3] += host_to(host, row.device)
         out = {"counts": row[:n], **dict(zip(STAT_COLUMNS, row[n:].unbind(0)))}
         with torch.no_grad():
             self.stat_row.zero_()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.grouped_gemm import host_to
 from models.moe import STAT_COLUMNS, MoELayer, set_aux_loss_scale
 from parallel.dims import ParallelDims
 
@@ -63,6 +64,7 @@ class MoEStats:
         width = self.num_experts + self.num_null
         self._stacked = self.rows == list(range(len(self.layer_ids))) and all(
             layer.num_counts == width for layer in self.layers)
+        self._row_index = torch.tensor(self.rows, dtype=torch.long, device=device)
         # The objective is a sum over micro-batches and dp ranks of per-micro-batch terms
         # normalised by the global batch: each micro-batch's aux losses weigh 1/(m * dp).
         set_aux_loss_scale(model, 1.0 / (num_micro * dims.dp_size))
@@ -95,6 +97,10 @@ class MoEStats:
                 table[i, C:] = r[n:]
         if rows:
             torch._foreach_zero_(rows)
+            # the assignments and tokens columns, counted on the host (one copy)
+            host = torch.tensor([layer.take_assignments() for layer in self.layers],
+                                dtype=table.dtype)
+            table[:, C + 1:C + 3].index_add_(0, self._row_index, host_to(host, table.device))
         return table
 
     def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:
