@@ -222,8 +222,8 @@ class GroupedExperts(nn.Module):
         with an overflow tier (models/grouped_gemm.py ``PadPlan``)."""
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         with no_autocast(x_ND.device.type):
-            x_RD, rows = pad_segments(x_ND, tokens_per_expert_E, counts, plan)
-            return unpad_segments(padded_swiglu(x_RD, w1, w3, w2, plan), rows)
+            x_RD, dest = pad_segments(x_ND, tokens_per_expert_E, counts, plan)
+            return unpad_segments(padded_swiglu(x_RD, w1, w3, w2, plan), dest, x_ND.shape[0])
 
     def init_params(self, init: Initializer, prefix: str) -> None:
         """Expert ``g`` (global id) of ``w1`` is drawn as ``{prefix}.w1[g]`` (its own
@@ -355,12 +355,18 @@ class MoELayer(nn.Module):
         if paused:
             yield
             y_TD = yield from steps
-        return self._finish(r, x_TD, y_TD, shared, sent).view(B, T, -1)
+        if not in_backward():  # (an activation-checkpoint recompute counted them once)
+            # Host ints, added here rather than in _finish: a compiled frame (_finish is
+            # one under parallel.compile) guards on the module ints it reads, and these
+            # change every call. (This generator's frame is left eager by dynamo.)
+            self.dispatch_bytes_sent += sent
+            self.routed_assignments += r.num_assignments
+        return self._finish(r, x_TD, y_TD, shared).view(B, T, -1)
 
     def _finish(self, r: RouterOutput, x_TD: torch.Tensor, y_TD: torch.Tensor,
-                shared: torch.Tensor | None, sent: int) -> torch.Tensor:
+                shared: torch.Tensor | None) -> torch.Tensor:
         """After the combine: the shared / residual branch, the aux losses' gradient, the
-        statistics (``sent``: bytes the dispatcher sent for this micro-batch)."""
+        device statistics."""
         if shared is not None:
             if self.residual_coef is not None:  # residual MoE: learned per-token mix
                 coef_w = self.token_group.shared_param(self.residual_coef.weight)
@@ -370,7 +376,7 @@ class MoELayer(nn.Module):
         weighted = self._weighted_losses(r)
         if weighted and torch.is_grad_enabled():
             y_TD = _AuxLossGrad.apply(y_TD, sum(weighted.values()), self.aux_loss_scale)
-        self._record(r, weighted, sent)
+        self._record(r, weighted)
         return y_TD
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -389,17 +395,12 @@ class MoELayer(nn.Module):
         }
         return {n: c * getattr(r, n) for n, c in coeffs.items() if getattr(r, n) is not None}
 
-    # Eager under torch.compile: it adds host ints to module attributes, which a compiled
-    # frame would guard on (a recompile per call as they grow).
-    @torch.compiler.disable
-    def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor], sent: int) -> None:
-        """Adds the micro-batch's statistics to the stat buffers (and ``sent`` dispatch
-        bytes to the host counter). No no_grad() needed (and its ~8 us per call saved):
+    def _record(self, r: RouterOutput, weighted: dict[str, torch.Tensor]) -> None:
+        """Adds the micro-batch's device statistics to ``stat_row`` (the host ones are
+        added in ``forward_steps``). No no_grad() needed (and its ~8 us per call saved):
         counts are integers and the losses are detached."""
         if in_backward():  # activation-checkpoint recompute: already counted once
             return
-        self.dispatch_bytes_sent += sent
-        self.routed_assignments += r.num_assignments  # a host int: no device op
         row, n = self.stat_row, self.num_counts
         row[:n].add_(r.counts_E)
         if r.num_dropped is not None:

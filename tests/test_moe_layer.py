@@ -382,9 +382,9 @@ def test_padded_layouts_equal_the_segment_loop(counts, dtype):
     want = run(loop)
     for plan in plans:
         def padded(x, w1, w3, w2, plan=plan):
-            x_R, rows = grouped_gemm.pad_segments(x, tpe, counts, plan)
+            x_R, dest = grouped_gemm.pad_segments(x, tpe, counts, plan)
             return grouped_gemm.unpad_segments(grouped_gemm.padded_swiglu(x_R, w1, w3, w2, plan),
-                                               rows)
+                                               dest, n)
 
         # (bf16: both round each GEMM output to bf16, in other summation orders)
         tol = dict(rtol=5e-2, atol=1e-1) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
