@@ -40,6 +40,17 @@ from trainer.signals import StopRequest
 register_configs()
 
 
+def _to_host(scalars: list[torch.Tensor]) -> list[float]:
+    """Scalar tensors as floats, in one device->host copy. The usual case (fp32 0-d
+    tensors) is one ``stack``; others are cast and reshaped first (~2 ops each)."""
+    if not scalars:
+        return []
+    with torch.no_grad():
+        if not all(t.dtype == torch.float32 and t.dim() == 0 for t in scalars):
+            scalars = [t.float().reshape(()) for t in scalars]
+        return torch.stack(scalars).tolist()
+
+
 class Trainer:
     """Holds everything for one run; ``fit()`` runs the loop."""
 
@@ -238,8 +249,7 @@ class Trainer:
         modality_tokens = m.pop("modality_tokens", None)
         # every tensor metric in one device->host copy (a float() each would sync each)
         tensors = {k: v for k, v in m.items() if isinstance(v, torch.Tensor)}
-        values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]
-                             ).tolist() if tensors else []
+        values = _to_host(list(tensors.values()))
         host = dict(zip(tensors, values))
         record = {k: host[k] if k in host else float(v) for k, v in m.items()}
         record["loss"] = record.pop("objective") + record["aux_loss"]
