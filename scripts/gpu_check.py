@@ -220,6 +220,74 @@ def step_expert_kernels(ctx: Ctx):
             f"{pick} for the loop")
 
 
+def step_skewed_padding(ctx: Ctx):
+    """2c. the loop fallback's kernels on a skewed load (expert i picked ~ i^-0.5, an early
+    router's), bf16, fwd+bwd of one SwiGLU: the fused kernel, the segment loop, the padded
+    bmm in one tier and with ``pad_plan``'s overflow tier. Calibrates
+    ``TIER_COST_S["cuda"]`` (priced, not measured) and shows which the cost model picks."""
+    import torch.nn.functional as F
+
+    from models import grouped_gemm as gg
+
+    D, Fh, E, N = ctx.size((1024, 512, 64, 32768), (32, 16, 8, 256))
+    dev, dt = ctx.device, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    p = torch.arange(1, E + 1).float().pow(-0.5)
+    counts = torch.bincount(torch.multinomial(p / p.sum(), N, True, generator=g), minlength=E)
+    cl, tpe = counts.tolist(), counts.to(dev)
+    x0 = torch.randn(N, D, device=dev, dtype=dt)
+    ws = [(torch.randn(E, *shape, device=dev, dtype=dt) * 0.02).requires_grad_()
+          for shape in ((D, Fh), (D, Fh), (Fh, D))]
+    kind = gg.cost_kind(dev.type, dt)
+    tiered = gg.pad_plan(cl, D, Fh, "cuda")
+    one = gg.PadPlan(max(cl), (), 0, 0.0)
+
+    def padded(plan):
+        def fn(x):
+            x_R, dest = gg.pad_segments(x, tpe, cl, plan)
+            return gg.unpad_segments(gg.padded_swiglu(x_R, *ws, plan), dest, N)
+        return fn
+
+    def segments(x):
+        h = F.silu(gg.grouped_mm_loop_unmasked(x, ws[0], cl))
+        return gg.grouped_mm_loop_unmasked(h * gg.grouped_mm_loop_unmasked(x, ws[1], cl), ws[2], cl)
+
+    def fused(x):
+        offs = torch.cumsum(tpe, 0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(x, ws[0], offs=offs))
+        return torch._grouped_mm(h * torch._grouped_mm(x, ws[1], offs=offs), ws[2], offs=offs)
+
+    fns = {"segments": segments, "one tier": padded(one), "two tiers": padded(tiered)}
+    if gg.grouped_mm_available(x0, ws[0]):
+        fns["fused"] = fused
+    times, outs = {}, {}
+    for name, fn in fns.items():
+        runs = []
+        for _ in range(ctx.size(5, 2)):
+            for w in ws:
+                w.grad = None
+            x = x0.clone().requires_grad_()
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            y = fn(x)
+            y.float().pow(2).sum().backward()
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        times[name] = sorted(runs)[len(runs) // 2]
+        outs[name] = y.float()
+    ref = outs["segments"]
+    diff = max((o - ref).abs().max().item() / (ref.abs().max().item() + 1e-9)
+               for o in outs.values())
+    plan = gg.padded_pays(cl, D, Fh, kind)
+    pick = "segments" if plan is None else "two tiers" if plan.over else "one tier"
+    ms = ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items())
+    return ("PASS" if diff < 5e-2 else "FAIL",
+            f"N{N} D{D} F{Fh} E{E}, longest {max(cl)}, overflow {len(tiered.over)} experts "
+            f"past {tiered.C0}: {ms}; max rel diff {diff:.1e}; cost model picks {pick}")
+
+
 def step_sdpa(ctx: Ctx):
     """3. SDPA with GQA at B1 H32 Hkv8 T8192 Dh128 bf16: which fused kernel takes causal /
     document-mask / additive-bias attention, and the default path's peak memory."""
@@ -565,6 +633,7 @@ STEPS: list[tuple[str, Callable[[Ctx], tuple[str, str]]]] = [
     ("1 grouped GEMM fused vs loop", step_grouped_gemm),
     ("2 MoE combine autocast", step_combine_autocast),
     ("2b expert kernels: fused / segments / padded", step_expert_kernels),
+    ("2c skewed load: segments / one tier / two tiers", step_skewed_padding),
     ("3 SDPA kernels + memory", step_sdpa),
     ("4 host syncs (MoE layer)", step_host_syncs),
     ("4b two-batch stepped forward", step_two_batch),
