@@ -228,7 +228,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
                          "--out", str(tmp_path)])
     md = (tmp_path / "gpu_check.md").read_text()
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert len(rows) == 10, md  # "--only 2" also selects 2b, "4" 4b
+    assert len(rows) == 11, md  # "--only 2" also selects 2b and 2c, "4" 4b
     results = {r.split(" | ")[0][2:]: r.split(" | ")[1] for r in rows}
     assert rc == 0 and "FAIL" not in results.values(), md
     assert results["3 SDPA kernels + memory"] == "SKIP"  # CUDA-only
