@@ -73,6 +73,25 @@ def _peak(ctx: Ctx) -> float:
     return float("nan")
 
 
+def _timed_fwd_bwd(ctx: Ctx, params: list[torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor],
+                   x0: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Median seconds of ``fn(x)`` and the backward of its mean square (``params``'
+    gradients reset each run; x a fresh leaf copy of ``x0``), and the last output."""
+    runs = []
+    for _ in range(ctx.size(5, 2)):
+        for p in params:
+            p.grad = None
+        x = x0.clone().requires_grad_()
+        _peak_reset(ctx)  # (synchronizes on CUDA)
+        t0 = time.perf_counter()
+        y = fn(x)
+        y.float().pow(2).sum().backward()
+        if ctx.cuda:
+            torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t0)
+    return sorted(runs)[len(runs) // 2], y
+
+
 # ----------------------------------------------------------------------------- steps
 def step_env(ctx: Ctx):
     """0. versions, capability, the APIs the code relies on, optional kernels."""
@@ -186,20 +205,12 @@ def step_expert_kernels(ctx: Ctx):
     times, outs = {}, {}
     for impl in [i for i in IMPLS if i not in ("auto", "loop")]:
         layer.experts.grouped_mm_impl = impl
-        runs = []
-        for _ in range(ctx.size(5, 2)):
-            for p in layer.parameters():
-                p.grad = None
-            xi = x.clone().requires_grad_()
-            _peak_reset(ctx)
-            t0 = time.perf_counter()
+
+        def run(xi):
             with amp:
-                y = layer(xi)
-            y.float().pow(2).sum().backward()
-            if ctx.cuda:
-                torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t0)
-        times[impl] = sorted(runs)[len(runs) // 2]
+                return layer(xi)
+
+        times[impl], y = _timed_fwd_bwd(ctx, list(layer.parameters()), run, x)
         outs[impl] = (y.float(), layer.experts.w1.grad.float())
     ref_y, ref_g = outs["fused"]
     diff = max(max((a - ref_y).abs().max().item() / (ref_y.abs().max().item() + 1e-9),
@@ -262,20 +273,7 @@ def step_skewed_padding(ctx: Ctx):
         fns["fused"] = fused
     times, outs = {}, {}
     for name, fn in fns.items():
-        runs = []
-        for _ in range(ctx.size(5, 2)):
-            for w in ws:
-                w.grad = None
-            x = x0.clone().requires_grad_()
-            if ctx.cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            y = fn(x)
-            y.float().pow(2).sum().backward()
-            if ctx.cuda:
-                torch.cuda.synchronize()
-            runs.append(time.perf_counter() - t0)
-        times[name] = sorted(runs)[len(runs) // 2]
+        times[name], y = _timed_fwd_bwd(ctx, ws, fn, x0)
         outs[name] = y.float()
     ref = outs["segments"]
     diff = max((o - ref).abs().max().item() / (ref.abs().max().item() + 1e-9)
