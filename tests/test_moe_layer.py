@@ -395,6 +395,28 @@ def test_padded_layouts_equal_the_segment_loop(counts, dtype):
     assert grouped_gemm.cost_kind("cuda", torch.float32) == "cuda"
 
 
+def test_layer_with_an_overflow_tier_matches_reference(monkeypatch):
+    """The MoE layer on the loop fallback with the overflow tier priced free (as a GPU's
+    skewed load would take it): a skewed router, values and gradients of the reference."""
+    monkeypatch.setitem(grouped_gemm.TIER_COST_S, "cpu", 0.0)
+    layer = make_layer()
+    layer.experts.grouped_mm_impl = "loop_padded"
+    with torch.no_grad():  # skew the load: expert 0 takes most tokens
+        layer.router.weight[0] += 3 * layer.router.weight[1].abs()
+    x = make_x()
+    x_TD = x.detach().reshape(-1, D)
+    _, tpe, _ = LocalDispatcher().dispatch(x_TD, layer.router(x_TD).routing)
+    plan = grouped_gemm.pad_plan(tpe.tolist(), D, FFN, "cpu")
+    assert plan.over, f"the counts {tpe.tolist()} should take an overflow tier"
+    out = layer(x)
+    ref = reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, *layer.parameters()]
+    g = torch.randn_like(out)
+    for got, want in zip(grads(out, params, g), grads(ref, params, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_bf16_auto_runs_padded_bmm_at_small_segments():
     """CPU, bf16 autocast, 8 small segments: "auto" takes the padded bmm (CPU's bf16
     grouped GEMM sets up oneDNN per segment shape), with the fused path's values."""
