@@ -15,9 +15,9 @@ Three implementations, equal in values and gradients (tests/test_moe_layer.py):
   :class:`PadPlan`, :class:`TieredBmm`).
 The last two need the counts on the host, i.e. one device->host sync per layer; the loop
 fallback picks between them per call with :func:`padded_pays` (the padding FLOPs and the
-tier's calls against the per-segment GEMMs it saves). On CPU in bf16/fp16, where the grouped kernel pays a
-oneDNN set-up per segment shape, "auto" makes the same choice between it and the padded
-bmm (the counts are in host memory there: no wait).
+tier's calls against the per-segment GEMMs it saves). On CPU in bf16/fp16, where the
+grouped kernel pays a oneDNN set-up per segment shape, "auto" makes the same choice
+between it and the padded bmm (the counts are in host memory there: no wait).
 
 A layer of several GEMMs over the same segments (``models.moe.GroupedExperts``) computes
 the offsets (or the host counts) once, handles the trailing rows once on entry and once

@@ -255,6 +255,8 @@ _STAT_LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
 # The columns of a layer's statistics row after its expert counts (``MoELayer.stat_row``).
 STAT_COLUMNS = ("dropped", "assignments", "tokens", *_STAT_LOSSES)
 _LOSS_COLUMN = {name: STAT_COLUMNS.index(name) for name in _STAT_LOSSES}
+# The two of them counted on the host (``MoELayer.take_assignments``), in that order.
+HOST_COLUMNS = slice(STAT_COLUMNS.index("assignments"), STAT_COLUMNS.index("tokens") + 1)
 
 
 class MoELayer(nn.Module):
@@ -421,7 +423,7 @@ class MoELayer(nn.Module):
         losses as coeff * value * aux_loss_scale), then reset."""
         row, n = self.stat_row.clone(), self.num_counts
         host = torch.tensor(self.take_assignments(), dtype=row.dtype)
-        row[n + 1:n + 3] += host_to(host, row.device)
+        row[n:][HOST_COLUMNS] += host_to(host, row.device)
         out = {"counts": row[:n], **dict(zip(STAT_COLUMNS, row[n:].unbind(0)))}
         with torch.no_grad():
             self.stat_row.zero_()

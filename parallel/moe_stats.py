@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models.grouped_gemm import host_to
-from models.moe import STAT_COLUMNS, MoELayer, set_aux_loss_scale
+from models.moe import HOST_COLUMNS, STAT_COLUMNS, MoELayer, set_aux_loss_scale
 from parallel.dims import ParallelDims
 
 __all__ = ["MoEStats"]
@@ -100,7 +100,8 @@ class MoEStats:
             # the assignments and tokens columns, counted on the host (one copy)
             host = torch.tensor([layer.take_assignments() for layer in self.layers],
                                 dtype=table.dtype)
-            table[:, C + 1:C + 3].index_add_(0, self._row_index, host_to(host, table.device))
+            table[:, C:][:, HOST_COLUMNS].index_add_(0, self._row_index,
+                                                     host_to(host, table.device))
         return table
 
     def pop(self, update_expert_bias: bool = True) -> dict[str, Any]:

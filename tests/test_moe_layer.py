@@ -98,6 +98,18 @@ MODES = {
 }
 
 
+def assert_matches_reference(layer: MoELayer, x: torch.Tensor) -> None:
+    """The layer's output and the gradients of x and of every parameter equal the
+    reference's."""
+    out = layer(x)
+    ref = reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    params = [x, *layer.parameters()]
+    g = torch.randn_like(out)
+    for got, want in zip(grads(out, params, g), grads(ref, params, g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["fused", "fused_device", "loop_segments", "loop_padded"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_layer_matches_reference(mode, impl, monkeypatch):
@@ -110,13 +122,7 @@ def test_layer_matches_reference(mode, impl, monkeypatch):
     with torch.no_grad():  # skew the load so that capacity really drops assignments
         layer.router.weight[0] += layer.router.weight[1]
     x = make_x()
-    out = layer(x)
-    ref = reference(layer, x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    params = [x, *layer.parameters()]
-    g = torch.randn_like(out)
-    for got, want in zip(grads(out, params, g), grads(ref, params, g)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(layer, x)
     stats = layer.pop_stats()
     if MODES[mode].get("capacity_factor"):
         assert stats["dropped"] > 0, "capacity should drop something in this setup"
@@ -408,13 +414,7 @@ def test_layer_with_an_overflow_tier_matches_reference(monkeypatch):
     _, tpe, _ = LocalDispatcher().dispatch(x_TD, layer.router(x_TD).routing)
     plan = grouped_gemm.pad_plan(tpe.tolist(), D, FFN, "cpu")
     assert plan.over, f"the counts {tpe.tolist()} should take an overflow tier"
-    out = layer(x)
-    ref = reference(layer, x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    params = [x, *layer.parameters()]
-    g = torch.randn_like(out)
-    for got, want in zip(grads(out, params, g), grads(ref, params, g)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(layer, x)
 
 
 def test_cpu_bf16_auto_runs_padded_bmm_at_small_segments():
