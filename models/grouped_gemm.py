@@ -227,10 +227,11 @@ class TieredBmm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD, w_EDF, C0, over_O, C1):
+        E = w_EDF.shape[0]
         w_ODF = w_EDF.index_select(0, over_O)
         y = x_RD.new_empty(x_RD.shape[0], w_EDF.shape[2])
-        for x_bCD, w_bDF, y_bCF in zip(_tiers(x_RD, w_EDF, C0, C1), (w_EDF, w_ODF),
-                                       _tiers(y, w_EDF, C0, C1)):
+        for x_bCD, w_bDF, y_bCF in zip(_tiers(x_RD, E, C0, C1), (w_EDF, w_ODF),
+                                       _tiers(y, E, C0, C1)):
             torch.bmm(x_bCD, w_bDF, out=y_bCF)
         ctx.tiers = (C0, C1)
         ctx.save_for_backward(x_RD, w_EDF, over_O, w_ODF)
@@ -240,24 +241,24 @@ class TieredBmm(torch.autograd.Function):
     def backward(ctx, g_RF):
         x_RD, w_EDF, over_O, w_ODF = ctx.saved_tensors
         C0, C1 = ctx.tiers
-        g_main, g_over = _tiers(g_RF.contiguous(), w_EDF, C0, C1)
+        E = w_EDF.shape[0]
+        g_main, g_over = _tiers(g_RF.contiguous(), E, C0, C1)
         g_x = g_w = None
         if ctx.needs_input_grad[0]:
             g_x = g_RF.new_empty(x_RD.shape)
             for g_bCF, w_bDF, gx_bCD in zip((g_main, g_over), (w_EDF, w_ODF),
-                                            _tiers(g_x, w_EDF, C0, C1)):
+                                            _tiers(g_x, E, C0, C1)):
                 torch.bmm(g_bCF, w_bDF.transpose(1, 2), out=gx_bCD)
         if ctx.needs_input_grad[1]:
-            x_main, x_over = _tiers(x_RD, w_EDF, C0, C1)
+            x_main, x_over = _tiers(x_RD, E, C0, C1)
             g_w = torch.bmm(x_main.transpose(1, 2), g_main)
             g_w.index_add_(0, over_O, torch.bmm(x_over.transpose(1, 2), g_over))
         return g_x, g_w, None, None, None
 
 
-def _tiers(t_R: torch.Tensor, w_EDF: torch.Tensor, C0: int, C1: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _tiers(t_R: torch.Tensor, E: int, C0: int, C1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The main tier ``[E, C0, .]`` and overflow tier ``[O, C1, .]`` views of padded rows."""
-    E, M, n = w_EDF.shape[0], w_EDF.shape[0] * C0, t_R.shape[1]
+    M, n = E * C0, t_R.shape[1]
     return t_R[:M].view(E, C0, n), t_R[M:].view((t_R.shape[0] - M) // C1, C1, n)
 
 
