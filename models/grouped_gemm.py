@@ -101,10 +101,24 @@ def use_fused(x: torch.Tensor, w: torch.Tensor, impl: str) -> bool:
 # bmm over the segments padded to the longest (9 GEMMs, plus the padding rows' FLOPs):
 # padded when its extra FLOPs cost less than the extra per-segment GEMMs. Rough figures per
 # kind of device: a segment GEMM's fixed cost in seconds (Python + dispatch + launch; on CPU
-# in bf16/fp16 a oneDNN primitive per new segment shape, ~15 us measured here) and the
-# GEMM rate in FLOP/s. The choice only needs their order of magnitude.
+# in bf16/fp16 a cached oneDNN kernel's set-up, ~15 us measured here) and the GEMM rate in
+# FLOP/s. The choice only needs their order of magnitude.
 CALL_COST_S = {"cpu": 3e-6, "cpu_lowp": 1.5e-5, "cuda": 1.5e-5}
 FLOP_RATE = {"cpu": 1e11, "cpu_lowp": 2.4e11, "cuda": 1e14}
+# The row multiple every GEMM's segment length is rounded up to (zero rows), per kind. On
+# CPU in bf16/fp16 oneDNN builds a kernel for every GEMM shape it has not seen (0.5-3 ms
+# measured at D 256-512), and in training the counts change every step: unrounded, nearly
+# every segment GEMM is a new shape, more than oneDNN's kernel cache (1024) holds, and a
+# layer fwd+bwd at (T, D, F, E, k) = (4096, 512, 1024, 64, 8) took 2.1 s with a fresh batch
+# per step against 0.8 s with one batch repeated. Rounded to 32 rows, a few dozen shapes
+# recur and stay cached: 0.85 s (docs/results.md, issue 19 seventh pass). cuBLAS has no
+# such cost: 1 (unrounded) on CUDA and in fp32.
+ROW_ALIGN = {"cpu": 1, "cpu_lowp": 32, "cuda": 1}
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
 
 def cost_kind(device_type: str, dtype: torch.dtype) -> str:
@@ -141,35 +155,59 @@ TIER_COST_S = {"cpu": 1e-3, "cpu_lowp": 1e-3, "cuda": 15 * CALL_COST_S["cuda"]}
 
 def pad_plan(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan:
     """The cheapest :class:`PadPlan` for these segment lengths (``kind``: see
-    :func:`cost_kind`). O(E log E) host work: the main tier's length is taken among the
-    counts (longest first), each trial adding the next-longest expert to the overflow."""
-    E, total = len(counts), sum(counts)
+    :func:`cost_kind`; both tiers' lengths rounded up to ``ROW_ALIGN[kind]``). O(E log E)
+    host work: the main tier's length is taken among the (rounded) counts, longest first,
+    each shorter one sending more experts to the overflow tier (at most half of them)."""
+    E, total, m = len(counts), sum(counts), ROW_ALIGN[kind]
     longest = max(counts, default=0)
     per_row = 18 * dim * hidden / FLOP_RATE[kind]
-    best = PadPlan(longest, (), 0, (E * longest - total) * per_row)
+    C = round_up(longest, m)
+    best = PadPlan(C, (), 0, (E * C - total) * per_row)
     if best.waste_s <= TIER_COST_S[kind]:
         return best  # no overflow tier can pay
     order = sorted(range(E), key=counts.__getitem__, reverse=True)
-    for n_over in range(1, E // 2 + 1):
-        C0 = counts[order[n_over]]  # the experts before it in ``order`` overflow
-        if C0 == counts[order[n_over - 1]]:
-            continue  # a tie: the same main tier, more overflow
-        waste = (E * C0 + n_over * (longest - C0) - total) * per_row
-        waste += TIER_COST_S[kind]
+    n_over = 0
+    for C0 in sorted({round_up(c, m) for c in counts if round_up(c, m) < C}, reverse=True):
+        while counts[order[n_over]] > C0:  # the experts before it in ``order`` overflow
+            n_over += 1
+        if n_over > E // 2:
+            break
+        C1 = round_up(longest - C0, m)
+        waste = (E * C0 + n_over * C1 - total) * per_row + TIER_COST_S[kind]
         if waste < best.waste_s:
-            best = PadPlan(C0, tuple(sorted(order[:n_over])), longest - C0, waste)
+            best = PadPlan(C0, tuple(sorted(order[:n_over])), C1, waste)
     return best
 
 
 def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan | None:
     """The padded bmm's plan when it beats per-segment GEMMs for a SwiGLU over these
     segments (its padding FLOPs and extra calls against the 9 * (E - 1) GEMM calls it
-    saves), else None (``kind``: see :func:`cost_kind`)."""
+    saves and the per-segment path's own rounding rows), else None (``kind``: see
+    :func:`cost_kind`)."""
     E = len(counts)
     if E == 0 or sum(counts) == 0:
         return None
     plan = pad_plan(counts, dim, hidden, kind)
-    return plan if plan.waste_s < 9 * (E - 1) * CALL_COST_S[kind] else None
+    m = ROW_ALIGN[kind]
+    rounding = sum(round_up(c, m) - c for c in counts) * 18 * dim * hidden / FLOP_RATE[kind]
+    return plan if plan.waste_s < 9 * (E - 1) * CALL_COST_S[kind] + rounding else None
+
+
+def _shifted_rows(tokens_per_expert_E: torch.Tensor, shift_E: list[int] | np.ndarray,
+                  total: int) -> torch.Tensor:
+    """``dest``: fed row i of expert e goes to padded row ``i + shift_E[e]``."""
+    dev = tokens_per_expert_E.device
+    shift = host_to(torch.as_tensor(shift_E), dev)
+    rows = torch.arange(total, device=dev)
+    return rows + shift.repeat_interleave(tokens_per_expert_E, output_size=total)
+
+
+def _scatter_fed(x_ND: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows, D]`` zeros with the fed rows of ``x_ND`` (the first ``len(dest)``)
+    copied to rows ``dest``."""
+    total = dest.shape[0]
+    fed = x_ND if total == x_ND.shape[0] else x_ND[:total]
+    return x_ND.new_zeros(num_rows, x_ND.shape[1]).index_copy(0, dest, fed)
 
 
 def pad_segments(
@@ -181,32 +219,49 @@ def pad_segments(
     copies (index_copy / index_select on unique rows), so the gradients are exact and
     deterministic."""
     E, total, C0, C1 = len(counts), sum(counts), plan.C0, plan.C1
-    dev = x_ND.device
-    # per expert, from the host counts: the shift of its rows below C0 to the main tier,
-    # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
-    if plan.over:  # (numpy: ~4x faster than a list of tuples at E = 64)
-        c = np.asarray(counts, dtype=np.int64)
-        start = np.cumsum(c) - c
-        main = np.arange(E, dtype=np.int64) * C0 - start
-        over = np.asarray(plan.over, dtype=np.int64)
-        shift = main.copy()
-        shift[over] = E * C0 + np.arange(len(over), dtype=np.int64) * C1 - C0 - start[over]
-        table = host_to(torch.from_numpy(np.stack([main, shift, start + C0], axis=1)), dev)
-    else:  # (a list: faster than numpy at small E)
+    num_rows = E * C0 + len(plan.over) * C1
+    if not plan.over:  # (a list: faster than numpy at small E)
         main, start = [], 0
         for e, c in enumerate(counts):
             main.append(e * C0 - start)
             start += c
-        table = host_to(torch.tensor(main), dev)
+        dest = _shifted_rows(tokens_per_expert_E, main, total)
+        return _scatter_fed(x_ND, dest, num_rows), dest
+    # per expert, from the host counts: the shift of its rows below C0 to the main tier,
+    # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
+    # (numpy: ~4x faster than a list of tuples at E = 64)
+    dev = x_ND.device
+    c = np.asarray(counts, dtype=np.int64)
+    start = np.cumsum(c) - c
+    main = np.arange(E, dtype=np.int64) * C0 - start
+    over = np.asarray(plan.over, dtype=np.int64)
+    shift = main.copy()
+    shift[over] = E * C0 + np.arange(len(over), dtype=np.int64) * C1 - C0 - start[over]
+    table = host_to(torch.from_numpy(np.stack([main, shift, start + C0], axis=1)), dev)
     rows = torch.arange(total, device=dev)
-    if plan.over:
-        t = table.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
-        dest = rows + torch.where(rows < t[:, 2], t[:, 0], t[:, 1])
-    else:
-        dest = rows + table.repeat_interleave(tokens_per_expert_E, output_size=total)
-    fed = x_ND if total == x_ND.shape[0] else x_ND[:total]
-    x_pad = x_ND.new_zeros(E * C0 + len(plan.over) * C1, x_ND.shape[1])
-    return x_pad.index_copy(0, dest, fed), dest
+    t = table.repeat_interleave(tokens_per_expert_E, dim=0, output_size=total)
+    dest = rows + torch.where(rows < t[:, 2], t[:, 0], t[:, 1])
+    return _scatter_fed(x_ND, dest, num_rows), dest
+
+
+def align_segments(
+    x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int], multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(the segments each padded with zero rows to a multiple of ``multiple`` rows, one
+    after the other; ``dest``: the padded row of each fed row; the int32 offsets of the
+    padded segments), or None when they are aligned already with no trailing rows. The
+    grouped GEMM then sees only lengths that are multiples of ``multiple`` (ROW_ALIGN)."""
+    shift, start, padded = [], 0, 0
+    for c in counts:
+        shift.append(padded - start)
+        start += c
+        padded += round_up(c, multiple)
+    if padded == start == x_ND.shape[0]:
+        return None
+    offs = np.cumsum([round_up(c, multiple) for c in counts], dtype=np.int32)
+    dest = _shifted_rows(tokens_per_expert_E, shift, start)
+    return (_scatter_fed(x_ND, dest, padded), dest,
+            host_to(torch.from_numpy(offs), x_ND.device))
 
 
 def unpad_segments(y_RF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -19,7 +19,9 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.grouped_gemm import (
+    ROW_ALIGN,
     PadPlan,
+    align_segments,
     autocast_dtype,
     cost_kind,
     fed_rows,
@@ -180,6 +182,7 @@ class GroupedExperts(nn.Module):
         dtype = autocast_dtype(dev)
         kind = cost_kind(dev, dtype or x_ND.dtype)
         fused = use_fused(x_ND, w1, impl)
+        align = 1  # ROW_ALIGN: CPU bf16/fp16 "auto" rounds the fused path's segments
         if not fused or (impl == "auto" and kind == "cpu_lowp"):
             # the loop's one host sync per layer (none when an EP dispatcher's sync
             # brought the counts); on CPU (auto, bf16/fp16: CPU's grouped GEMM pays a
@@ -195,7 +198,14 @@ class GroupedExperts(nn.Module):
                 return grouped_mm_loop_unmasked(h, w2, counts)
             if plan:
                 return self._padded(x_ND, tokens_per_expert_E, counts, plan)
+            align = ROW_ALIGN[kind]
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
+        aligned = align > 1 and align_segments(x_ND, tokens_per_expert_E, counts, align)
+        if aligned:  # (recurring GEMM shapes: see ROW_ALIGN)
+            x_RD, dest, offs = aligned
+            h = F.silu(grouped_mm_fused_unmasked(x_RD, w1, offs))
+            h = h * grouped_mm_fused_unmasked(x_RD, w3, offs)
+            return unpad_segments(grouped_mm_fused_unmasked(h, w2, offs), dest, x_ND.shape[0])
         # Offsets once for the three GEMMs; trailing rows handled once on entry (their
         # input gradient) and once on exit (their output): in between, a trailing row's
         # garbage only reaches the next grouped GEMM, which skips it.

@@ -5,6 +5,7 @@ combine's fp32 under bf16 autocast."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -357,7 +358,8 @@ def test_pad_plan_overflow_tier_cuts_the_padding():
 @pytest.mark.parametrize("counts", [[9, 0, 2, 3, 1, 0, 7, 2], [0, 0, 5, 0], [4, 4, 4, 4]])
 def test_padded_layouts_equal_the_segment_loop(counts, dtype):
     """The padded SwiGLU with and without an overflow tier (every main-tier length C0
-    the counts allow, empty experts and trailing rows included): values and the
+    the counts allow, empty experts and trailing rows included), and the grouped GEMM on
+    segments rounded up to 4 and to 32 rows (``align_segments``): values and the
     gradients of x and of the three weights equal the segment loop's."""
     from models.grouped_gemm import PadPlan, grouped_mm_loop_unmasked
     torch.manual_seed(0)
@@ -386,15 +388,25 @@ def test_padded_layouts_equal_the_segment_loop(counts, dtype):
                                         counts)
 
     want = run(loop)
-    for plan in plans:
-        def padded(x, w1, w3, w2, plan=plan):
-            x_R, dest = grouped_gemm.pad_segments(x, tpe, counts, plan)
-            return grouped_gemm.unpad_segments(grouped_gemm.padded_swiglu(x_R, w1, w3, w2, plan),
-                                               dest, n)
 
+    def padded(x, w1, w3, w2, plan):
+        x_R, dest = grouped_gemm.pad_segments(x, tpe, counts, plan)
+        return grouped_gemm.unpad_segments(grouped_gemm.padded_swiglu(x_R, w1, w3, w2, plan),
+                                           dest, n)
+
+    def aligned(x, w1, w3, w2, multiple):
+        x_R, dest, offs = grouped_gemm.align_segments(x, tpe, counts, multiple)
+        assert (offs % multiple == 0).all() and x_R.shape[0] == offs[-1]
+        gmm = grouped_gemm.grouped_mm_fused_unmasked
+        h = F.silu(gmm(x_R, w1, offs)) * gmm(x_R, w3, offs)
+        return grouped_gemm.unpad_segments(gmm(h, w2, offs), dest, n)
+
+    layouts = [functools.partial(padded, plan=plan) for plan in plans]
+    layouts += [functools.partial(aligned, multiple=m) for m in (4, 32)]
+    for layout in layouts:
         # (bf16: both round each GEMM output to bf16, in other summation orders)
         tol = dict(rtol=5e-2, atol=1e-1) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
-        for got, ref in zip(run(padded), want):
+        for got, ref in zip(run(layout), want):
             assert not got.isnan().any()
             torch.testing.assert_close(got, ref, **tol)
     assert grouped_gemm.cost_kind("cpu", torch.bfloat16) == "cpu_lowp"
@@ -431,6 +443,55 @@ def test_cpu_bf16_auto_runs_padded_bmm_at_small_segments():
         ref = layer(x)
     assert calls == [1]
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["dropless", "probs"])
+def test_cpu_bf16_auto_rounds_the_fused_segments(mode, monkeypatch):
+    """CPU, bf16 autocast, where "auto" takes the grouped GEMM (the padded bmm priced
+    out): every segment it sees is a multiple of ROW_ALIGN["cpu_lowp"] rows (oneDNN's
+    kernels for recurring shapes stay cached), with the unrounded kernel's output and
+    gradients (dropped assignments' trailing rows included)."""
+    import models.moe as moe_mod
+    monkeypatch.setattr(moe_mod, "padded_pays", lambda *a: None)
+    seen = []
+    orig = moe_mod.grouped_mm_fused_unmasked
+
+    def gmm(x, w, offs):
+        seen.append(offs)
+        return orig(x, w, offs)
+
+    monkeypatch.setattr(moe_mod, "grouped_mm_fused_unmasked", gmm)
+    layer = make_layer(**MODES[mode])
+    x = make_x()
+    params = [x, *layer.parameters()]
+
+    def run(impl):
+        layer.experts.grouped_mm_impl = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        return [out, *grads(out, params, torch.ones_like(out))]
+
+    got = run("auto")
+    m = grouped_gemm.ROW_ALIGN["cpu_lowp"]
+    assert m > 1 and len(seen) == 3 and all((o % m == 0).all() for o in seen), seen
+    seen.clear()
+    want = run("fused")
+    assert len(seen) == 3 and not all((o % m == 0).all() for o in seen)
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cpu_bf16_plans_round_to_row_align():
+    """CPU bf16: both tiers of the padded bmm's plan are multiples of ROW_ALIGN rows (one
+    tier, and an overflow tier for one very long segment); fp32 is left unrounded."""
+    m = grouped_gemm.ROW_ALIGN["cpu_lowp"]
+    plan = grouped_gemm.pad_plan([33, 20, 7, 0], 64, 64, "cpu_lowp")
+    assert (plan.C0, plan.over) == (2 * m, ())
+    plan = grouped_gemm.pad_plan([50000] + [40] * 7, 1024, 1024, "cpu_lowp")
+    assert plan.over == (0,) and plan.C0 % m == 0 and plan.C1 % m == 0
+    assert plan.C0 >= 40 and plan.C0 + plan.C1 >= 50000
+    assert grouped_gemm.pad_plan([33, 20], 64, 64, "cpu").C0 == 33
 
 
 def test_capacity_layer_reads_total_on_cpu(monkeypatch):
