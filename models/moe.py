@@ -33,6 +33,7 @@ from models.grouped_gemm import (
     pad_segments,
     padded_pays,
     padded_swiglu,
+    round_up,
     unpad_segments,
     use_fused,
 )
@@ -193,9 +194,7 @@ class GroupedExperts(nn.Module):
             plan = (pad_plan(counts, D, F_, kind) if impl == "loop_padded" else None
                     if impl == "loop_segments" else padded_pays(counts, D, F_, kind))
             if not (fused or plan):  # the segment loop casts as autocast would
-                h = F.silu(grouped_mm_loop_unmasked(x_ND, w1, counts))
-                h = h * grouped_mm_loop_unmasked(x_ND, w3, counts)
-                return grouped_mm_loop_unmasked(h, w2, counts)
+                return self._segment_loop(x_ND, tokens_per_expert_E, counts, ROW_ALIGN[kind])
             if plan:
                 return self._padded(x_ND, tokens_per_expert_E, counts, plan)
             align = ROW_ALIGN[kind]
@@ -224,6 +223,20 @@ class GroupedExperts(nn.Module):
         ts = (x_ND, self.w1, self.w3, self.w2)
         dtype = autocast_dtype(x_ND.device.type)
         return ts if dtype is None else tuple(t.to(dtype) for t in ts)
+
+    def _segment_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                      counts: list[int], align: int) -> torch.Tensor:
+        """The loop fallback as one GEMM per segment, the segments rounded up to ``align``
+        rows (``ROW_ALIGN``) where that is more than one."""
+        N = x_ND.shape[0]
+        aligned = align > 1 and align_segments(x_ND, tokens_per_expert_E, counts, align)
+        if aligned:
+            x_ND, dest, _ = aligned
+            counts = [round_up(c, align) for c in counts]
+        h = F.silu(grouped_mm_loop_unmasked(x_ND, self.w1, counts))
+        h = h * grouped_mm_loop_unmasked(x_ND, self.w3, counts)
+        y = grouped_mm_loop_unmasked(h, self.w2, counts)
+        return unpad_segments(y, dest, N) if aligned else y
 
     def _padded(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor,
                 counts: list[int], plan: PadPlan) -> torch.Tensor:

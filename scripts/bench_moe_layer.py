@@ -14,8 +14,9 @@ equal before timing):
 - ``mm``: the same GEMM FLOPs as plain ``torch.mm`` (one dense SwiGLU over all T*k rows,
   fwd+bwd), the ceiling a grouped GEMM can reach on this device.
 
-Every repeat times each contender once, in a rotating order, so a busy neighbour slows
-them all alike; the table shows the median time per contender and ratios of medians
+Every repeat times each contender once on a fresh batch (the same batches for all), in
+a rotating order, so a busy neighbour slows them all alike (``--same-batch`` repeats one
+batch: the expert counts, hence the grouped GEMMs' shapes, then never change); the table shows the median time per contender and ratios of medians
 (ratio = our tokens/s / peer's tokens/s). The clock is the main thread's CPU time
 (``--clock cpu``, the default: torch runs one thread here, and time the OS gives to other
 processes does not count), or wall time (``--clock wall``, for a quiet machine). Also printed: aten ops per fwd+bwd (a
@@ -30,7 +31,9 @@ indexing, ...).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -242,10 +245,22 @@ def run_shape(
     with_loop: bool,
     clock: Callable[[], float] = time.thread_time,
     with_hf_eager: bool = True,
+    same_batch: bool = False,
+    isolate: list[str] | None = None,
+    only: str | None = None,
 ) -> dict[str, float]:
+    """``isolate``: the command line that times one contender alone in a fresh process
+    (``--time-one NAME`` is appended; it prints that contender's median); ``only``: time
+    just this contender here and return ``{"median": seconds}``."""
     T, D, F_, E, k = shape
     torch.manual_seed(1)
-    x = torch.randn(1, T, D, requires_grad=True)
+    # A fresh batch per repeat (every contender gets the same ones), as in training: the
+    # expert counts change every step, and so do the segment GEMMs' shapes (which CPU
+    # bf16 pays for: models/grouped_gemm.py ROW_ALIGN). --same-batch repeats one batch.
+    warmup = 3 if bf16 else 1
+    xs = [torch.randn(1, T, D, requires_grad=True)
+          for _ in range(1 if same_batch else warmup + repeats)]
+    x = xs[0]
     ours = make_ours(D, F_, E, k)
     models: dict[str, torch.nn.Module] = {
         "ours": ours,
@@ -258,13 +273,16 @@ def run_shape(
     if with_loop:
         models["ours_loop"] = make_ours(D, F_, E, k, impl="loop")
 
-    def step(name: str) -> Callable[[], torch.Tensor]:
+    def step(name: str, i: int = 0) -> Callable[[], torch.Tensor]:
         def fn() -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return models[name](x)
+                return models[name](xs[i % len(xs)])
 
         return fn
 
+    names = [only] if only else list(models)
+    if only:
+        return {"median": _time(models, names, step, xs, warmup, repeats, clock)[only]}
     # Same function: fp32 outputs agree. (Under autocast the peers' routers run in bf16,
     # ours in fp32, so a few tokens pick other experts: same FLOPs, other values.)
     with torch.no_grad():
@@ -275,24 +293,14 @@ def run_shape(
                 if err > (5e-2 if bf16 else 1e-3) * ref.abs().max().item():
                     print(f"  warning: {name} differs from ours by {err:.2e}")
 
-    def timed(name: str) -> float:
-        for p in models[name].parameters():
-            p.grad = None
-        x.grad = None
-        t0 = clock()
-        y = step(name)()
-        y.backward(torch.ones_like(y))
-        return clock() - t0
-
-    names = list(models)
-    for name in names:  # warm-up
-        timed(name)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        rot = names[r % len(names) :] + names[: r % len(names)]
-        for name in rot:
-            times[name].append(timed(name))
-    med = {n: statistics.median(v) for n, v in times.items()}
+    if isolate:
+        med = {}
+        for name in names:
+            run = subprocess.run([*isolate, "--time-one", name], capture_output=True,
+                                 text=True, check=True)
+            med[name] = json.loads(run.stdout.strip().splitlines()[-1])["median"]
+    else:
+        med = _time(models, names, step, xs, warmup, repeats, clock)
     counts = {n: count_fwd_bwd(step(n), x) for n in ("ours", "hf_eager", "hf_gmm") if n in models}
     gemm_flops = 3 * 3 * 2 * T * k * D * F_  # 3 GEMMs, fwd + 2x bwd
     out = {
@@ -306,6 +314,30 @@ def run_shape(
         out[f"ops_{n}"] = ops.total
         out[f"sync_{n}"] = syncs.total
     return out
+
+
+def _time(models, names, step, xs, warmup, repeats, clock) -> dict[str, float]:
+    """Median fwd+bwd seconds per contender: ``warmup`` rounds, then ``repeats`` rounds in
+    a rotating order, round i on batch i."""
+    def timed(name: str, i: int) -> float:
+        for p in models[name].parameters():
+            p.grad = None
+        for b in xs:
+            b.grad = None
+        t0 = clock()
+        y = step(name, i)()
+        y.backward(torch.ones_like(y))
+        return clock() - t0
+
+    for i in range(warmup):
+        for name in names:
+            timed(name, i)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        rot = names[r % len(names) :] + names[: r % len(names)]
+        for name in rot:
+            times[name].append(timed(name, warmup + r))
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def main() -> None:
@@ -338,6 +370,21 @@ def main() -> None:
         "MiB activations are unmapped and page-faulted back every step, a cost that "
         "depends on the allocation history more than on the kernels",
     )
+    ap.add_argument(
+        "--same-batch",
+        action="store_true",
+        help="time one batch over and over (the expert counts never change) instead of a "
+        "fresh batch per repeat",
+    )
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="bf16: time all contenders in this process (by default each runs alone in a "
+        "fresh process: oneDNN's kernel cache is process-wide, so one contender's segment "
+        "shapes evict another's)",
+    )
+    ap.add_argument("--time-one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)  # T,D,F,E,k
     args = ap.parse_args()
     if args.allocator == "tuned":
         from trainer.perf import reuse_freed_cpu_memory
@@ -348,9 +395,19 @@ def main() -> None:
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     shapes = SHAPES if args.shapes is None else [SHAPES[int(i)] for i in args.shapes.split(",")]
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    if args.time_one:  # a child of an isolated run: one contender, one shape, one dtype
+        name, shape = args.time_one, tuple(int(v) for v in args.shape.split(","))
+        r = run_shape(shape, dtypes == ["bf16"], repeats, name == "ours_loop", clock,
+                      name == "hf_eager", args.same_batch, only=name)
+        print(json.dumps(r))
+        return
     print(
         f"torch {torch.__version__}, 1 thread, {args.clock} clock, {repeats} interleaved "
-        f"repeats, medians, allocator {args.allocator}; ratio = our tokens/s / peer's"
+        f"repeats, medians, allocator {args.allocator}, "
+        f"{'one batch' if args.same_batch else 'a fresh batch per repeat'}; "
+        "ratio = our tokens/s / peer's"
+        + ("" if args.one_process or args.same_batch else
+           "; bf16: each contender alone in a fresh process")
     )
     hdr = (
         f"{'shape (T,D,F,E,k)':<26}{'dtype':<6}{'ours tok/s':>11}{'/hf_eager':>10}"
@@ -367,7 +424,13 @@ def main() -> None:
             # HF eager at E=64 costs ~40x ours (each expert's weight slice zero-fills the
             # whole weight gradient in backward): --quick leaves it out there.
             eager = not (args.no_hf_eager or (args.quick and E >= 64))
-            r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock, eager)
+            isolate = None
+            if dt == "bf16" and not (args.one_process or args.same_batch):
+                isolate = [sys.executable, __file__, "--shape", f"{T},{D},{F_},{E},{k}",
+                           "--dtype", dt, "--repeats", str(repeats), "--clock", args.clock,
+                           "--allocator", args.allocator]
+            r = run_shape((T, D, F_, E, k), dt == "bf16", repeats, not args.no_loop, clock, eager,
+                          args.same_batch, isolate)
             loop = f"{r['t_ours_loop'] / r['t_ours']:.2f}" if "t_ours_loop" in r else "-"
             hf_e = f"{r['t_hf_eager'] / r['t_ours']:.2f}" if eager else "-"
             print(

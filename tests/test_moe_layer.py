@@ -445,22 +445,24 @@ def test_cpu_bf16_auto_runs_padded_bmm_at_small_segments():
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("impl", ["auto", "loop_segments"])
 @pytest.mark.parametrize("mode", ["dropless", "probs"])
-def test_cpu_bf16_auto_rounds_the_fused_segments(mode, monkeypatch):
-    """CPU, bf16 autocast, where "auto" takes the grouped GEMM (the padded bmm priced
-    out): every segment it sees is a multiple of ROW_ALIGN["cpu_lowp"] rows (oneDNN's
-    kernels for recurring shapes stay cached), with the unrounded kernel's output and
-    gradients (dropped assignments' trailing rows included)."""
+def test_cpu_bf16_rounds_the_segments(mode, impl, monkeypatch):
+    """CPU, bf16 autocast, the grouped GEMM ("auto", the padded bmm priced out) and the
+    segment loop: every segment they see is a multiple of ROW_ALIGN["cpu_lowp"] rows
+    (oneDNN's kernels for recurring shapes stay cached), with the unrounded kernel's
+    output and gradients (dropped assignments' trailing rows included)."""
     import models.moe as moe_mod
     monkeypatch.setattr(moe_mod, "padded_pays", lambda *a: None)
     seen = []
-    orig = moe_mod.grouped_mm_fused_unmasked
+    kernel = "grouped_mm_fused_unmasked" if impl == "auto" else "grouped_mm_loop_unmasked"
+    orig = getattr(moe_mod, kernel)
 
-    def gmm(x, w, offs):
-        seen.append(offs)
-        return orig(x, w, offs)
+    def spy(x, w, segments):
+        seen.append(torch.as_tensor(segments).cumsum(0) if impl != "auto" else segments)
+        return orig(x, w, segments)
 
-    monkeypatch.setattr(moe_mod, "grouped_mm_fused_unmasked", gmm)
+    monkeypatch.setattr(moe_mod, kernel, spy)
     layer = make_layer(**MODES[mode])
     x = make_x()
     params = [x, *layer.parameters()]
@@ -471,12 +473,10 @@ def test_cpu_bf16_auto_rounds_the_fused_segments(mode, monkeypatch):
             out = layer(x)
         return [out, *grads(out, params, torch.ones_like(out))]
 
-    got = run("auto")
+    got = run(impl)
     m = grouped_gemm.ROW_ALIGN["cpu_lowp"]
     assert m > 1 and len(seen) == 3 and all((o % m == 0).all() for o in seen), seen
-    seen.clear()
     want = run("fused")
-    assert len(seen) == 3 and not all((o % m == 0).all() for o in seen)
     for a, b in zip(got, want):
         if b is not None:
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
