@@ -148,9 +148,12 @@ class PadPlan:
 # launches. On CPU (the trainer's allocator settings) the tier was measured slower than
 # one tier at (T, D, F, E, k) = (256, 64, 64, 64, 8) with the router's counts (longest
 # 52, shortest 18: 4.65-4.85 against 4.49-4.56 ms per layer fwd+bwd), the bmm's marginal
-# padding rows costing less than FLOP_RATE says; in bf16 every new overflow shape also
-# sets up oneDNN primitives. So on CPU it is priced to be taken only for a large saving.
-TIER_COST_S = {"cpu": 1e-3, "cpu_lowp": 1e-3, "cuda": 15 * CALL_COST_S["cuda"]}
+# padding rows costing less than FLOP_RATE says. In bf16 the tier's batch (its number of
+# experts) changes from step to step, so its bmm are new oneDNN shapes (~1-3 ms each, see
+# ROW_ALIGN): at (512, 256, 512, 64, 8), a fresh batch per step, the layer took 105-108 ms
+# with the tier as priced at 1 ms against 100-102 without it. So on CPU it is priced to be
+# taken only for a large saving.
+TIER_COST_S = {"cpu": 1e-3, "cpu_lowp": 2e-2, "cuda": 15 * CALL_COST_S["cuda"]}
 
 
 def pad_plan(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan:

@@ -25,7 +25,7 @@ counter: item / tolist / bool / int of a tensor, nonzero, bincount, boolean-mask
 indexing, ...).
 
     python scripts/bench_moe_layer.py            # full shapes, ~15 min of one core
-    python scripts/bench_moe_layer.py --quick    # fewer tokens at the large shapes, < 2 min
+    python scripts/bench_moe_layer.py --quick    # fewer tokens at the large shapes, ~3 min
 """
 
 from __future__ import annotations
