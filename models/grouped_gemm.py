@@ -254,17 +254,18 @@ def align_segments(
     after the other; ``dest``: the padded row of each fed row; the int32 offsets of the
     padded segments), or None when they are aligned already with no trailing rows. The
     grouped GEMM then sees only lengths that are multiples of ``multiple`` (ROW_ALIGN)."""
-    shift, start, padded = [], 0, 0
-    for c in counts:
-        shift.append(padded - start)
-        start += c
-        padded += round_up(c, multiple)
-    if padded == start == x_ND.shape[0]:
+    c = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(-(-c // multiple) * multiple)
+    padded, total = int(ends[-1]) if len(c) else 0, int(c.sum())
+    if padded == total == x_ND.shape[0]:
         return None
-    offs = np.cumsum([round_up(c, multiple) for c in counts], dtype=np.int32)
-    dest = _shifted_rows(tokens_per_expert_E, shift, start)
-    return (_scatter_fed(x_ND, dest, padded), dest,
-            host_to(torch.from_numpy(offs), x_ND.device))
+    # built on the host, where the counts are (CPU bf16, the one user: no aten ops)
+    shift = ends - (-(-c // multiple) * multiple) - (np.cumsum(c) - c)
+    dest = np.repeat(shift, c) + np.arange(total, dtype=np.int64)
+    dev = x_ND.device
+    dest_t = host_to(torch.from_numpy(dest), dev)
+    offs = host_to(torch.from_numpy(ends.astype(np.int32)), dev)
+    return _scatter_fed(x_ND, dest_t, padded), dest_t, offs
 
 
 def unpad_segments(y_RF: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
