@@ -109,15 +109,15 @@ FLOP_RATE = {"cpu": 1e11, "cpu_lowp": 2.4e11, "cuda": 1e14}
 # CPU in bf16/fp16 oneDNN builds a kernel for every GEMM shape it has not seen (0.5-3 ms
 # measured at D 256-512), and in training the counts change every step: unrounded, nearly
 # every segment GEMM is a new shape, more than oneDNN's kernel cache (1024) holds, and a
-# layer fwd+bwd at (T, D, F, E, k) = (4096, 512, 1024, 64, 8) took 2.1 s with a fresh batch
+# layer fwd+bwd at (T, D, F, E, k) = (4096, 512, 1024, 64, 8) took 1.9 s with a fresh batch
 # per step against 0.8 s with one batch repeated. Rounded to 32 rows, a few dozen shapes
-# recur and stay cached: 0.85 s (docs/results.md, issue 19 seventh pass). cuBLAS has no
-# such cost: 1 (unrounded) on CUDA and in fp32.
+# recur and stay cached: 0.83 s (docs/results.md, issue 19 seventh pass). MKL (fp32) and
+# cuBLAS build nothing per shape: 1 (unrounded) there.
 ROW_ALIGN = {"cpu": 1, "cpu_lowp": 32, "cuda": 1}
 
 
-def round_up(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple``."""
+def round_up(n, multiple: int):
+    """``n`` (an int or an integer array) rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
 
 
@@ -196,15 +196,6 @@ def padded_pays(counts: list[int], dim: int, hidden: int, kind: str) -> PadPlan 
     return plan if plan.waste_s < 9 * (E - 1) * CALL_COST_S[kind] + rounding else None
 
 
-def _shifted_rows(tokens_per_expert_E: torch.Tensor, shift_E: list[int] | np.ndarray,
-                  total: int) -> torch.Tensor:
-    """``dest``: fed row i of expert e goes to padded row ``i + shift_E[e]``."""
-    dev = tokens_per_expert_E.device
-    shift = host_to(torch.as_tensor(shift_E), dev)
-    rows = torch.arange(total, device=dev)
-    return rows + shift.repeat_interleave(tokens_per_expert_E, output_size=total)
-
-
 def _scatter_fed(x_ND: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[num_rows, D]`` zeros with the fed rows of ``x_ND`` (the first ``len(dest)``)
     copied to rows ``dest``."""
@@ -228,7 +219,9 @@ def pad_segments(
         for e, c in enumerate(counts):
             main.append(e * C0 - start)
             start += c
-        dest = _shifted_rows(tokens_per_expert_E, main, total)
+        shift = host_to(torch.tensor(main), x_ND.device)
+        dest = torch.arange(total, device=x_ND.device) + shift.repeat_interleave(
+            tokens_per_expert_E, output_size=total)
         return _scatter_fed(x_ND, dest, num_rows), dest
     # per expert, from the host counts: the shift of its rows below C0 to the main tier,
     # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
@@ -255,12 +248,13 @@ def align_segments(
     padded segments), or None when they are aligned already with no trailing rows. The
     grouped GEMM then sees only lengths that are multiples of ``multiple`` (ROW_ALIGN)."""
     c = np.asarray(counts, dtype=np.int64)
-    ends = np.cumsum(-(-c // multiple) * multiple)
+    rounded = round_up(c, multiple)
+    ends = np.cumsum(rounded)
     padded, total = int(ends[-1]) if len(c) else 0, int(c.sum())
     if padded == total == x_ND.shape[0]:
         return None
     # built on the host, where the counts are (CPU bf16, the one user: no aten ops)
-    shift = ends - (-(-c // multiple) * multiple) - (np.cumsum(c) - c)
+    shift = ends - rounded - (np.cumsum(c) - c)
     dest = np.repeat(shift, c) + np.arange(total, dtype=np.int64)
     dev = x_ND.device
     dest_t = host_to(torch.from_numpy(dest), dev)
