@@ -10,6 +10,7 @@ atomics, no index_add).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,18 +201,18 @@ class GroupedExperts(nn.Module):
             align = ROW_ALIGN[kind]
         x_ND, w1, w3, w2 = self._in_compute_dtype(x_ND)
         aligned = align > 1 and align_segments(x_ND, tokens_per_expert_E, counts, align)
-        if aligned:  # (recurring GEMM shapes: see ROW_ALIGN)
-            x_RD, dest, offs = aligned
-            h = F.silu(grouped_mm_fused_unmasked(x_RD, w1, offs))
-            h = h * grouped_mm_fused_unmasked(x_RD, w3, offs)
-            return unpad_segments(grouped_mm_fused_unmasked(h, w2, offs), dest, x_ND.shape[0])
-        # Offsets once for the three GEMMs; trailing rows handled once on entry (their
-        # input gradient) and once on exit (their output): in between, a trailing row's
-        # garbage only reaches the next grouped GEMM, which skips it.
-        offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         finish = None
-        if not rows_fed:
-            x_ND, finish = fed_rows(x_ND, offs)
+        if aligned:  # (recurring GEMM shapes: see ROW_ALIGN)
+            N = x_ND.shape[0]
+            x_ND, dest, offs = aligned
+            finish = functools.partial(unpad_segments, dest=dest, num_rows=N)
+        else:
+            # Offsets once for the three GEMMs; trailing rows handled once on entry (their
+            # input gradient) and once on exit (their output): in between, a trailing
+            # row's garbage only reaches the next grouped GEMM, which skips it.
+            offs = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+            if not rows_fed:
+                x_ND, finish = fed_rows(x_ND, offs)
         h = F.silu(grouped_mm_fused_unmasked(x_ND, w1, offs))
         h = h * grouped_mm_fused_unmasked(x_ND, w3, offs)
         y = grouped_mm_fused_unmasked(h, w2, offs)

@@ -16,8 +16,10 @@ equal before timing):
 
 Every repeat times each contender once on a fresh batch (the same batches for all), in
 a rotating order, so a busy neighbour slows them all alike (``--same-batch`` repeats one
-batch: the expert counts, hence the grouped GEMMs' shapes, then never change); the table shows the median time per contender and ratios of medians
-(ratio = our tokens/s / peer's tokens/s). The clock is the main thread's CPU time
+batch: the expert counts, hence the grouped GEMMs' shapes, then never change); in bf16
+each contender runs alone in a fresh process (``--one-process``: all in this one). The
+table shows the median time per contender and ratios of medians (ratio = our tokens/s /
+peer's tokens/s). The clock is the main thread's CPU time
 (``--clock cpu``, the default: torch runs one thread here, and time the OS gives to other
 processes does not count), or wall time (``--clock wall``, for a quiet machine). Also printed: aten ops per fwd+bwd (a
 TorchDispatchMode counter) and host-sync-prone calls per fwd+bwd (a TorchFunctionMode
