@@ -8,7 +8,8 @@ they are also the units sent to or received from other ranks.
 
 - :func:`gather_rows` (``x_R = x_M[source of each row]``) and :func:`reduce_rows` (``out_M =
   sum_s w_MS * y_R[row of slot (m, s)]`` in fp32) have hand-written backwards that sum a
-  source's slots in fp32 in slot order: no atomics, no index_add, so gradients are
+  source's slots in fp32 in slot order (``embedding_bag`` with fixed-size bags; the
+  weighted forward multiplies, then sums): no atomics, no index_add, so gradients are
   deterministic on every device.
 - :func:`group_rows` builds the map that sorts slots into rows grouped by a group id (an
   expert): a stable argsort, so within a group rows keep (source, slot) order; with a
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from models.grouped_gemm import no_autocast
 
@@ -111,15 +113,18 @@ def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
     return x_R
 
 
-def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    """[M, S, ...]: the row of every slot, zeros for unused slots."""
-    M, S = m.row_MS.shape
-    if m.all_slots_fed:
-        return t_R.index_select(0, m.row_MS.flatten()).view(M, S, *t_R.shape[1:])
-    R = t_R.shape[0]
-    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
-    rows = torch.where(m.row_MS >= 0, m.row_MS, R).flatten()
-    return pad.index_select(0, rows).view(M, S, *t_R.shape[1:])
+def _sum_slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """``out_M = sum_s t_R[row of slot (m, s)]`` in fp32, in slot order: one
+    ``embedding_bag`` (fixed-size bags; deterministic on CPU and CUDA) in place of a
+    gathered ``[M, S, D]`` copy, its fp32 cast and a sum, bit for bit the same. An unused
+    slot reads row 0 at weight 0, which adds exactly nothing, so no padding row (a copy
+    of every row) is needed."""
+    if t_R.shape[0] == 0:  # no rows: every slot unused
+        return t_R.new_zeros((m.row_MS.shape[0], t_R.shape[1]), dtype=torch.float32)
+    rows, w = m.row_MS, None
+    if not m.all_slots_fed:
+        rows, w = rows.clamp(min=0), (rows >= 0).float()
+    return F.embedding_bag(rows, t_R.float(), per_sample_weights=w, mode="sum")
 
 
 class _Gather(torch.autograd.Function):
@@ -130,18 +135,21 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_R: torch.Tensor):
-        return _slots(g_R, ctx.m).float().sum(1).to(g_R.dtype), None
+        with no_autocast(g_R.device.type):
+            return _sum_slots(g_R, ctx.m).to(g_R.dtype), None
 
 
 class _Reduce(torch.autograd.Function):
     """fp32 throughout, autocast off inside (einsum and bmm are on CUDA autocast's
     lower-precision list; whatever this computes with, the k-way sum must not round to
-    bf16)."""
+    bf16). The forward multiplies, then sums the slots in order, bit for bit as it always
+    has: ``embedding_bag`` (fused multiply-add) computes it 7x faster at large shapes but
+    rounds differently, and a capacity drop decided between two scores 1 ulp apart then
+    falls the other way (docs/results.md, issue 19 eighth pass)."""
 
     @staticmethod
     def forward(ctx, y_R, w_MS, m: SlotMap, dtype: torch.dtype):
         ctx.m = m
-        ctx.y_dtype = y_R.dtype
         with no_autocast(y_R.device.type):
             y_MSD = _slots(y_R, m)
             # saved instead of y_R (same bytes): the weights' gradient needs it slot-major
@@ -160,18 +168,30 @@ class _Reduce(torch.autograd.Function):
         with no_autocast(g_M.device.type):
             g = g_M.float()
             if ctx.needs_input_grad[0]:
-                if w_MS is not None:  # weight the [M, S] slots, then one gather to rows
-                    g_MSD = g.unsqueeze(1) * w_MS.float().unsqueeze(2)
-                    g_y = g_MSD.flatten(0, 1).index_select(0, m.slot_R)
-                    if m.valid_R is not None:
-                        g_y = g_y.masked_fill(~m.valid_R.unsqueeze(1), 0)
-                else:
+                if w_MS is None:
                     g_y = _fan_out(g, m)
-                g_y = g_y.to(ctx.y_dtype)
+                else:  # row r: its slot's weight times g[source], gathered and scaled at once
+                    w_R = w_MS.float().flatten().index_select(0, m.slot_R)
+                    if m.valid_R is not None:
+                        w_R = w_R * m.valid_R  # padding rows: weight 0
+                    g_y = F.embedding_bag(m.src_R.unsqueeze(1), g, mode="sum",
+                                          per_sample_weights=w_R.unsqueeze(1))
+                g_y = g_y.to(y_MSD.dtype)
             if w_MS is not None and ctx.needs_input_grad[1]:
-                g_w = (y_MSD.float() * g.unsqueeze(1)).sum(2)
+                g_w = (y_MSD.float() * g.unsqueeze(1)).sum(2)  # unused slots: y_MSD rows 0
                 g_w = g_w.to(w_MS.dtype)
         return g_y, g_w, None, None
+
+
+def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    M, S = m.row_MS.shape
+    if m.all_slots_fed:
+        return t_R.index_select(0, m.row_MS.flatten()).view(M, S, *t_R.shape[1:])
+    R = t_R.shape[0]
+    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
+    rows = torch.where(m.row_MS >= 0, m.row_MS, R).flatten()
+    return pad.index_select(0, rows).view(M, S, *t_R.shape[1:])
 
 
 def gather_rows(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:

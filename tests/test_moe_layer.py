@@ -16,7 +16,7 @@ from models import grouped_gemm
 from models.config import ModelConfig, MoEConfig
 from models.grouped_gemm import grouped_mm
 from models.moe import LocalDispatcher, MoELayer, set_aux_loss_scale
-from models.permute import SlotMap, reduce_rows
+from models.permute import SlotMap, gather_rows, reduce_rows
 from models.router import expert_capacity
 from scripts.bench_moe_layer import SyncCounter, count_fwd_bwd, make_hf, make_ours
 
@@ -516,32 +516,49 @@ def test_aten_ops_at_most_hf_mixtral_block():
     assert 0 < ops_ours.total <= ops_hf.total, (ops_ours.total, ops_hf.total)
 
 
-@pytest.mark.parametrize("all_fed", [True, False])
-def test_reduce_rows_is_fp32_under_bf16_autocast(all_fed):
-    """The k-way weighted sum and its backward stay fp32 under CPU bf16 autocast: equal to
-    an fp64 loop far below bf16 rounding (~4e-3 relative)."""
+def _slot_map(kind: str, M: int, K: int) -> tuple[SlotMap, int]:
+    """all_fed: every slot a row; unused: 4 slots feed no row; padding: 4 slots feed no
+    row and 3 rows are fed by no slot."""
+    if kind == "all_fed":
+        return SlotMap.sorted_by(torch.randint(0, 4, (M, K))), M * K
+    fed = M * K - 4
+    R = fed + (3 if kind == "padding" else 0)
+    row_MS = torch.full((M * K,), -1)
+    row_MS[torch.randperm(M * K)[:fed]] = torch.randperm(R)[:fed]
+    return SlotMap.build(row_MS.view(M, K), R, dense=kind != "padding"), R
+
+
+@pytest.mark.parametrize("kind", ["all_fed", "unused", "padding"])
+def test_gather_and_reduce_rows_fp32_under_bf16_autocast(kind):
+    """gather_rows / reduce_rows and their backwards against an fp64 loop: the k-way
+    weighted sum and its gradients stay fp32 under CPU bf16 autocast (far below bf16
+    rounding, ~4e-3 relative); unused slots add nothing and get zero weight gradient;
+    padding rows are zero and get zero gradient."""
     torch.manual_seed(0)
     M, K, Dm = 6, 3, 8
-    if all_fed:
-        m, R = SlotMap.sorted_by(torch.randint(0, 4, (M, K))), M * K
-    else:  # 4 slots feed no row
-        R = M * K - 4
-        row_MS = torch.full((M * K,), -1)
-        row_MS[torch.randperm(M * K)[:R]] = torch.arange(R)
-        m = SlotMap.build(row_MS.view(M, K), R, dense=True)
+    m, R = _slot_map(kind, M, K)
     y = (1 + torch.rand(R, Dm)).requires_grad_()
     w = torch.rand(M, K).requires_grad_()
+    x = torch.rand(M, Dm).requires_grad_()
+    g_out, g_rows = torch.rand(M, Dm), torch.rand(R, Dm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = reduce_rows(y, w, m, torch.float32)
-        gy, gw = torch.autograd.grad(out, [y, w], torch.ones(M, Dm))
-    assert out.dtype == gy.dtype == gw.dtype == torch.float32
-    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        gy, gw = torch.autograd.grad(out, [y, w], g_out)
+        rows = gather_rows(x, m)
+        (gx,) = torch.autograd.grad(rows, [x], g_rows)
+    assert out.dtype == gy.dtype == gw.dtype == rows.dtype == gx.dtype == torch.float32
+    y64, w64, x64 = (t.detach().double().requires_grad_() for t in (y, w, x))
     ref = torch.zeros(M, Dm, dtype=torch.float64)
+    ref_rows = torch.zeros(R, Dm, dtype=torch.float64)
     for i in range(M):
         for s in range(K):
             r = int(m.row_MS[i, s])
             if r >= 0:
                 ref[i] = ref[i] + w64[i, s] * y64[r]
-    ry, rw = torch.autograd.grad(ref, [y64, w64], torch.ones(M, Dm, dtype=torch.float64))
-    for a, b in ((out, ref), (gy, ry), (gw, rw)):
+                ref_rows[r] = x64[i]
+    ry, rw = torch.autograd.grad(ref, [y64, w64], g_out.double())
+    (rx,) = torch.autograd.grad(ref_rows, [x64], g_rows.double())
+    for a, b in ((out, ref), (gy, ry), (gw, rw), (rows, ref_rows), (gx, rx)):
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+    if kind != "all_fed":
+        assert (gw[m.row_MS < 0] == 0).all()
