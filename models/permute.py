@@ -174,8 +174,8 @@ class _Reduce(torch.autograd.Function):
                     w_R = w_MS.float().flatten().index_select(0, m.slot_R)
                     if m.valid_R is not None:
                         w_R = w_R * m.valid_R  # padding rows: weight 0
-                    g_y = F.embedding_bag(m.src_R.unsqueeze(1), g, mode="sum",
-                                          per_sample_weights=w_R.unsqueeze(1))
+                    g_y = F.embedding_bag(m.src_R, g, _arange_like(m.src_R), mode="sum",
+                                          per_sample_weights=w_R)  # bags of one row
                 g_y = g_y.to(y_MSD.dtype)
             if w_MS is not None and ctx.needs_input_grad[1]:
                 g_w = (y_MSD.float() * g.unsqueeze(1)).sum(2)  # unused slots: y_MSD rows 0

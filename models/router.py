@@ -31,7 +31,10 @@ rank routes only its own tokens, but every statistic is the micro-batch's: exper
 the switch / per-sequence / z losses are summed over the group in one all-reduce, and
 capacity drops are decided on the group's gathered expert ids, so the loss and the drops
 are exactly those of one process holding the whole micro-batch (Megatron computes the
-capacity per rank, which makes the drops depend on TP and CP).
+capacity per rank, which makes the drops depend on TP and CP). Exactly, given the same
+scores: another layout rounds the scores differently in their last bit, and with
+drop_policy="probs" two assignments whose scores are 1 ulp apart at an expert's capacity
+boundary can swap (seen once in the parity runs: 0.53803802 against 0.53803796).
 
 Null experts (AdaMoE, ``num_null_experts`` = n; docs/moe_features.md): the router has
 E + n rows, top-k runs over all E + n, and a pick of a null expert (id >= E) becomes an
