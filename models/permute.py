@@ -113,6 +113,17 @@ def _fan_out(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:
     return x_R
 
 
+def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
+    """[M, S, ...]: the row of every slot, zeros for unused slots."""
+    M, S = m.row_MS.shape
+    if m.all_slots_fed:
+        return t_R.index_select(0, m.row_MS.flatten()).view(M, S, *t_R.shape[1:])
+    R = t_R.shape[0]
+    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
+    rows = torch.where(m.row_MS >= 0, m.row_MS, R).flatten()
+    return pad.index_select(0, rows).view(M, S, *t_R.shape[1:])
+
+
 def _sum_slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
     """``out_M = sum_s t_R[row of slot (m, s)]`` in fp32, in slot order: one
     ``embedding_bag`` (fixed-size bags; deterministic on CPU and CUDA) in place of a
@@ -181,17 +192,6 @@ class _Reduce(torch.autograd.Function):
                 g_w = (y_MSD.float() * g.unsqueeze(1)).sum(2)  # unused slots: y_MSD rows 0
                 g_w = g_w.to(w_MS.dtype)
         return g_y, g_w, None, None
-
-
-def _slots(t_R: torch.Tensor, m: SlotMap) -> torch.Tensor:
-    """[M, S, ...]: the row of every slot, zeros for unused slots."""
-    M, S = m.row_MS.shape
-    if m.all_slots_fed:
-        return t_R.index_select(0, m.row_MS.flatten()).view(M, S, *t_R.shape[1:])
-    R = t_R.shape[0]
-    pad = torch.cat([t_R, t_R.new_zeros((1, *t_R.shape[1:]))])
-    rows = torch.where(m.row_MS >= 0, m.row_MS, R).flatten()
-    return pad.index_select(0, rows).view(M, S, *t_R.shape[1:])
 
 
 def gather_rows(x_M: torch.Tensor, m: SlotMap) -> torch.Tensor:

@@ -562,3 +562,10 @@ def test_gather_and_reduce_rows_fp32_under_bf16_autocast(kind):
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
     if kind != "all_fed":
         assert (gw[m.row_MS < 0] == 0).all()
+    # bit for bit the fp32 sum over slots in slot order (what the docstrings promise)
+    g_pad = torch.cat([g_rows, torch.zeros(1, Dm)])
+    slot_rows = torch.where(m.row_MS >= 0, m.row_MS, R)
+    gx32 = torch.zeros(M, Dm)
+    for s in range(K):
+        gx32 = gx32 + g_pad[slot_rows[:, s]]
+    assert torch.equal(gx, gx32)
