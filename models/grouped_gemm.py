@@ -219,9 +219,13 @@ def pad_segments(
         for e, c in enumerate(counts):
             main.append(e * C0 - start)
             start += c
-        shift = host_to(torch.tensor(main), x_ND.device)
-        dest = torch.arange(total, device=x_ND.device) + shift.repeat_interleave(
-            tokens_per_expert_E, output_size=total)
+        dev = x_ND.device
+        if dev.type == "cpu":  # the host is the device: the row map in numpy, no aten ops
+            dest = torch.from_numpy(np.repeat(np.asarray(main, dtype=np.int64), counts)
+                                    + np.arange(total, dtype=np.int64))
+        else:  # E shifts travel, the device expands them
+            dest = torch.arange(total, device=dev) + host_to(torch.tensor(main), dev) \
+                .repeat_interleave(tokens_per_expert_E, output_size=total)
         return _scatter_fed(x_ND, dest, num_rows), dest
     # per expert, from the host counts: the shift of its rows below C0 to the main tier,
     # of its rows from C0 on to the overflow tier, and where its row C0 is (packed)
