@@ -125,10 +125,19 @@ def _launch(nproc: int, overrides: list[str], cache: Path) -> subprocess.Complet
 def test_two_processes_print_once_without_fsdp_view_warning(tmp_path, moefold_cache):
     """launch/torchrun.sh 2 on an EP2 run (FSDP2 over the experts): every INFO line once,
     rank 1's Hydra log in train_rank1.log, no FSDP "returned a view tensor" warning."""
-    run_dir = tmp_path / "ep2"
-    p = _launch(2, [*FAST, "parallel.ep=2", "trainer.max_steps=2", "checkpoint.every=0",
-                    "checkpoint.save_final=false", f"run_dir={run_dir}"], moefold_cache)
-    out = p.stdout + p.stderr
+    for attempt in ("ep2", "ep2_again"):
+        run_dir = tmp_path / attempt
+        p = _launch(2, [*FAST, "parallel.ep=2", "trainer.max_steps=2", "checkpoint.every=0",
+                        "checkpoint.save_final=false", f"run_dir={run_dir}"], moefold_cache)
+        out = p.stdout + p.stderr
+        # Seen once in CI (loaded machine, not reproduced in 13 runs here): rank 0 aborted
+        # in C++ teardown after its last step ("terminate called without an active
+        # exception", SIGABRT; one Python thread left, groups destroyed). As
+        # tests/inproc.py does for a rank killed by a signal, that case alone gets one
+        # more run; any other failure, or a second abort, fails the test.
+        if not (p.returncode and "step 2/2" in out and "SIGABRT" in out):
+            break
+        print(f"retrying once after a teardown abort: {out[-600:]}", flush=True)
     assert p.returncode == 0, out[-3000:]
     assert "view tensor" not in out
     assert out.count("MoE layers;") == 1 and out.count("step 2/2") == 1
