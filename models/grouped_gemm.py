@@ -204,6 +204,13 @@ def _scatter_fed(x_ND: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch
     return x_ND.new_zeros(num_rows, x_ND.shape[1]).index_copy(0, dest, fed)
 
 
+def _host_row_map(shift, counts) -> np.ndarray:
+    """The padded row of every fed row, on the host: segment e's rows move by ``shift[e]``."""
+    c = np.asarray(counts, dtype=np.int64)
+    return np.repeat(np.asarray(shift, dtype=np.int64), c) + np.arange(int(c.sum()),
+                                                                       dtype=np.int64)
+
+
 def pad_segments(
     x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, counts: list[int], plan: PadPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +228,7 @@ def pad_segments(
             start += c
         dev = x_ND.device
         if dev.type == "cpu":  # the host is the device: the row map in numpy, no aten ops
-            dest = torch.from_numpy(np.repeat(np.asarray(main, dtype=np.int64), counts)
-                                    + np.arange(total, dtype=np.int64))
+            dest = torch.from_numpy(_host_row_map(main, counts))
         else:  # E shifts travel, the device expands them
             dest = torch.arange(total, device=dev) + host_to(torch.tensor(main), dev) \
                 .repeat_interleave(tokens_per_expert_E, output_size=total)
@@ -259,7 +265,7 @@ def align_segments(
         return None
     # built on the host, where the counts are (CPU bf16, the one user: no aten ops)
     shift = ends - rounded - (np.cumsum(c) - c)
-    dest = np.repeat(shift, c) + np.arange(total, dtype=np.int64)
+    dest = _host_row_map(shift, c)
     dev = x_ND.device
     dest_t = host_to(torch.from_numpy(dest), dev)
     offs = host_to(torch.from_numpy(ends.astype(np.int32)), dev)
